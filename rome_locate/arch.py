@@ -1,0 +1,176 @@
+"""The architecture map: module names, as EasyEdit templates, for every model family we know."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from .hooks import get_module
+
+Kind = Literal["hidden", "mlp", "attn"]
+KINDS: tuple[Kind, ...] = ("hidden", "mlp", "attn")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module names of one model; field names match ROMEHyperParams so hand-off is a plain copy."""
+
+    embed: str
+    layer_module_tmp: str
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    rewrite_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+    n_layers: int = 0  # filled in by arch_for from the loaded model
+
+    def module(self, kind: Kind, layer: int) -> str:
+        """Name of the module whose output is the site `(kind, layer)`."""
+        tmp = {"hidden": self.layer_module_tmp, "mlp": self.mlp_module_tmp, "attn": self.attn_module_tmp}.get(kind)
+        if tmp is None:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if self.n_layers and not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+        return tmp.format(layer)
+
+    def rewrite_module(self, layer: int) -> str:
+        """Name of the MLP output projection ROME rewrites at `layer`."""
+        return self.rewrite_module_tmp.format(layer)
+
+    def to_json(self) -> dict:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Arch":
+        """Inverse of `to_json`; unknown keys are an error so typos are caught."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise ValueError(f"unknown architecture keys {sorted(unknown)}; expected {sorted(names)}")
+        missing = names - set(obj) - {"n_layers"}
+        if missing:
+            raise ValueError(f"architecture is missing keys {sorted(missing)}")
+        return cls(**obj)
+
+
+def _decoder(prefix: str, attn: str = "self_attn", mlp: str = "mlp", down: str = "down_proj",
+             norm: str = "norm", embed: str = "embed_tokens", head: str = "lm_head") -> Arch:
+    return Arch(
+        embed=f"{prefix}.{embed}",
+        layer_module_tmp=f"{prefix}.layers.{{}}",
+        mlp_module_tmp=f"{prefix}.layers.{{}}.{mlp}",
+        attn_module_tmp=f"{prefix}.layers.{{}}.{attn}",
+        rewrite_module_tmp=f"{prefix}.layers.{{}}.{mlp}.{down}",
+        ln_f_module=f"{prefix}.{norm}",
+        lm_head_module=head,
+    )
+
+
+def _transformer_h(embed: str, attn: str, down: str, mlp: str = "mlp") -> Arch:
+    return Arch(
+        embed=f"transformer.{embed}",
+        layer_module_tmp="transformer.h.{}",
+        mlp_module_tmp=f"transformer.h.{{}}.{mlp}",
+        attn_module_tmp=f"transformer.h.{{}}.{attn}",
+        rewrite_module_tmp=f"transformer.h.{{}}.{mlp}.{down}",
+        ln_f_module="transformer.ln_f",
+        lm_head_module="lm_head",
+    )
+
+
+_LLAMA = _decoder("model")
+
+# Keyed by `config.model_type`. A new family is a new row (and a test case), never a branch.
+ARCH: dict[str, Arch] = {
+    "gpt2": _transformer_h("wte", "attn", "c_proj"),
+    "gpt_bigcode": _transformer_h("wte", "attn", "c_proj"),
+    "gpt_neo": _transformer_h("wte", "attn", "c_proj"),
+    "gptj": _transformer_h("wte", "attn", "fc_out"),
+    "falcon": _transformer_h("word_embeddings", "self_attention", "dense_4h_to_h"),
+    "bloom": _transformer_h("word_embeddings", "self_attention", "dense_4h_to_h"),
+    "gpt_neox": _decoder("gpt_neox", attn="attention", down="dense_4h_to_h", norm="final_layer_norm",
+                         embed="embed_in", head="embed_out"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gemma": _LLAMA,
+    "gemma2": _LLAMA,
+    "phi3": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": _LLAMA,
+    "stablelm": _LLAMA,
+    "starcoder2": _decoder("model", down="c_proj"),
+    "phi": _decoder("model", down="fc2", norm="final_layernorm"),
+    # OPT has no MLP container: fc2's output is the MLP output (dropout is off in eval).
+    "opt": Arch(
+        embed="model.decoder.embed_tokens",
+        layer_module_tmp="model.decoder.layers.{}",
+        mlp_module_tmp="model.decoder.layers.{}.fc2",
+        attn_module_tmp="model.decoder.layers.{}.self_attn",
+        rewrite_module_tmp="model.decoder.layers.{}.fc2",
+        ln_f_module="model.decoder.final_layer_norm",
+        lm_head_module="lm_head",
+    ),
+}
+
+
+class UnknownArchitectureError(LookupError):
+    """The model's family is not in ARCH, or its modules are not where the row says."""
+
+
+def _count_layers(model: nn.Module, arch: Arch) -> int:
+    container_name = arch.layer_module_tmp.split(".{}")[0]
+    container = get_module(model, container_name)
+    return len(container)
+
+
+def _check(model: nn.Module, arch: Arch) -> None:
+    names = [arch.embed, arch.ln_f_module, arch.lm_head_module]
+    for layer in {0, arch.n_layers - 1}:
+        names += [t.format(layer) for t in (arch.layer_module_tmp, arch.mlp_module_tmp,
+                                             arch.attn_module_tmp, arch.rewrite_module_tmp)]
+    missing = []
+    for name in names:
+        try:
+            get_module(model, name)
+        except LookupError:
+            missing.append(name)
+    if missing:
+        raise UnknownArchitectureError(
+            f"{type(model).__name__}: modules not found: {missing}. Pass the names explicitly "
+            f"(Python: arch_for(model, arch=Arch(...)); CLI: --arch FILE.json with keys "
+            f"{[f.name for f in fields(Arch) if f.name != 'n_layers']})"
+        )
+
+
+def arch_for(model: nn.Module, arch: Arch | str | Path | dict | None = None) -> Arch:
+    """Resolve and check the module names of a loaded model; `arch` overrides the table."""
+    if isinstance(arch, (str, Path)):
+        arch = Arch.from_json(json.loads(Path(arch).read_text()))
+    elif isinstance(arch, dict):
+        arch = Arch.from_json(arch)
+    if arch is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in ARCH:
+            raise UnknownArchitectureError(
+                f"unknown model_type {model_type!r} ({type(model).__name__}); supported: {sorted(ARCH)}. "
+                f"Pass the module names explicitly (Python: arch_for(model, arch=Arch(...)); "
+                f"CLI: --arch FILE.json with keys {[f.name for f in fields(Arch) if f.name != 'n_layers']})"
+            )
+        arch = ARCH[model_type]
+    try:
+        n_layers = _count_layers(model, arch)
+    except (LookupError, TypeError):
+        raise UnknownArchitectureError(
+            f"{type(model).__name__}: no layer list at {arch.layer_module_tmp.split('.{}')[0]!r}; "
+            f"pass layer_module_tmp explicitly"
+        ) from None
+    arch = replace(arch, n_layers=n_layers)
+    _check(model, arch)
+    return arch
