@@ -86,42 +86,81 @@ def _transformer_h(embed: str, attn: str, down: str, mlp: str = "mlp") -> Arch:
 _LLAMA = _decoder("model")
 
 # Keyed by `config.model_type`. A new family is a new row (and a test case), never a branch.
+# Every row is checked by tests/test_arch.py on a tiny model built with transformers 5.23.
+# Sites are the outputs ROME's tracer restores: `mlp`/`attn` are each sublayer's contribution
+# before it is added to the residual stream, and `hidden` is the block's output.
 ARCH: dict[str, Arch] = {
+    # GPT-2's projections are Conv1D (weight stored [in, out]), not nn.Linear.
     "gpt2": _transformer_h("wte", "attn", "c_proj"),
     "gpt_bigcode": _transformer_h("wte", "attn", "c_proj"),
     "gpt_neo": _transformer_h("wte", "attn", "c_proj"),
+    # GPT-J runs attention and MLP in parallel off one layer norm; both outputs are still separate modules.
     "gptj": _transformer_h("wte", "attn", "fc_out"),
+    # Falcon adds the attention output INTO the MLP output tensor in place (`mlp_output += attention_output`),
+    # so a hook that keeps the MLP output without copying it sees MLP + attention after the block runs.
     "falcon": _transformer_h("word_embeddings", "self_attention", "dense_4h_to_h"),
-    "bloom": _transformer_h("word_embeddings", "self_attention", "dense_4h_to_h"),
-    "gpt_neox": _decoder("gpt_neox", attn="attention", down="dense_4h_to_h", norm="final_layer_norm",
-                         embed="embed_in", head="embed_out"),
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gemma": _LLAMA,
-    "gemma2": _LLAMA,
-    "phi3": _LLAMA,
-    "olmo": _LLAMA,
-    "olmo2": _LLAMA,
-    "stablelm": _LLAMA,
-    "starcoder2": _decoder("model", down="c_proj"),
-    "phi": _decoder("model", down="fc2", norm="final_layernorm"),
-    # OPT has no MLP container: fc2's output is the MLP output (dropout is off in eval).
-    "opt": Arch(
-        embed="model.decoder.embed_tokens",
-        layer_module_tmp="model.decoder.layers.{}",
-        mlp_module_tmp="model.decoder.layers.{}.fc2",
-        attn_module_tmp="model.decoder.layers.{}.self_attn",
-        rewrite_module_tmp="model.decoder.layers.{}.fc2",
-        ln_f_module="model.decoder.final_layer_norm",
+    # BloomMLP and BloomAttention add the residual inside their forward, so their outputs are the residual
+    # stream, not the sublayer's contribution: the sites are the output projections instead. Checkpoints with
+    # pretraining_tp > 1 and slow_but_exact=True never call those modules, and then nothing is traced.
+    "bloom": Arch(
+        embed="transformer.word_embeddings",
+        layer_module_tmp="transformer.h.{}",
+        mlp_module_tmp="transformer.h.{}.mlp.dense_4h_to_h",
+        attn_module_tmp="transformer.h.{}.self_attention.dense",
+        rewrite_module_tmp="transformer.h.{}.mlp.dense_4h_to_h",
+        ln_f_module="transformer.ln_f",
         lm_head_module="lm_head",
     ),
+    # transformers 5 renamed GPT-NeoX's head from `embed_out` (EasyEdit's YAMLs still say so) to `lm_head`.
+    "gpt_neox": _decoder("gpt_neox", attn="attention", down="dense_4h_to_h", norm="final_layer_norm",
+                         embed="embed_in"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "ministral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    # Gemma's embedding module multiplies by sqrt(hidden) itself, so its output is what enters layer 0.
+    "gemma": _LLAMA,
+    # Gemma 2/3, OLMo 2/3, GLM-4 and EXAONE 4 norm each sublayer's output before the residual add, outside
+    # the MLP/attention module; the sites are the pre-norm outputs. Gemma 2 soft-caps the final logits.
+    "gemma2": _LLAMA,
+    "gemma3_text": _LLAMA,
+    "olmo": _LLAMA,
+    "olmo2": _LLAMA,
+    "olmo3": _LLAMA,
+    "glm4": _LLAMA,
+    "exaone4": _LLAMA,
+    # Phi-3 and GLM fuse gate and up projections (gate_up_proj); down_proj is still the rewritten matrix.
+    "phi3": _LLAMA,
+    "glm": _LLAMA,
+    # Cohere runs attention and MLP in parallel and scales the logits by `logit_scale` after lm_head.
+    "cohere": _LLAMA,
+    "cohere2": _LLAMA,
+    # Granite multiplies embeddings, sublayer outputs and logits by config scalars outside the modules.
+    "granite": _LLAMA,
+    "smollm3": _LLAMA,
+    "helium": _LLAMA,
+    "stablelm": _LLAMA,
+    "starcoder2": _decoder("model", down="c_proj"),
+    # Phi(-1/2) runs attention and MLP in parallel off one layer norm.
+    "phi": _decoder("model", down="fc2", norm="final_layernorm"),
+}
+
+# Families that look supportable but are not, with the reason the error gives.
+UNSUPPORTED: dict[str, str] = {
+    "opt": "OPT runs its MLP on tokens flattened to (batch*seq, hidden) and has no MLP container, so no module "
+           "gives a per-token MLP output to trace or edit",
 }
 
 
 class UnknownArchitectureError(LookupError):
     """The model's family is not in ARCH, or its modules are not where the row says."""
+
+
+def _how_to_pass() -> str:
+    keys = [f.name for f in fields(Arch) if f.name != "n_layers"]
+    return (f"Pass the module names explicitly (Python: arch_for(model, arch=Arch(...)); "
+            f"CLI: --arch FILE.json with keys {keys})")
 
 
 def _count_layers(model: nn.Module, arch: Arch) -> int:
@@ -143,9 +182,7 @@ def _check(model: nn.Module, arch: Arch) -> None:
             missing.append(name)
     if missing:
         raise UnknownArchitectureError(
-            f"{type(model).__name__}: modules not found: {missing}. Pass the names explicitly "
-            f"(Python: arch_for(model, arch=Arch(...)); CLI: --arch FILE.json with keys "
-            f"{[f.name for f in fields(Arch) if f.name != 'n_layers']})"
+            f"{type(model).__name__}: modules not found: {missing}. {_how_to_pass()}"
         )
 
 
@@ -158,10 +195,10 @@ def arch_for(model: nn.Module, arch: Arch | str | Path | dict | None = None) -> 
     if arch is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in ARCH:
+            why = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
             raise UnknownArchitectureError(
-                f"unknown model_type {model_type!r} ({type(model).__name__}); supported: {sorted(ARCH)}. "
-                f"Pass the module names explicitly (Python: arch_for(model, arch=Arch(...)); "
-                f"CLI: --arch FILE.json with keys {[f.name for f in fields(Arch) if f.name != 'n_layers']})"
+                f"unknown model_type {model_type!r} ({type(model).__name__}){why}; supported: {sorted(ARCH)}. "
+                f"{_how_to_pass()}"
             )
         arch = ARCH[model_type]
     try:
@@ -169,7 +206,7 @@ def arch_for(model: nn.Module, arch: Arch | str | Path | dict | None = None) -> 
     except (LookupError, TypeError):
         raise UnknownArchitectureError(
             f"{type(model).__name__}: no layer list at {arch.layer_module_tmp.split('.{}')[0]!r}; "
-            f"pass layer_module_tmp explicitly"
+            f"{_how_to_pass()}"
         ) from None
     arch = replace(arch, n_layers=n_layers)
     _check(model, arch)

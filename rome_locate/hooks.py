@@ -60,7 +60,8 @@ def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool 
 
             def hook(_mod, _inp, output, name=name):
                 out = _main(output)
-                cache[name] = out.detach() if detach else out
+                # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
+                cache[name] = out.detach().clone() if detach else out
 
             handles.append(module.register_forward_hook(hook))
         yield cache
@@ -79,7 +80,7 @@ def captured_inputs(model: nn.Module, names: list[str] | tuple[str, ...]) -> Ite
             module = get_module(model, name)
 
             def hook(_mod, inputs, name=name):
-                cache[name] = inputs[0].detach()
+                cache[name] = inputs[0].detach().clone()
 
             handles.append(module.register_forward_pre_hook(hook))
         yield cache
