@@ -144,14 +144,18 @@ ARCH: dict[str, Arch] = {
     "starcoder2": _decoder("model", down="c_proj"),
     # Phi(-1/2) runs attention and MLP in parallel off one layer norm.
     "phi": _decoder("model", down="fc2", norm="final_layernorm"),
+    # OPT has no MLP container, and runs fc1/fc2 on tokens flattened to (batch*seq, d): fc2's output is
+    # the MLP output once hooks are given `tokens=(batch, seq)` (dropout is off in eval).
+    "opt": Arch(
+        embed="model.decoder.embed_tokens",
+        layer_module_tmp="model.decoder.layers.{}",
+        mlp_module_tmp="model.decoder.layers.{}.fc2",
+        attn_module_tmp="model.decoder.layers.{}.self_attn",
+        rewrite_module_tmp="model.decoder.layers.{}.fc2",
+        ln_f_module="model.decoder.final_layer_norm",
+        lm_head_module="lm_head",
+    ),
 }
-
-# Families that look supportable but are not, with the reason the error gives.
-UNSUPPORTED: dict[str, str] = {
-    "opt": "OPT runs its MLP on tokens flattened to (batch*seq, hidden) and has no MLP container, so no module "
-           "gives a per-token MLP output to trace or edit",
-}
-
 
 class UnknownArchitectureError(LookupError):
     """The model's family is not in ARCH, or its modules are not where the row says."""
@@ -195,9 +199,8 @@ def arch_for(model: nn.Module, arch: Arch | str | Path | dict | None = None) -> 
     if arch is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in ARCH:
-            why = f" ({UNSUPPORTED[model_type]})" if model_type in UNSUPPORTED else ""
             raise UnknownArchitectureError(
-                f"unknown model_type {model_type!r} ({type(model).__name__}){why}; supported: {sorted(ARCH)}. "
+                f"unknown model_type {model_type!r} ({type(model).__name__}); supported: {sorted(ARCH)}. "
                 f"{_how_to_pass()}"
             )
         arch = ARCH[model_type]

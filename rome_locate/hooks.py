@@ -31,16 +31,28 @@ def _replace_main(output, new: torch.Tensor):
     return new
 
 
+def _per_token(t: torch.Tensor, tokens: tuple[int, int] | None) -> torch.Tensor:
+    # Some MLPs (OPT) run on tokens flattened to (batch*seq, d); give every caller (batch, seq, d).
+    if tokens is not None and t.dim() == 2 and t.shape[0] == tokens[0] * tokens[1]:
+        return t.view(tokens[0], tokens[1], t.shape[-1])
+    return t
+
+
 @contextmanager
-def patched(model: nn.Module, edits: Mapping[str, Edit]) -> Iterator[None]:
-    """Within the block, each named module's output is replaced by `edit(output)`."""
+def patched(model: nn.Module, edits: Mapping[str, Edit], tokens: tuple[int, int] | None = None) -> Iterator[None]:
+    """Within the block, each named module's output is replaced by `edit(output)`.
+
+    With `tokens=(batch, seq)`, an output flattened over tokens is shown to `edit` as (batch, seq, d).
+    """
     handles = []
     try:
         for name, edit in edits.items():
             module = get_module(model, name)
 
             def hook(_mod, _inp, output, edit=edit):
-                return _replace_main(output, edit(_main(output)))
+                main = _main(output)
+                new = edit(_per_token(main, tokens)).reshape(main.shape)
+                return _replace_main(output, new)
 
             handles.append(module.register_forward_hook(hook))
         yield
@@ -50,8 +62,12 @@ def patched(model: nn.Module, edits: Mapping[str, Edit]) -> Iterator[None]:
 
 
 @contextmanager
-def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, the returned dict fills with each named module's main output."""
+def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool = True,
+             tokens: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, the returned dict fills with each named module's main output.
+
+    With `tokens=(batch, seq)`, an output flattened over tokens is stored as (batch, seq, d).
+    """
     cache: dict[str, torch.Tensor] = {}
     handles = []
     try:
@@ -59,7 +75,7 @@ def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool 
             module = get_module(model, name)
 
             def hook(_mod, _inp, output, name=name):
-                out = _main(output)
+                out = _per_token(_main(output), tokens)
                 # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
                 cache[name] = out.detach().clone() if detach else out
 
@@ -71,7 +87,8 @@ def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool 
 
 
 @contextmanager
-def captured_inputs(model: nn.Module, names: list[str] | tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+def captured_inputs(model: nn.Module, names: list[str] | tuple[str, ...],
+                    tokens: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, the returned dict fills with each named module's first positional input."""
     cache: dict[str, torch.Tensor] = {}
     handles = []
@@ -80,7 +97,7 @@ def captured_inputs(model: nn.Module, names: list[str] | tuple[str, ...]) -> Ite
             module = get_module(model, name)
 
             def hook(_mod, inputs, name=name):
-                cache[name] = inputs[0].detach().clone()
+                cache[name] = _per_token(inputs[0].detach(), tokens).clone()
 
             handles.append(module.register_forward_pre_hook(hook))
         yield cache

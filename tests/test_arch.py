@@ -11,8 +11,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from rome_locate.arch import ARCH, KINDS, UNSUPPORTED, Arch, UnknownArchitectureError, arch_for
-from rome_locate.hooks import captured, get_module, hook_count
+from rome_locate.arch import ARCH, KINDS, Arch, UnknownArchitectureError, arch_for
+from rome_locate.hooks import captured, get_module, hook_count, patched
 
 HIDDEN, VOCAB, N_LAYERS, BATCH, SEQ = 32, 128, 2, 2, 5
 
@@ -68,7 +68,6 @@ def _out_features(module: nn.Module) -> int:
 def test_table_has_the_required_families():
     required = {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "falcon"}
     assert required <= set(ARCH)
-    assert not set(ARCH) & set(UNSUPPORTED)
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCH))
@@ -91,7 +90,7 @@ def test_sites_are_per_token_hidden_vectors(model_type):
     arch = arch_for(model)
     sites = [arch.module(kind, layer) for kind in KINDS for layer in range(arch.n_layers)]
     names = [arch.embed, arch.ln_f_module, arch.lm_head_module, *sites]
-    with torch.no_grad(), captured(model, names) as cache:
+    with torch.no_grad(), captured(model, names, tokens=(BATCH, SEQ)) as cache:
         logits = model(_ids()).logits
     assert hook_count(model) == 0
     for name in [arch.embed, arch.ln_f_module, *sites]:
@@ -114,7 +113,7 @@ def test_block_is_residual_plus_attn_plus_mlp(model_type):
     model = tiny(model_type)
     arch = arch_for(model)
     names = [arch.module("hidden", 0), arch.module("hidden", 1), arch.module("attn", 1), arch.module("mlp", 1)]
-    with torch.no_grad(), captured(model, names) as cache:
+    with torch.no_grad(), captured(model, names, tokens=(BATCH, SEQ)) as cache:
         model(_ids())
     h0, h1, attn, mlp = (cache[n] for n in names)
     assert attn.abs().max() > 1e-4 and mlp.abs().max() > 1e-4
@@ -135,9 +134,28 @@ def test_unknown_family_says_what_and_how():
     assert "Arch(" in msg and ".json" in msg and "rewrite_module_tmp" in msg
 
 
-def test_opt_is_refused_with_its_reason():
-    with pytest.raises(UnknownArchitectureError, match=r"'opt'.*flattened"):
-        arch_for(tiny("opt"))
+def test_flattened_mlp_is_seen_per_token_and_patched_back():
+    # OPT's fc2 sees (batch*seq, d); with tokens=... hooks show (batch, seq, d) and restore the flat shape.
+    model = tiny("opt")
+    arch = arch_for(model)
+    name = arch.module("mlp", 0)
+    seen = []
+
+    def zero_last_token(t):
+        seen.append(tuple(t.shape))
+        t = t.clone()
+        t[:, -1] = 0
+        return t
+
+    with torch.no_grad():
+        clean = model(_ids()).logits
+        with patched(model, {name: zero_last_token}, tokens=(BATCH, SEQ)):
+            edited = model(_ids()).logits
+    assert seen == [(BATCH, SEQ, HIDDEN)]
+    # Only the last position changes: the per-token view lined tokens up correctly.
+    torch.testing.assert_close(edited[:, :-1], clean[:, :-1], rtol=0, atol=0)
+    assert not torch.allclose(edited[:, -1], clean[:, -1])
+    assert hook_count(model) == 0
 
 
 def test_wrong_module_name_is_named():
