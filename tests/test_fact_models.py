@@ -1,0 +1,112 @@
+"""The shipped fact models: offline loading, accuracy, tokenizer offsets, size."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+
+from rome_locate import fact_model as FM  # noqa: E402
+from rome_locate import world as W  # noqa: E402
+from rome_locate.facts import load_facts  # noqa: E402
+
+SAMPLE_EVERY = 7  # accuracy on every 7th prompt: ~1100 train and ~370 paraphrase prompts per model
+
+
+@pytest.fixture(scope="module", params=FM.FAMILIES)
+def loaded(request):
+    torch.set_num_threads(1)
+    model, tok = FM.load_fact_model(request.param)
+    return request.param, model, tok
+
+
+def test_shipped_files_present():
+    for family in FM.FAMILIES:
+        d = FM.fact_model_dir(family)
+        for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                     "tokenizer_config.json", "facts_known.json", "counterfact.json", "corpus.txt",
+                     "world.json", "NOTES.md"):
+            assert (d / name).is_file(), (family, name)
+        assert FM.facts_path(family).parent == d and FM.counterfact_path(family).parent == d
+        assert FM.corpus_path(family).parent == d
+
+
+def test_total_size_under_20mb():
+    total = sum(p.stat().st_size for p in FM.ROOT.rglob("*") if p.is_file())
+    assert total <= 20 * 1024 * 1024, total
+
+
+def test_loads_offline_float32(loaded):
+    family, model, tok = loaded
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert next(model.parameters()).dtype == torch.float32
+    cfg = model.config
+    assert cfg.model_type == ("gpt2" if family == "gpt2" else "llama")
+    assert cfg.vocab_size == len(tok)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tid = getattr(cfg, name)
+        assert tid is not None and 0 <= tid < cfg.vocab_size
+    assert cfg.eos_token_id == tok.eos_token_id and cfg.pad_token_id == tok.pad_token_id
+    assert not model.training
+
+
+def test_accuracy(loaded):
+    family, model, tok = loaded
+    acc = FM.accuracy(model, tok, family, every=SAMPLE_EVERY)
+    assert acc["n_train"] > 500 and acc["n_paraphrase"] > 200
+    assert acc["train_acc"] >= 0.95, acc
+    assert acc["paraphrase_acc"] >= 0.90, acc
+
+
+def test_known_facts_are_known(loaded):
+    family, model, tok = loaded
+    facts = load_facts(FM.facts_path(family))[::10]
+    acc = FM.top1_accuracy(model, tok, [(f.prompt, f.target) for f in facts])
+    assert acc >= 0.95
+
+
+def test_tokenizer_bos_and_offsets(loaded):
+    family, _, tok = loaded
+    world = W.build_world(0)
+    subject = world.subjects[3]
+    prompt = f"The birthplace of {subject} is"
+    enc = tok(prompt, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if family == "llama":
+        assert ids[0] == tok.bos_token_id and tuple(offsets[0]) == (0, 0)
+        assert tok.bos_token == "<s>"
+    else:
+        assert tok.bos_token_id not in ids
+    start = prompt.index(subject)
+    end = start + len(subject)
+    span = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    assert len(span) >= 3  # the subject is several tokens
+    assert span == list(range(span[0], span[-1] + 1))
+    # the subject's tokens are exactly those of the subject tokenized on its own
+    alone = tok(" " + subject, add_special_tokens=False)["input_ids"]
+    assert [ids[i] for i in span] == alone
+    assert prompt[offsets[span[-1]][0] : offsets[span[-1]][1]].strip() and offsets[span[-1]][1] == end
+    # objects are single tokens
+    for rel in world.relations:
+        for obj in rel.objects:
+            assert len(tok(" " + obj, add_special_tokens=False)["input_ids"]) == 1, obj
+
+
+def test_padding_consistent_with_unpadded(loaded):
+    family, model, tok = loaded
+    prompts = ["The birthplace of Fadisa Dakivo is", "Fadisa Dakivo plays the"]
+    single = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([tok(p)["input_ids"]])
+            single.append(model(input_ids=ids).logits[0, -1])
+        batch = tok(prompts, return_tensors="pt", padding=True)
+        logits = model(**batch).logits
+    last = batch["attention_mask"].sum(1) - 1
+    for i in range(len(prompts)):
+        assert torch.allclose(logits[i, last[i]], single[i], atol=1e-4)

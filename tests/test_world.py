@@ -1,0 +1,130 @@
+"""The synthetic world: determinism, shape, names, and exports that load through rome_locate.facts."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from rome_locate import world as W
+from rome_locate.facts import load_facts
+
+
+@pytest.fixture(scope="module")
+def world():
+    return W.build_world(0)
+
+
+def test_deterministic_from_seed(world):
+    again = W.build_world(0)
+    assert again.to_json() == world.to_json()
+    assert W.known_records(again) == W.known_records(world)
+    assert W.counterfact_records(again) == W.counterfact_records(world)
+    assert W.corpus_lines(again) == W.corpus_lines(world)
+    other = W.build_world(1)
+    assert other.subjects != world.subjects
+    assert other.objects != world.objects
+
+
+def test_shape(world):
+    assert len(world.subjects) >= 300
+    assert len(set(world.subjects)) == len(world.subjects)
+    assert len(world.relations) >= 4
+    assert len({r.relation_id for r in world.relations}) == len(world.relations)
+    for rel in world.relations:
+        assert 8 <= len(rel.objects) <= 15
+        assert len(rel.train_templates) >= 3
+        assert len(rel.heldout_templates) >= 1
+        assert not set(rel.train_templates) & set(rel.heldout_templates)
+        for t in rel.train_templates + rel.heldout_templates:
+            assert t.count("{}") == 1 and not t.endswith(" ")
+        objs = world.objects[rel.relation_id]
+        assert set(objs) == set(world.subjects)
+        assert set(objs.values()) == set(rel.objects)  # every object is used
+
+
+def test_name_parts_are_shared(world):
+    uses = Counter(p for parts in world.name_parts.values() for p in parts)
+    for pool in (W.FIRST_A, W.FIRST_B, W.LAST_C, W.LAST_D):
+        for part in pool:
+            assert uses[part] >= 20, (part, uses[part])
+    for s, (a, b, c, d) in world.name_parts.items():
+        assert s == f"{a}{b} {c}{d}"
+
+
+def test_names_are_multi_token_and_end_on_shared_token():
+    from rome_locate.fact_model import FAMILIES, fact_model_dir
+
+    from transformers import AutoTokenizer
+
+    world = W.build_world(0)
+    for family in FAMILIES:
+        tok = AutoTokenizer.from_pretrained(fact_model_dir(family))
+        last = Counter()
+        for s in world.subjects:
+            toks = tok.tokenize(s)
+            assert len(toks) >= 3, (family, s, toks)
+            last[toks[-1]] += 1
+        # No last subject token is a rare sub-word that identifies one subject.
+        assert min(last.values()) >= 10, (family, last.most_common()[-3:])
+
+
+def test_corpus(world):
+    lines = W.corpus_lines(world)
+    n_train = sum(len(r.train_templates) for r in world.relations) * len(world.subjects)
+    assert len(lines) >= n_train
+    text = "\n".join(lines)
+    s = world.subjects[0]
+    rel = world.relations[0]
+    assert f"{rel.train_templates[0].format(s)} {world.obj(s, rel.relation_id)}." in lines
+    for r in world.relations:  # held-out paraphrases never appear in training text
+        for t in r.heldout_templates:
+            assert t.format(s) not in text
+
+
+def test_exports_load(world, tmp_path):
+    paths = W.write_exports(world, tmp_path)
+    known = json.loads(paths["known"].read_text())
+    assert len(known) == len(world.subjects) * len(world.relations)
+    rec = known[0]
+    assert set(rec) >= {"known_id", "subject", "attribute", "template", "prediction", "prompt", "relation_id"}
+    assert rec["prediction"] == " " + rec["attribute"]
+    assert rec["prompt"] == rec["template"].format(rec["subject"])
+    facts = load_facts(paths["known"])
+    assert len(facts) == len(known)
+    assert facts[0].target == rec["attribute"] and facts[0].subject == rec["subject"]
+    assert facts[0].prompt == rec["prompt"]
+
+    cf = json.loads(paths["counterfact"].read_text())
+    assert 200 <= len(cf) <= 1000
+    cfacts = load_facts(paths["counterfact"])
+    assert len(cfacts) == len(cf)
+    heldout = {t for r in world.relations for t in r.heldout_templates}
+    for rec, fact in zip(cf, cfacts):
+        rw = rec["requested_rewrite"]
+        rel = world.relation(rw["relation_id"])
+        true, new = rw["target_true"]["str"], rw["target_new"]["str"]
+        assert true == world.obj(rw["subject"], rel.relation_id)
+        assert new != true and new in rel.objects
+        assert fact.target == true and fact.target_new == new
+        assert fact.prompt == rw["prompt"].format(rw["subject"])
+        assert rec["paraphrase_prompts"] and all(
+            any(p == t.format(rw["subject"]) for t in heldout) for p in rec["paraphrase_prompts"]
+        )
+        assert len(rec["neighborhood_prompts"]) >= 3
+        for p in rec["neighborhood_prompts"]:  # other subjects, same relation, same true object
+            others = [s for s in world.subjects if s in p]
+            assert others and rw["subject"] not in others
+            assert world.obj(others[0], rel.relation_id) == true
+        assert fact.locality_answers == (true,) * len(rec["neighborhood_prompts"])
+
+
+def test_shipped_exports_match_world():
+    from rome_locate.fact_model import FAMILIES, corpus_path, counterfact_path, facts_path
+
+    world = W.build_world(0)
+    for family in FAMILIES:
+        assert json.loads(facts_path(family).read_text()) == W.known_records(world)
+        assert json.loads(counterfact_path(family).read_text()) == W.counterfact_records(world)
+        assert corpus_path(family).read_text().splitlines() == W.corpus_lines(world)
