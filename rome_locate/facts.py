@@ -132,6 +132,9 @@ def fact_from_record(rec: dict[str, Any], idx: int = 0) -> Fact:
         if "known_id" in rec or ("attribute" in rec and "template" in rec):
             return _from_known(rec, idx)
         if "prompt" in rec and "subject" in rec:
+            # Our own keys first: EasyEdit never writes these, and its parser would drop locality_prompts.
+            if {"target", "locality_prompts", "locality_answers"} & set(rec):
+                return Fact.from_json(rec)
             if "target_new" in rec or "ground_truth" in rec or "locality" in rec:
                 return _from_easyedit(rec, idx)
             return Fact.from_json(rec)
