@@ -1,0 +1,108 @@
+"""Pictures in the style of ROME's figures: per-fact heatmaps and the dataset's average indirect effect."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .trace import TraceResult  # noqa: E402
+
+CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+COLORS = {"hidden": "purple", "mlp": "green", "attn": "red"}
+KIND_LABEL = {"hidden": "single restored layer", "mlp": "MLP", "attn": "Attn"}
+FORMATS = ("png", "pdf")
+
+
+def _save(fig, path_stem: str | Path) -> list[Path]:
+    """Write the figure as PNG and PDF next to `path_stem`, each via a temp file and os.replace."""
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for fmt in FORMATS:
+            final = stem.with_name(stem.name + "." + fmt)
+            fd, tmp = tempfile.mkstemp(prefix="." + final.name, suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            try:
+                fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=150 if fmt == "png" else None)
+                os.replace(tmp, final)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            paths.append(final)
+    finally:
+        plt.close(fig)
+    return paths
+
+
+def token_labels(result: TraceResult) -> list[str]:
+    """Token strings for the y axis; subject tokens get a star, as in ROME's figures ("Dor*")."""
+    b, e = result.subject_range
+    # Whitespace-only tokens would be invisible on the axis.
+    shown = [repr(t)[1:-1] if t.strip() else "␣" * max(1, len(t)) for t in result.tokens]
+    return [s + ("*" if b <= i < e else "") for i, s in enumerate(shown)]
+
+
+def _xlabel(result: TraceResult) -> str:
+    if result.kind == "hidden":
+        return "single restored layer"
+    return f"center of interval of {result.window} restored {KIND_LABEL[result.kind]} layers"
+
+
+def heatmap(result: TraceResult, path_stem: str | Path) -> list[Path]:
+    """Tokens × layers heatmap of p(answer) with restoration; needs a full trace (`full=True`)."""
+    if result.table is None:
+        raise ValueError(f"fact {result.fact_id!r}: the heatmap needs the full table; trace with full=True")
+    table = np.asarray(result.table, dtype=float)
+    n_tokens, n_layers = table.shape
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.35 * n_layers + 2.0), max(2.0, 0.28 * n_tokens + 1.0)))
+    mesh = ax.pcolormesh(table, cmap=CMAPS[result.kind], vmin=result.low_score)
+    ax.invert_yaxis()
+    ax.set_yticks(np.arange(n_tokens) + 0.5)
+    ax.set_yticklabels(token_labels(result), fontsize=8)
+    step = max(1, n_layers // 8)
+    ax.set_xticks(np.arange(0, n_layers, step) + 0.5)
+    ax.set_xticklabels([str(i) for i in range(0, n_layers, step)])
+    ax.set_xlabel(_xlabel(result))
+    kind = {"hidden": "single restored layer", "mlp": "MLP", "attn": "Attn"}[result.kind]
+    title = "Impact of restoring state after corrupted input" if result.kind == "hidden" else \
+        f"Impact of restoring {kind} after corrupted input"
+    ax.set_title(f"{title}\nanswer {result.answer!r} ({result.answer_source})", fontsize=9)
+    cb = fig.colorbar(mesh, ax=ax)
+    cb.set_label("p(answer)")
+    return _save(fig, path_stem)
+
+
+def average_effect_plot(results: Sequence[TraceResult], path_stem: str | Path) -> list[Path]:
+    """Mean indirect effect at the last subject token per layer, with a 95% band, over a dataset."""
+    results = list(results)
+    if not results:
+        raise ValueError("no traced facts to average")
+    kinds = {r.kind for r in results}
+    depths = {len(r.scores) for r in results}
+    if len(kinds) > 1 or len(depths) > 1:
+        raise ValueError(f"cannot average traces of kinds {sorted(kinds)} and depths {sorted(depths)}")
+    kind = kinds.pop()
+    eff = np.array([r.effects for r in results], dtype=float)
+    mean = eff.mean(axis=0)
+    band = 1.96 * eff.std(axis=0, ddof=1) / np.sqrt(len(results)) if len(results) > 1 else np.zeros_like(mean)
+    layers = np.arange(eff.shape[1])
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(layers, mean, color=COLORS[kind], marker="o", ms=3, label=f"{kind} (n={len(results)})")
+    ax.fill_between(layers, mean - band, mean + band, color=COLORS[kind], alpha=0.2, label="95% interval")
+    best = int(np.argmax(mean))
+    ax.axvline(best, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("layer" if kind == "hidden" else f"center of interval of {results[0].window} restored layers")
+    ax.set_ylabel("average indirect effect on p(answer)")
+    ax.set_title(f"Average indirect effect of {KIND_LABEL[kind]} at the last subject token (peak: layer {best})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    return _save(fig, path_stem)
