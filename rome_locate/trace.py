@@ -344,7 +344,7 @@ def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corrup
     positions are computed once per chunk instead of once per row.
     """
     S = corruption.samples
-    with patched(model, {embed: corruption.edit(1, 0, stop)}):
+    with patched(model, {embed: corruption.edit(1, 0, stop)}, tokens=(S, stop)):
         out = model(input_ids=input_ids[:, :stop].expand(S, -1), use_cache=True)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
@@ -392,7 +392,7 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
                 return h
 
             edits[name] = restore
-        with patched(model, edits):
+        with patched(model, edits, tokens=(g * S, T - start)):
             probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
         out.extend(probs.view(S, g).mean(dim=0).tolist())
     return out
@@ -442,7 +442,7 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
     model.eval()
     try:
         with torch.no_grad():
-            with captured(model, names) as clean:
+            with captured(model, names, tokens=tuple(input_ids.shape)) as clean:
                 p_clean = _last_probs(model, input_ids, keep_last)[0]
             top1_id = int(p_clean.argmax())
             target_logprob = None

@@ -375,3 +375,22 @@ def test_tracing_changes_no_parameter(tiny_model):
     assert _param_hash(model) == before
     assert hook_count(model) == 0
     assert not model.training
+
+
+def test_opt_traces_through_its_flattened_mlp(tiny_tokenizer):
+    # OPT runs fc2 on (batch*seq, d); the trace must still restore the right token rows.
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=4, ffn_dim=64,
+                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128,
+                    pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = OPTForCausalLM(cfg).eval()
+    out = model.get_output_embeddings()
+    out.weight = torch.nn.Parameter(out.weight.detach().clone() * 30)
+    zero = trace_fact(model, tiny_tokenizer, SHORT, kind="mlp", noise=0.0, samples=2)
+    assert zero.low_score == pytest.approx(zero.high_score, abs=1e-6)
+    fast = trace_fact(model, tiny_tokenizer, SHORT, kind="mlp", samples=3)
+    full = trace_fact(model, tiny_tokenizer, SHORT, kind="mlp", samples=3, full=True)
+    np.testing.assert_allclose(fast.scores, full.table[full.subject_range[1] - 1], atol=1e-5, rtol=0)
+    assert hook_count(model) == 0
