@@ -93,6 +93,131 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_locate_parsers(sub) -> None:
     """Register `trace` and `locate`."""
+    p = sub.add_parser("trace", help="full tokens × layers causal traces of one prompt, with heatmaps")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt, ending where the answer starts (no trailing space)")
+    p.add_argument("--subject", required=True, help="the subject, as it appears in the prompt")
+    p.add_argument("--target", default=None, help="the true answer (to check the model knows it; --answer target)")
+    p.add_argument("--occurrence", type=int, default=0,
+                   help="which occurrence of a repeated subject (0 = first, as ROME; -1 = last)")
+    p.add_argument("--kinds", default="hidden,mlp,attn", help="comma-separated kinds to trace")
+    p.add_argument("--plots", default=None, help="directory for the heatmaps (PNG and PDF)")
+    _add_trace_args(p)
+    p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("locate", help="trace every fact of a dataset and choose its ROME edit layer")
+    _add_model_args(p)
+    p.add_argument("--facts", required=True, help="facts file: known_1000, CounterFact or EasyEdit JSON/JSONL")
+    p.add_argument("--limit", type=int, default=None, help="only the first N facts")
+    p.add_argument("--out", default=None,
+                   help="JSON Lines output, one line per fact, flushed as it finishes; a rerun resumes "
+                        "(default: print the lines on stdout)")
+    p.add_argument("--plots", default=None,
+                   help="directory for a heatmap per fact and the average-effect plot; traces every token "
+                        "(about T times slower than the default last-subject-token row)")
+    p.add_argument("--skip-errors", action="store_true", help="warn and go on when a fact cannot be traced")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trace_args(p)
+    p.set_defaults(func=_cmd_locate)
+
+
+def _trace_kwargs(args: argparse.Namespace) -> dict:
+    return dict(samples=args.samples, window=args.window, noise_draws=args.noise_draws, answer=args.answer,
+                seed=args.seed)
+
+
+def _fmt_row(values) -> str:
+    return " ".join(f"{v:.4f}" for v in values)
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from .arch import KINDS, arch_for
+    from .choose import choose_layer
+    from .facts import Fact
+    from .locate import parse_noise
+    from .trace import noise_level, trace_fact
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise ValueError(f"--kinds must name some of {KINDS}, got {args.kinds!r}")
+    if args.noise_draws == "replace":
+        raise ValueError("trace: --noise-draws replace needs other subjects; use `locate` on a facts file")
+    model, tok = load_model(args)
+    arch = arch_for(model, args.arch)
+    fact = Fact(prompt=args.prompt, subject=args.subject, target=args.target, id="prompt")
+    level, factor = parse_noise(args.noise)
+    if level is None:
+        level = noise_level(model, tok, [fact], arch, factor=factor)
+    results = {}
+    for kind in kinds:
+        results[kind] = trace_fact(model, tok, fact, arch=arch, kind=kind, noise=level, full=True,
+                                   occurrence=args.occurrence, **_trace_kwargs(args))
+    r = next(iter(results.values()))
+    b, e = r.subject_range
+    print(f"tokens: {list(r.tokens)}")
+    print(f"subject: {r.subject!r} at tokens [{b}, {e}) (occurrence {r.subject_occurrence}); last subject token "
+          f"{e - 1} = {r.tokens[e - 1]!r}")
+    print(f"answer: {r.answer!r} ({r.answer_source}); model top-1 {r.top1!r}"
+          + ("" if r.known is None else f"; target {r.target!r} {'KNOWN' if r.known else 'NOT known by the model'}"))
+    print(f"p_clean {r.high_score:.4f}  p_corrupt {r.low_score:.4f}  noise {r.noise:.4g} ({r.noise_draws}, "
+          f"{r.samples} samples)")
+    for kind, res in results.items():
+        print(f"{kind:>6} p_restored at token {e - 1}, layers 0..{res.n_layers - 1} (window {res.window}): "
+              f"{_fmt_row(res.scores)}")
+    shown = args.kind if args.kind in results else kinds[0]
+    c = choose_layer(results[shown])
+    runner = "" if c.runner_up is None else f", runner-up {c.runner_up} (margin {c.margin:.4f})"
+    print(f"choice ({shown}): layer {c.layer}, indirect effect {c.effect:.4f}{runner}")
+    if args.plots:
+        from pathlib import Path
+
+        from .plots import heatmap
+
+        for kind, res in results.items():
+            for path in heatmap(res, Path(args.plots) / f"trace_{kind}"):
+                print(f"wrote {path}")
+    return 0
+
+
+def _cmd_locate(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .choose import choose_dataset_layer
+    from .facts import load_facts
+    from .locate import locate, record
+
+    facts = load_facts(args.facts, limit=args.limit)
+    model, tok = load_model(args)
+    start = time.perf_counter()
+    pairs = locate(model, tok, facts, out=args.out, plots_dir=args.plots, progress=not args.quiet,
+                   arch=args.arch, noise=args.noise, skip_errors=args.skip_errors, kind=args.kind,
+                   **_trace_kwargs(args))
+    wall = time.perf_counter() - start
+    summary = sys.stdout if args.out else sys.stderr
+    if not args.out:
+        for result, choice in pairs:
+            print(json.dumps(record(result, choice)))
+    if not pairs:
+        print("no fact could be traced", file=summary)
+        return 1
+    results = [r for r, _ in pairs]
+    d = choose_dataset_layer(results)
+    known = [r.known for r in results if r.known is not None]
+    print(f"{len(results)} facts traced ({args.kind}) in {wall:.1f} s; noise {results[0].noise:.4g} "
+          f"({results[0].noise_draws}), window {results[0].window}, {results[0].samples} samples", file=summary)
+    if known:
+        print(f"known facts (model top-1 = target's first token): {sum(known)}/{len(known)}", file=summary)
+    print(f"dataset layer: {d.layer} (mean indirect effect {d.mean_effects[d.layer]:.4f})", file=summary)
+    print("layer  facts  mean_IE", file=summary)
+    for layer, (n, m) in enumerate(zip(d.histogram, d.mean_effects)):
+        print(f"{layer:5d}  {n:5d}  {m:+.4f}", file=summary)
+    if args.out:
+        print(f"wrote {args.out}", file=summary)
+    if args.plots:
+        print(f"plots in {args.plots}", file=summary)
+    return 0
 
 
 # ---- hparams, stats, edit --------------------------------------------------
@@ -100,6 +225,142 @@ def _add_locate_parsers(sub) -> None:
 
 def _add_edit_parsers(sub) -> None:
     """Register `hparams`, `stats` and `edit`."""
+    p = sub.add_parser("hparams", help="choose the ROME layer by causal tracing and write EasyEdit ROME hyperparameters")
+    _add_model_args(p)
+    p.add_argument("--facts", required=True, help="facts file: known_1000, CounterFact or EasyEdit JSON/JSONL")
+    p.add_argument("--limit", type=int, default=None, help="only the first N facts")
+    p.add_argument("-o", "--output", required=True, help="YAML to write, e.g. hparams/ROME/NAME.yaml")
+    p.add_argument("--layer", type=int, default=None, help="skip tracing and write this layer")
+    p.add_argument("--model-name", default=None, help="model_name field (default: --model)")
+    p.add_argument("--hparams-device", default=None,
+                   help="device field: 'cpu' or a CUDA index as EasyEdit expects (default: from --device)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override other fields, YAML values (e.g. v_lr=0.1 mom2_adjustment=true)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trace_args(p)
+    p.set_defaults(func=_cmd_hparams)
+
+    p = sub.add_parser("stats", help="offline mom2 statistics of the rewrite modules, in EasyEdit's cache format")
+    _add_model_args(p)
+    p.add_argument("--corpus", required=True, help="text file, one text a line")
+    p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to compute")
+    p.add_argument("--stats-dir", required=True, help="EasyEdit's stats_dir")
+    p.add_argument("--mom2-dataset", default="wikipedia", help="mom2_dataset field the file is named after")
+    p.add_argument("--n-samples", type=int, default=100000,
+                   help="lines used and mom2_n_samples the file is named after (EasyEdit's default 100000)")
+    p.add_argument("--mom2-dtype", default="float32", choices=["float16", "float32", "float64"],
+                   help="mom2_dtype the file is stored in and named after (--dtype is the model's dtype; "
+                        "keep float32 for EasyEdit on CPU, where it cannot invert float16)")
+    p.add_argument("--model-name", default=None,
+                   help="folder name under stats-dir (default: last component of --model, as EasyEdit does)")
+    p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("edit", help="edit every fact with ROME (one at a time, weights restored) and measure")
+    _add_model_args(p)
+    p.add_argument("--facts", required=True, help="facts with target_new: CounterFact or EasyEdit JSON/JSONL")
+    p.add_argument("--hparams", required=True, help="ROME YAML (EasyEdit format)")
+    p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"],
+                   help="the built-in ROME or EasyEdit's (needs EASYEDIT_PATH or easyeditor importable)")
+    p.add_argument("--layers", default="fixed", choices=["fixed", "traced"],
+                   help="the hyperparameters' layer, or each fact's traced layer")
+    p.add_argument("--limit", type=int, default=None, help="only the first N facts")
+    p.add_argument("--out", required=True, help="directory for results.json")
+    p.add_argument("--corpus", default=None,
+                   help="text file to compute mom2 statistics missing for a traced layer (into OUT/stats)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_trace_args(p)
+    p.set_defaults(func=_cmd_edit)
+
+
+def _hparams_device(args: argparse.Namespace):
+    if args.hparams_device is not None:
+        return int(args.hparams_device) if args.hparams_device.isdigit() else args.hparams_device
+    device = args.device or _device_default()
+    if device.startswith("cuda"):
+        return int(device.partition(":")[2] or 0)  # EasyEdit's device field is a CUDA index
+    return device
+
+
+def _cmd_hparams(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .arch import arch_for
+    from .choose import choose_dataset_layer
+    from .facts import load_facts
+    from .hparams import dataset_header, generate_hparams, write_hparams
+    from .locate import locate
+
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    facts = load_facts(args.facts, limit=args.limit)
+    model, tok = load_model(args)
+    arch = arch_for(model, args.arch)
+    if args.layer is not None:
+        layer = args.layer
+        header = f"Written by `rome-locate hparams` with --layer {layer} (not traced).\nfacts: {args.facts}"
+    else:
+        pairs = locate(model, tok, facts, progress=not args.quiet, arch=arch, noise=args.noise,
+                       kind=args.kind, **_trace_kwargs(args))
+        if not pairs:
+            raise RuntimeError(f"no fact of {args.facts} could be traced")
+        d = choose_dataset_layer([r for r, _ in pairs])
+        layer = d.layer
+        settings = dict(kind=args.kind, samples=args.samples, window=pairs[0][0].window, noise=args.noise,
+                        noise_level=f"{pairs[0][0].noise:.4g}", noise_draws=args.noise_draws, answer=args.answer,
+                        seed=args.seed)
+        header = dataset_header(args.facts, d.n_facts, settings, d.mean_effects, d.histogram, layer, d.kind)
+        print("layer  facts  mean_IE")
+        for i, (n, m) in enumerate(zip(d.histogram, d.mean_effects)):
+            print(f"{i:5d}  {n:5d}  {m:+.4f}")
+    h = generate_hparams(model, arch, layer, args.model_name or args.model, device=_hparams_device(args), **overrides)
+    path = write_hparams(h, args.output, header=header + f"\nmodel: {args.model} ({arch.n_layers} layers)")
+    print(f"layer {layer}; wrote {path}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import compute_mom2
+
+    model, tok = load_model(args)
+    paths = compute_mom2(model, tok, args.arch, args.layers, args.corpus, args.stats_dir,
+                         model_name=args.model_name or args.model.rstrip("/").rsplit("/")[-1],
+                         mom2_dataset=args.mom2_dataset, n_samples=args.n_samples, dtype=args.mom2_dtype,
+                         progress=True)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .edit import edit_facts, summary
+    from .facts import load_facts
+    from .hparams import bind_model, load_hparams
+
+    facts = load_facts(args.facts, limit=args.limit)
+    model, tok = load_model(args)
+    # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
+    hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
+    choices = None
+    if args.layers == "traced":
+        from .locate import locate
+
+        choices = [c for _, c in locate(model, tok, facts, progress=not args.quiet, arch=args.arch,
+                                        noise=args.noise, kind=args.kind, **_trace_kwargs(args))]
+    outcomes = edit_facts(model, tok, facts, hparams, editor=args.editor, layers=args.layers, choices=choices,
+                          out_dir=args.out, progress=not args.quiet, seed=args.seed, mom2_corpus=args.corpus)
+    s = summary(outcomes)
+    print(f"{s['n']} edits ({args.editor}, layers {args.layers}: {s['layers']}): success {s['success_rate']:.1%}, "
+          f"post rewrite_acc {s['post_rewrite_acc']:.3f}"
+          + (f", rephrase_acc {s['post_rephrase_acc']:.3f}" if s["post_rephrase_acc"] is not None else "")
+          + (f", locality {s['post_locality']:.3f}" if s["post_locality"] is not None else ""))
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    return 0
 
 
 # ---- eval, demo ------------------------------------------------------------
@@ -107,6 +368,122 @@ def _add_edit_parsers(sub) -> None:
 
 def _add_eval_parsers(sub) -> None:
     """Register `eval` and `demo`."""
+    def generation_args(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("generation (before/after texts)")
+        g.add_argument("--generation", default="greedy", choices=["greedy", "beam", "sample"], help="decoding")
+        g.add_argument("--max-new-tokens", type=int, default=12, help="tokens generated per prompt")
+        g.add_argument("--num-beams", type=int, default=4, help="beams for --generation beam")
+        g.add_argument("--temperature", type=float, default=1.0, help="for --generation sample")
+        g.add_argument("--top-k", type=int, default=50, help="for --generation sample")
+        g.add_argument("--top-p", type=float, default=1.0, help="for --generation sample")
+        g.add_argument("--generation-seed", type=int, default=0, help="seed of sampling (same before and after)")
+
+    p = sub.add_parser("eval", help="edit every fact, evaluate it (generations, CounterFact and EasyEdit metrics), "
+                                    "optionally sweep every layer, and write a report")
+    _add_model_args(p)
+    p.add_argument("--facts", required=True, help="facts file (CounterFact, EasyEdit, known_1000 or rome-locate JSON)")
+    p.add_argument("--hparams", required=True, help="ROME hyperparameters YAML (EasyEdit format)")
+    p.add_argument("--layers", default="fixed", choices=["traced", "fixed"],
+                   help="edit each fact at its own traced layer, or at the hyperparameters' layer")
+    p.add_argument("--sweep", action="store_true", help="also edit at every layer and compare with the trace")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N facts")
+    p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"], help="which ROME implementation")
+    p.add_argument("--max-neighborhood", type=int, default=None, help="generate on at most N neighbourhood prompts")
+    p.add_argument("--out", required=True, help="output directory (report.md, report.html, results.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-heatmaps", action="store_true",
+                   help="trace only the last subject token (T times less work; the cards show effect bars)")
+    _add_trace_args(p)
+    generation_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="locate → hyperparameters → edit → evaluate on a shipped fact model, "
+                                    "and write report.html, report.md and results.json")
+    p.add_argument("--out", default="rome-locate-demo", help="output directory (default ./rome-locate-demo)")
+    p.add_argument("--family", default="gpt2", choices=["gpt2", "llama"], help="which shipped fact model")
+    p.add_argument("--n-facts", type=int, default=4, help="how many CounterFact facts to edit")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweep over every layer")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    generation_args(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _generation_settings(args: argparse.Namespace):
+    from .evaluate import GenerationSettings
+
+    return GenerationSettings(mode=args.generation, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.generation_seed)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import print_summary, run_pipeline
+    from .evaluate import EvaluationError
+    from .facts import load_facts
+    from .hparams import bind_model, load_hparams
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    generation = _generation_settings(args)
+    model, tok = load_model(args)
+    facts = load_facts(args.facts, limit=args.limit)
+    hparams = load_hparams(args.hparams)
+    if Path(args.model).is_dir():
+        hparams = bind_model(hparams, args.model)
+    trace_settings = {"kind": args.kind, "samples": args.samples, "window": args.window, "noise": args.noise,
+                      "noise_draws": args.noise_draws, "answer": args.answer, "seed": args.seed}
+    from .arch import arch_for
+
+    arch = arch_for(model, args.arch)  # --arch serves families the map does not know
+    located = None
+    out = Path(args.out)
+    if args.layers == "traced" or args.sweep:
+        # The sweep compares edit success with the traced effect, so it traces too (resumable JSONL in --out).
+        from .locate import locate
+
+        kw = {k: v for k, v in trace_settings.items() if k != "noise"}
+        out.mkdir(parents=True, exist_ok=True)
+        # Full tables (tokens x layers) only for the report's heatmaps.
+        located = locate(model, tok, facts, out=out / "locate.jsonl", progress=not args.no_progress,
+                         noise=args.noise, full=not args.no_heatmaps, arch=arch, **kw)
+    try:
+        records, paths = run_pipeline(model, tok, facts, hparams, out, model_name=args.model, layers=args.layers,
+                                      sweep=list(range(arch.n_layers)) if args.sweep else False,
+                                      trace_settings=trace_settings if located else None,
+                                      located=located, generation=generation, editor=args.editor,
+                                      facts_path=args.facts, max_neighborhood=args.max_neighborhood,
+                                      progress=not args.no_progress)
+    except EvaluationError as exc:
+        print(f"rome-locate eval: error: {exc}", file=sys.stderr)
+        print(f"rome-locate eval: the report of the {len(exc.records)} finished fact(s) is in {out}", file=sys.stderr)
+        return 2
+    print_summary(records)
+    print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    from .evaluate import EvaluationError
+
+    if args.n_facts < 1:
+        raise ValueError(f"--n-facts must be >= 1, got {args.n_facts}")
+    import torch
+
+    # The fact models are tiny (d=128): one thread is as fast as several, and OpenMP workers
+    # spinning on a busy machine made the demo many times slower (measured: 9.7 min vs 1.1 min).
+    torch.set_num_threads(1)
+    try:
+        run_demo(args.out, family=args.family, n_facts=args.n_facts, sweep=not args.no_sweep,
+                 progress=not args.no_progress, generation=_generation_settings(args))
+    except EvaluationError as exc:
+        print(f"rome-locate demo: error: {exc}", file=sys.stderr)
+        print(f"rome-locate demo: the report of the {len(exc.records)} finished fact(s) is in {args.out}",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,677 @@
+"""Evaluation of edits: generations before/after, CounterFact and EasyEdit metrics, and the layer sweep.
+
+Probabilities of a target string are whole-sequence: the prompt and `" " + target`
+are tokenized together and the log-probabilities of the target tokens summed.
+Comparisons (`P(new) > P(true)`) use the mean per-token negative log-likelihood,
+as ROME's CounterFact evaluation does, so that targets of different token
+lengths compare fairly; probabilities reported as magnitudes are the matching
+per-token geometric means `exp(-mean NLL)` (ROME's `exp(-nll)`).
+
+Metric names (in `EvalRecord.metrics`; a `_pre` suffix is the same measure on
+the unedited model):
+- ROME/CounterFact: `efficacy_score`, `efficacy_magnitude` (P(new) - P(true)),
+  `paraphrase_score`, `paraphrase_magnitude`, `neighborhood_score`
+  (P(true) > P(new) on neighbourhood prompts), `neighborhood_magnitude`,
+  `ngram_entropy` (fluency of the generations), `rewrite_score`
+  ((P_after(new) - P_before(new)) / (1 - P_before(new)), Hase et al.'s
+  continuous edit success) and `score` (ROME's harmonic mean of the three
+  success rates).
+- EasyEdit: `rewrite_acc`, `rephrase_acc` (teacher-forced token accuracy of
+  target_new), `locality` (share of teacher-forced top-1 tokens unchanged on
+  locality prompts).
+- `neighborhood_kl`: mean KL(before || after) of the next-token distribution
+  on the neighbourhood prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from .facts import Fact
+
+GenerationMode = Literal["greedy", "beam", "sample"]
+LayerSource = Literal["traced", "fixed", "given"]
+
+# ROME's fluency measure: weights of the 2- and 3-gram entropies.
+NGRAM_ORDERS = (2, 3)
+NGRAM_WEIGHTS = (2 / 3, 4 / 3)
+
+
+# ---- records -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How generations are decoded: greedy (default), beam search or seeded sampling."""
+
+    mode: GenerationMode = "greedy"
+    max_new_tokens: int = 12
+    num_beams: int = 4
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("greedy", "beam", "sample"):
+            raise ValueError(f"generation mode must be greedy, beam or sample, got {self.mode!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.mode == "beam" and self.num_beams < 2:
+            raise ValueError(f"beam search needs num_beams >= 2, got {self.num_beams}")
+        if self.mode == "sample" and self.temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "GenerationSettings":
+        """Inverse of `to_json`."""
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the model says on one prompt before and after the edit."""
+
+    prompt: str
+    group: str  # "edit", "paraphrase" or "neighborhood"
+    before: str
+    after: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "Generation":
+        """Inverse of `to_json`."""
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """Edit success when the fact is edited at one layer (one step of the sweep)."""
+
+    layer: int
+    effect: float | None  # traced indirect effect at this layer (p_restored - p_corrupt), if traced
+    efficacy_score: float | None
+    efficacy_magnitude: float | None
+    paraphrase_score: float | None
+    paraphrase_magnitude: float | None
+    neighborhood_score: float | None
+    neighborhood_magnitude: float | None
+    rewrite_score: float | None
+    score: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "LayerScore":
+        """Inverse of `to_json`."""
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """Everything measured for one edited fact."""
+
+    fact_id: str
+    prompt: str
+    subject: str
+    target_true: str | None
+    target_new: str
+    layer: int  # the layer the main edit was made at
+    layer_source: str  # "traced", "fixed" or "given"
+    editor: str
+    generations: tuple[Generation, ...]
+    metrics: dict[str, float | None]
+    sweep: tuple[LayerScore, ...] = ()
+    traced_layer: int | None = None
+    fixed_layer: int | None = None
+    margin: float | None = None  # traced effect of the chosen layer minus the runner-up's
+    effects: tuple[float, ...] | None = None  # traced indirect effect per layer
+    seconds: float = 0.0
+
+    @property
+    def best_layer(self) -> int | None:
+        """The sweep's best layer (highest ROME score, then efficacy magnitude), or None without a sweep."""
+        best = best_layer_score(self.sweep)
+        return None if best is None else best.layer
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form (tuples become lists)."""
+        out = asdict(self)
+        out["best_layer"] = self.best_layer
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "EvalRecord":
+        """Inverse of `to_json`."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in obj.items() if k in names}
+        kw["generations"] = tuple(Generation.from_json(g) for g in kw.get("generations", ()))
+        kw["sweep"] = tuple(LayerScore.from_json(s) for s in kw.get("sweep", ()))
+        if kw.get("effects") is not None:
+            kw["effects"] = tuple(kw["effects"])
+        return cls(**kw)
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation stopped at one fact; `records` holds the facts that finished before it."""
+
+    def __init__(self, fact_id: str, cause: BaseException, records: list[EvalRecord]):
+        super().__init__(f"evaluation failed on fact {fact_id!r} after {len(records)} finished fact(s): "
+                         f"{type(cause).__name__}: {cause}")
+        self.fact_id = fact_id
+        self.cause = cause
+        self.records = records
+
+
+# ---- pure metrics ----------------------------------------------------------------
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def success_rate(nll_winner: Sequence[float], nll_loser: Sequence[float]) -> float | None:
+    """Share of prompts where the `winner` target is more likely (lower mean NLL) than the `loser`."""
+    if len(nll_winner) != len(nll_loser):
+        raise ValueError(f"success_rate: {len(nll_winner)} winner NLLs but {len(nll_loser)} loser NLLs")
+    if not nll_winner:
+        return None
+    return float(np.mean([w < l for w, l in zip(nll_winner, nll_loser)]))
+
+
+def mean_margin(p_a: Sequence[float], p_b: Sequence[float]) -> float | None:
+    """Mean of P(a) - P(b) over prompts (ROME's magnitude)."""
+    if len(p_a) != len(p_b):
+        raise ValueError(f"mean_margin: {len(p_a)} and {len(p_b)} probabilities")
+    return float(np.mean(np.asarray(p_a) - np.asarray(p_b))) if p_a else None
+
+
+def token_accuracy(predicted: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> float | None:
+    """EasyEdit's accuracy: per prompt the share of target tokens that are the teacher-forced top-1, averaged."""
+    if len(predicted) != len(targets):
+        raise ValueError(f"token_accuracy: {len(predicted)} predictions for {len(targets)} targets")
+    per_prompt = []
+    for pred, tgt in zip(predicted, targets):
+        if len(pred) != len(tgt) or not tgt:
+            raise ValueError(f"token_accuracy: prediction {list(pred)} does not match target {list(tgt)}")
+        per_prompt.append(np.mean([p == t for p, t in zip(pred, tgt)]))
+    return float(np.mean(per_prompt)) if per_prompt else None
+
+
+def top1_agreement(before: Sequence[Sequence[int]], after: Sequence[Sequence[int]]) -> float | None:
+    """EasyEdit's locality: per prompt the share of top-1 tokens unchanged by the edit, averaged."""
+    return token_accuracy(after, before)
+
+
+def kl_divergence(logp_before: torch.Tensor, logp_after: torch.Tensor) -> float:
+    """Mean over rows of KL(before || after) between log-probability rows (nats)."""
+    if logp_before.shape != logp_after.shape:
+        raise ValueError(f"kl_divergence: shapes {tuple(logp_before.shape)} and {tuple(logp_after.shape)} differ")
+    lb, la = logp_before.double(), logp_after.double()
+    return float((lb.exp() * (lb - la)).sum(-1).mean())
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, orders: Sequence[int] = NGRAM_ORDERS, weights: Sequence[float] = NGRAM_WEIGHTS) -> float:
+    """ROME's fluency: the weighted mean of the n-gram entropies (bits) of a text's words.
+
+    Words are runs of word characters or single punctuation marks (ROME uses
+    NLTK's word tokenizer, which splits the same way on plain text).
+    """
+    words = _WORD.findall(text)
+    entropies = []
+    for n in orders:
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            entropies.append(0.0)
+            continue
+        freqs = np.array(list(grams.values()), dtype=float) / total
+        entropies.append(float(-(freqs * np.log2(freqs)).sum()))
+    return float(np.mean(np.asarray(entropies) * np.asarray(weights)))
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    # Average ranks for ties, so that Spearman equals Pearson on these ranks.
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman rank correlation (ties get average ranks); None when undefined (n < 2 or a constant side)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"spearman: {a.shape} and {b.shape} values")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if len(a) < 2:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return None if denom == 0 else float((ra * rb).sum() / denom)
+
+
+def harmonic_mean(values: Sequence[float | None]) -> float | None:
+    """Harmonic mean of the given values (None ignored); 0 if any is 0."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    if min(vals) <= 0:
+        return 0.0
+    return float(len(vals) / sum(1.0 / v for v in vals))
+
+
+def rewrite_score(p_new_before: float, p_new_after: float) -> float:
+    """Hase et al.'s edit success: the share of the missing probability of the new target the edit gained."""
+    if p_new_before >= 1.0:
+        return 0.0
+    return float((p_new_after - p_new_before) / (1.0 - p_new_before))
+
+
+# ---- scoring a model state -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PairScore:
+    """Teacher-forced scores of one target after one prompt (in memory only)."""
+
+    nll: float  # mean per-token negative log-likelihood of the target
+    target_ids: tuple[int, ...]
+    predicted: tuple[int, ...]  # teacher-forced top-1 at each target position
+    next_logp: torch.Tensor | None  # log-distribution of the token after the prompt
+
+    @property
+    def prob(self) -> float:
+        """Per-token geometric-mean probability exp(-mean NLL)."""
+        return math.exp(-self.nll)
+
+
+def _pad_id(tok) -> int:
+    for tid in (tok.pad_token_id, tok.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def _encode_pair(tok, prompt: str, target: str | None) -> tuple[list[int], int]:
+    """Token ids of prompt + " " + target and the prompt's length; target None means the prompt only."""
+    p_ids = list(tok(prompt)["input_ids"])
+    if not p_ids:
+        raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+    if not target:
+        return p_ids, len(p_ids)
+    full = list(tok(prompt + " " + target)["input_ids"])
+    if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
+        return full, len(p_ids)
+    # The joint tokenization merged across the boundary: fall back to concatenation.
+    t_ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
+    return p_ids + t_ids, len(p_ids)
+
+
+@torch.no_grad()
+def score_targets(model, tok, pairs: Sequence[tuple[str, str | None]], *, batch_size: int = 32,
+                  keep_next: bool = False) -> list[_PairScore]:
+    """Teacher-forced scores of `(prompt, target)` pairs, batched with right padding (positions stay exact)."""
+    device = next(model.parameters()).device
+    encoded = [_encode_pair(tok, p, t) for p, t in pairs]
+    pad = _pad_id(tok)
+    out: list[_PairScore] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).cpu()
+        for row, (ids, n_prompt) in enumerate(chunk):
+            tgt = ids[n_prompt:]
+            rows = logp[row, n_prompt - 1:len(ids) - 1]
+            if tgt:
+                tgt_t = torch.tensor(tgt)
+                nll = float(-rows.gather(1, tgt_t[:, None]).sum() / len(tgt))
+                predicted = tuple(int(i) for i in rows.argmax(-1))
+            else:
+                nll, predicted = float("nan"), (int(logp[row, n_prompt - 1].argmax()),)
+            nxt = logp[row, n_prompt - 1].clone() if keep_next else None
+            out.append(_PairScore(nll=nll, target_ids=tuple(tgt), predicted=predicted, next_logp=nxt))
+    return out
+
+
+def _groups(fact: Fact) -> dict[str, tuple[str, ...]]:
+    return {"edit": (fact.prompt,), "paraphrase": tuple(fact.rephrase_prompts),
+            "neighborhood": tuple(fact.locality_prompts)}
+
+
+def _locality_answer(fact: Fact, i: int) -> str | None:
+    if i < len(fact.locality_answers) and fact.locality_answers[i]:
+        return fact.locality_answers[i]
+    return fact.target
+
+
+def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[str, _PairScore]]]:
+    """Scores of target_new / target_true (and, if `full`, the locality answers) on every prompt group."""
+    pairs: list[tuple[str, str | None]] = []
+    slots: list[tuple[str, int, str]] = []
+    for group, prompts in _groups(fact).items():
+        for i, prompt in enumerate(prompts):
+            pairs.append((prompt, fact.target_new)); slots.append((group, i, "new"))
+            if fact.target:
+                pairs.append((prompt, fact.target)); slots.append((group, i, "true"))
+            if full and group == "neighborhood":
+                pairs.append((prompt, _locality_answer(fact, i))); slots.append((group, i, "answer"))
+    scores = score_targets(model, tok, pairs, keep_next=full)
+    out: dict[str, list[dict[str, _PairScore]]] = {g: [{} for _ in p] for g, p in _groups(fact).items()}
+    for (group, i, key), s in zip(slots, scores):
+        out[group][i][key] = s
+    return out
+
+
+def _cf_metrics(state: dict[str, list[dict[str, _PairScore]]]) -> dict[str, float | None]:
+    """CounterFact success rates and magnitudes of one model state."""
+    def rate(group: str, winner: str, loser: str) -> float | None:
+        rows = [r for r in state[group] if winner in r and loser in r]
+        return success_rate([r[winner].nll for r in rows], [r[loser].nll for r in rows])
+
+    def margin(group: str, a: str, b: str) -> float | None:
+        rows = [r for r in state[group] if a in r and b in r]
+        return mean_margin([r[a].prob for r in rows], [r[b].prob for r in rows])
+
+    m = {
+        "efficacy_score": rate("edit", "new", "true"),
+        "efficacy_magnitude": margin("edit", "new", "true"),
+        "paraphrase_score": rate("paraphrase", "new", "true"),
+        "paraphrase_magnitude": margin("paraphrase", "new", "true"),
+        "neighborhood_score": rate("neighborhood", "true", "new"),
+        "neighborhood_magnitude": margin("neighborhood", "true", "new"),
+    }
+    m["score"] = harmonic_mean([m["efficacy_score"], m["paraphrase_score"], m["neighborhood_score"]])
+    return m
+
+
+def _acc(state, group: str) -> float | None:
+    rows = state[group]
+    if not rows:
+        return None
+    return token_accuracy([r["new"].predicted for r in rows], [r["new"].target_ids for r in rows])
+
+
+def metrics_between(before: dict, after: dict, gens_before: Sequence[str] = (),
+                    gens_after: Sequence[str] = ()) -> dict[str, float | None]:
+    """All metrics of one edit from the scores of the model before and after it."""
+    post, pre = _cf_metrics(after), _cf_metrics(before)
+    m: dict[str, float | None] = dict(post)
+    m.update({k + "_pre": v for k, v in pre.items()})
+    p_before, p_after = before["edit"][0]["new"].prob, after["edit"][0]["new"].prob
+    m["p_new_pre"], m["p_new"] = p_before, p_after
+    if "true" in after["edit"][0]:
+        m["p_true_pre"], m["p_true"] = before["edit"][0]["true"].prob, after["edit"][0]["true"].prob
+    m["rewrite_score"] = rewrite_score(p_before, p_after)
+    m["rewrite_acc"], m["rewrite_acc_pre"] = _acc(after, "edit"), _acc(before, "edit")
+    m["rephrase_acc"], m["rephrase_acc_pre"] = _acc(after, "paraphrase"), _acc(before, "paraphrase")
+    nb_b, nb_a = before["neighborhood"], after["neighborhood"]
+    if nb_b and "answer" in nb_b[0]:
+        m["locality"] = top1_agreement([r["answer"].predicted for r in nb_b], [r["answer"].predicted for r in nb_a])
+        m["neighborhood_kl"] = kl_divergence(torch.stack([r["answer"].next_logp for r in nb_b]),
+                                             torch.stack([r["answer"].next_logp for r in nb_a]))
+    else:
+        m["locality"] = m["neighborhood_kl"] = None
+    m["ngram_entropy"] = _mean(ngram_entropy(t) for t in gens_after) if gens_after else None
+    m["ngram_entropy_pre"] = _mean(ngram_entropy(t) for t in gens_before) if gens_before else None
+    return m
+
+
+# ---- generation ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings()) -> list[str]:
+    """The continuation the model generates after each prompt (one prompt at a time: no padding to get wrong)."""
+    device = next(model.parameters()).device
+    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=_pad_id(tok))
+    if settings.mode == "greedy":
+        kwargs.update(do_sample=False, num_beams=1)
+    elif settings.mode == "beam":
+        kwargs.update(do_sample=False, num_beams=settings.num_beams)
+    else:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+    devices = [device] if device.type == "cuda" else []
+    texts = []
+    for prompt in prompts:
+        enc = tok(prompt, return_tensors="pt")
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        # A private RNG stream per prompt: the same seed before and after the edit, global state untouched.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(settings.seed)
+            seq = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        texts.append(tok.decode(seq[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def _generation_prompts(fact: Fact, max_neighborhood: int | None) -> list[tuple[str, str]]:
+    out = [("edit", fact.prompt)] + [("paraphrase", p) for p in fact.rephrase_prompts]
+    nb = fact.locality_prompts if max_neighborhood is None else fact.locality_prompts[:max_neighborhood]
+    return out + [("neighborhood", p) for p in nb]
+
+
+# ---- edits -----------------------------------------------------------------------
+
+
+def _with_layer(hparams, layer: int):
+    from .hparams import with_layer
+
+    return with_layer(hparams, layer)
+
+
+def _fixed_layer(hparams) -> int:
+    layers = list(getattr(hparams, "layers", None) or [])
+    if len(layers) != 1:
+        raise ValueError(f"hyperparameters must name exactly one edit layer (ROME edits one), got layers={layers}")
+    return int(layers[0])
+
+
+def _n_layers(model) -> int:
+    from .arch import arch_for
+
+    return arch_for(model).n_layers
+
+
+def _effects(trace) -> tuple[float, ...] | None:
+    if trace is None:
+        return None
+    return tuple(float(s) - float(trace.low_score) for s in trace.scores)
+
+
+def evaluate_fact(model, tok, fact: Fact, hparams, *, layer: int | None = None, layer_source: str = "fixed",
+                  trace=None, choice=None, sweep: bool | Sequence[int] = False,
+                  generation: GenerationSettings = GenerationSettings(), editor: str = "builtin",
+                  edit_context: Callable | None = None, max_neighborhood: int | None = None,
+                  sweep_progress: Callable[[int], None] | None = None) -> EvalRecord:
+    """Edit one fact (at `layer`, default the hyperparameters' own), measure it, restore, and optionally sweep layers."""
+    if not fact.target_new:
+        raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}) has no target_new to edit towards")
+    if edit_context is None:
+        from .edit import edited as edit_context
+    t0 = time.perf_counter()
+    fixed = _fixed_layer(hparams)
+    if layer is None:
+        layer, layer_source = fixed, "fixed"
+    effects = _effects(trace)
+
+    gen_prompts = _generation_prompts(fact, max_neighborhood)
+    texts = [p for _, p in gen_prompts]
+    before = _state_scores(model, tok, fact, full=True)
+    gens_before = generate(model, tok, texts, generation)
+    with edit_context(model, tok, fact, _with_layer(hparams, layer), editor=editor):
+        after = _state_scores(model, tok, fact, full=True)
+        gens_after = generate(model, tok, texts, generation)
+    metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
+                              [t + g for t, g in zip(texts, gens_after)])
+
+    scores: list[LayerScore] = []
+    if sweep:
+        layers = list(range(_n_layers(model))) if sweep is True else [int(x) for x in sweep]
+        for sweep_layer in layers:
+            if sweep_layer == layer:
+                state = after  # the main edit is this step's edit: no need to make it twice
+            else:
+                with edit_context(model, tok, fact, _with_layer(hparams, sweep_layer), editor=editor):
+                    state = _state_scores(model, tok, fact, full=False)
+            cf = _cf_metrics(state)
+            scores.append(LayerScore(
+                layer=sweep_layer,
+                effect=None if effects is None or sweep_layer >= len(effects) else effects[sweep_layer],
+                rewrite_score=rewrite_score(before["edit"][0]["new"].prob, state["edit"][0]["new"].prob),
+                **cf))
+            if sweep_progress is not None:
+                sweep_progress(sweep_layer)
+
+    return EvalRecord(
+        fact_id=fact.id, prompt=fact.prompt, subject=fact.subject, target_true=fact.target,
+        target_new=fact.target_new, layer=int(layer), layer_source=layer_source, editor=editor,
+        generations=tuple(Generation(prompt=t, group=g, before=b, after=a)
+                          for (g, t), b, a in zip(gen_prompts, gens_before, gens_after)),
+        metrics=metrics, sweep=tuple(scores),
+        traced_layer=None if choice is None else int(choice.layer), fixed_layer=fixed,
+        margin=None if choice is None else float(choice.margin), effects=effects,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def evaluate(model, tok, facts: Sequence[Fact], hparams, *, layers: str = "fixed",
+             located: Sequence[tuple[Any, Any]] | None = None, sweep: bool | Sequence[int] = False,
+             generation: GenerationSettings = GenerationSettings(), editor: str = "builtin",
+             edit_context: Callable | None = None, max_neighborhood: int | None = None,
+             on_record: Callable[[list[EvalRecord]], None] | None = None,
+             progress: bool = True) -> list[EvalRecord]:
+    """Evaluate edits of every fact; `layers="traced"` edits each at its traced layer from `located`.
+
+    `located` is `locate()`'s output, `(TraceResult, LayerChoice)` pairs matched to
+    the facts by id (ids must be unique). `on_record` is called with the records so far after each
+    fact. A failure raises `EvaluationError` carrying the finished records.
+    """
+    if layers not in ("fixed", "traced"):
+        raise ValueError(f"layers must be 'fixed' or 'traced', got {layers!r}")
+    if layers == "traced" and located is None:
+        raise ValueError("layers='traced' needs the located (TraceResult, LayerChoice) pairs of the facts")
+    by_id = {str(choice.fact_id): (trace, choice) for trace, choice in (located or ())}
+    from tqdm.auto import tqdm
+
+    records: list[EvalRecord] = []
+    bar = tqdm(total=len(facts), desc="evaluate", unit="fact", disable=not progress)
+    try:
+        for fact in facts:
+            trace, choice = by_id.get(str(fact.id), (None, None))
+            if layers == "traced" and choice is None:
+                raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}) has no traced layer in `located`")
+            layer = int(choice.layer) if layers == "traced" else None
+            try:
+                rec = evaluate_fact(model, tok, fact, hparams, layer=layer,
+                                    layer_source="traced" if layers == "traced" else "fixed",
+                                    trace=trace, choice=choice, sweep=sweep, generation=generation, editor=editor,
+                                    edit_context=edit_context, max_neighborhood=max_neighborhood)
+            except Exception as exc:
+                raise EvaluationError(fact.id, exc, list(records)) from exc
+            records.append(rec)
+            bar.update(1)
+            if on_record is not None:
+                on_record(list(records))
+    finally:
+        bar.close()
+    return records
+
+
+# ---- dataset summary ---------------------------------------------------------------
+
+STRATEGY_FIELDS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score",
+                   "efficacy_magnitude", "rewrite_score")
+
+
+def best_layer_score(sweep: Sequence[LayerScore]) -> LayerScore | None:
+    """The sweep step with the highest ROME score, ties broken by efficacy magnitude then lower layer."""
+    if not sweep:
+        return None
+    def key(s: LayerScore):
+        return (s.score if s.score is not None else -1.0,
+                s.efficacy_magnitude if s.efficacy_magnitude is not None else -2.0, -s.layer)
+    return max(sweep, key=key)
+
+
+def _at_layer(sweep: Sequence[LayerScore], layer: int | None) -> LayerScore | None:
+    return next((s for s in sweep if s.layer == layer), None)
+
+
+def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
+    """Dataset summary: mean of every metric, traced vs fixed vs sweep-best, and effect/success rank correlations."""
+    keys = sorted({k for r in records for k in r.metrics})
+    means = {k: _mean(r.metrics.get(k) for r in records) for k in keys}
+
+    strategies: dict[str, dict[str, Any]] = {}
+    swept = [r for r in records if r.sweep]
+    if swept:
+        picks = {
+            "traced": [_at_layer(r.sweep, r.traced_layer) for r in swept],
+            "fixed": [_at_layer(r.sweep, r.fixed_layer) for r in swept],
+            "sweep best": [best_layer_score(r.sweep) for r in swept],
+        }
+        for name, chosen in picks.items():
+            chosen = [c for c in chosen if c is not None]
+            if chosen:
+                row: dict[str, Any] = {"n": len(chosen)}
+                row.update({f: _mean(getattr(c, f) for c in chosen) for f in STRATEGY_FIELDS})
+                strategies[name] = row
+    else:
+        for source in sorted({r.layer_source for r in records}):
+            rows = [r for r in records if r.layer_source == source]
+            row = {"n": len(rows)}
+            row.update({f: _mean(r.metrics.get(f) for r in rows) for f in STRATEGY_FIELDS})
+            strategies[source] = row
+
+    per_fact, xs, ys = {}, [], []
+    for r in swept:
+        pts = [(s.effect, s.rewrite_score) for s in r.sweep if s.effect is not None and s.rewrite_score is not None]
+        if pts:
+            per_fact[r.fact_id] = spearman([p[0] for p in pts], [p[1] for p in pts])
+            xs += [p[0] for p in pts]
+            ys += [p[1] for p in pts]
+    pooled = spearman(xs, ys) if xs else None
+    traced_is_best = [r.traced_layer == r.best_layer for r in swept if r.traced_layer is not None]
+    return {
+        "n_facts": len(records),
+        "means": means,
+        "strategies": strategies,
+        "spearman_per_fact": per_fact,
+        "spearman_per_fact_mean": _mean(per_fact.values()),
+        "spearman_pooled": pooled,
+        "traced_is_best_share": _mean(float(v) for v in traced_is_best) if traced_is_best else None,
+        "correlation_measure": "Spearman rank correlation of traced indirect effect vs rewrite_score per layer",
+    }

@@ -1,0 +1,326 @@
+"""ROME hyperparameters: EasyEdit's YAML format, writing a chosen layer into it, generating it for any model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .arch import Arch, arch_for
+
+# EasyEdit's ROMEHyperParams (easyeditor/models/rome/rome_hparams.py) field order,
+# so a written file reads like the YAMLs EasyEdit ships.
+FIELD_ORDER = (
+    "alg_name", "model_name", "stats_dir", "device", "layers", "fact_token", "v_num_grad_steps", "v_lr",
+    "v_loss_layer", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_adjustment",
+    "context_template_length_params", "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp",
+    "attn_module_tmp", "ln_f_module", "lm_head_module", "mom2_dataset", "mom2_n_samples", "mom2_dtype",
+    "max_length", "model_parallel", "fp16",
+)
+_FLOAT_FIELDS = ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor")
+_INT_FIELDS = ("v_num_grad_steps", "v_loss_layer", "mom2_n_samples", "max_length")
+FACT_TOKENS = ("subject_last", "subject_first", "last")
+# The rewrite-module template fields a `generate_hparams` call copies from the architecture map.
+_ARCH_FIELDS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+                "ln_f_module", "lm_head_module")
+
+# Defaults from the ROME paper (Meng et al. 2022, appendix E: 20 Adam steps at lr 0.5,
+# clamp 4x the original norm, KL weight 0.0625, context templates of 5 and 10 tokens)
+# and from EasyEdit's shipped hparams/ROME/*.yaml for the rest. Only `layers` and
+# `v_loss_layer` scale with depth; both are set from the model in `generate_hparams`.
+DEFAULTS: dict[str, Any] = {
+    "alg_name": "ROME",
+    "stats_dir": "./data/stats",
+    "fact_token": "subject_last",
+    "v_num_grad_steps": 20,
+    "v_lr": 0.5,
+    "v_weight_decay": 0.5,
+    "clamp_norm_factor": 4.0,
+    "kl_factor": 0.0625,
+    "mom2_adjustment": False,
+    "context_template_length_params": [[5, 10], [10, 10]],
+    "mom2_dataset": "wikipedia",
+    "mom2_n_samples": 100000,
+    "mom2_dtype": "float32",
+    "max_length": 40,
+    "model_parallel": False,
+    "fp16": False,
+}
+
+
+class HParamsError(ValueError):
+    """A hyperparameter file or value that ROME cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class RomeHParams:
+    """The fields of EasyEdit's ROMEHyperParams, loadable without EasyEdit installed."""
+
+    layers: list[int]
+    fact_token: str
+    v_num_grad_steps: int
+    v_lr: float
+    v_loss_layer: int
+    v_weight_decay: float
+    clamp_norm_factor: float
+    kl_factor: float
+    mom2_adjustment: bool
+    context_template_length_params: list[list[int]]
+    rewrite_module_tmp: str
+    layer_module_tmp: str
+    mlp_module_tmp: str
+    attn_module_tmp: str
+    ln_f_module: str
+    lm_head_module: str
+    mom2_dataset: str
+    mom2_n_samples: int
+    mom2_dtype: str
+    alg_name: str
+    device: int | str  # EasyEdit: an int is a CUDA index; "cpu" also works
+    model_name: str
+    stats_dir: str
+    max_length: int = 40
+    model_parallel: bool = False
+    fp16: bool = False
+
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: str | Path) -> "RomeHParams":
+        """Load a ROME YAML (EasyEdit's format); `.yaml` is appended when missing, as EasyEdit does."""
+        return cls(**read_config(hparams_name_or_path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict in EasyEdit's field order."""
+        return to_dict(self)
+
+
+def _path(hparams_name_or_path: str | Path) -> Path:
+    p = str(hparams_name_or_path)
+    if not p.endswith((".yaml", ".yml")):
+        p += ".yaml"
+    return Path(p)
+
+
+def read_config(hparams_name_or_path: str | Path) -> dict[str, Any]:
+    """Read and check a ROME YAML into a dict of typed values; errors name the file and the field."""
+    path = _path(hparams_name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ROME hyperparameters not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise HParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(config, dict):
+        raise HParamsError(f"{path}: expected a mapping of hyperparameters, got {type(config).__name__}")
+    return check_config(config, source=str(path))
+
+
+def check_config(config: dict[str, Any], source: str = "hyperparameters", n_layers: int | None = None) -> dict[str, Any]:
+    """Validate and coerce a dict of ROME hyperparameters; returns a new dict."""
+    config = dict(config)
+    if config.get("alg_name") != "ROME":
+        raise HParamsError(f"{source}: alg_name must be 'ROME', got {config.get('alg_name')!r}")
+    names = {f.name for f in fields(RomeHParams)}
+    unknown = sorted(set(config) - names)
+    if unknown:
+        raise HParamsError(f"{source}: unknown ROME hyperparameters {unknown}")
+    required = {f.name for f in fields(RomeHParams) if f.default is dataclasses.MISSING}
+    missing = sorted(required - set(config))
+    if missing:
+        raise HParamsError(f"{source}: missing ROME hyperparameters {missing}")
+    # YAML 1.1 reads "5e-1" (no dot) as a string; EasyEdit converts such strings too.
+    for key in _FLOAT_FIELDS:
+        try:
+            config[key] = float(config[key])
+        except (TypeError, ValueError):
+            raise HParamsError(f"{source}: {key} must be a number, got {config[key]!r}") from None
+    for key in _INT_FIELDS:
+        if key in config:
+            value = config[key]
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise HParamsError(f"{source}: {key} must be an integer, got {config[key]!r}")
+            config[key] = int(value)
+    layers = config["layers"]
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    if (not isinstance(layers, list) or not layers
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)):
+        raise HParamsError(f"{source}: layers must be a non-empty list of layer indices >= 0, got {config['layers']!r}")
+    if n_layers is not None and max(layers) >= n_layers:
+        raise HParamsError(f"{source}: layers {layers} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    config["layers"] = list(layers)
+    if config["fact_token"] not in FACT_TOKENS:
+        raise HParamsError(f"{source}: fact_token must be one of {FACT_TOKENS}, got {config['fact_token']!r}")
+    ctp = config["context_template_length_params"]
+    if (not isinstance(ctp, list)
+            or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p)
+                       for p in ctp)):
+        raise HParamsError(f"{source}: context_template_length_params must be a list of [length, count] pairs, "
+                           f"got {ctp!r}")
+    config["context_template_length_params"] = [list(p) for p in ctp]
+    for key in ("mom2_adjustment", "model_parallel", "fp16"):
+        if key in config and not isinstance(config[key], bool):
+            raise HParamsError(f"{source}: {key} must be true or false, got {config[key]!r}")
+    for key in _ARCH_FIELDS:
+        if not isinstance(config[key], str) or not config[key]:
+            raise HParamsError(f"{source}: {key} must be a module name, got {config[key]!r}")
+    for key in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp"):
+        if "{}" not in config[key]:
+            raise HParamsError(f"{source}: {key} must contain '{{}}' for the layer, got {config[key]!r}")
+    if config["mom2_dtype"] not in ("float16", "float32", "float64"):
+        raise HParamsError(f"{source}: mom2_dtype must be float16, float32 or float64, got {config['mom2_dtype']!r}")
+    config["model_name"] = str(config["model_name"])
+    config["stats_dir"] = str(config["stats_dir"])
+    return config
+
+
+def to_dict(hparams: Any) -> dict[str, Any]:
+    """EasyEdit's or our hyperparameters as a plain dict in EasyEdit's field order."""
+    data = dataclasses.asdict(hparams)
+    ordered = {k: data[k] for k in FIELD_ORDER if k in data}
+    ordered.update({k: v for k, v in data.items() if k not in ordered})
+    return ordered
+
+
+def easyedit_hparams_class() -> type | None:
+    """EasyEdit's ROMEHyperParams if EasyEdit is already imported in this process, else None.
+
+    Importing EasyEdit has side effects (it seeds the global RNGs and configures
+    logging), so this never imports it: `rome_locate.edit.import_easyedit()` does.
+    """
+    module = sys.modules.get("easyeditor.models.rome.rome_hparams")
+    return getattr(module, "ROMEHyperParams", None)
+
+
+def load_hparams(path: str | Path, n_layers: int | None = None, easyedit: bool | None = None) -> Any:
+    """Load a ROME YAML as EasyEdit's ROMEHyperParams when EasyEdit is imported, else as RomeHParams.
+
+    The file is checked by our rules first, so a bad file gives the same clear
+    error either way. `easyedit=True` requires EasyEdit's class, False forces ours.
+    """
+    config = read_config(path)
+    if n_layers is not None:
+        check_config(config, source=str(_path(path)), n_layers=n_layers)
+    cls = easyedit_hparams_class() if easyedit is not False else None
+    if easyedit and cls is None:
+        raise RuntimeError("easyedit=True but EasyEdit is not imported; call rome_locate.edit.import_easyedit() first")
+    if cls is None:
+        return RomeHParams(**config)
+    return cls(**config)
+
+
+def with_layer(hparams: Any, layer: int, n_layers: int | None = None) -> Any:
+    """A copy of `hparams` (ours or EasyEdit's) with `layers: [layer]`; the caller's object is untouched."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        try:
+            if int(layer) != layer:
+                raise ValueError
+            layer = int(layer)
+        except (TypeError, ValueError):
+            raise HParamsError(f"layer must be an integer, got {layer!r}") from None
+    if layer < 0:
+        raise HParamsError(f"layer must be >= 0, got {layer}")
+    if n_layers is not None and layer >= n_layers:
+        raise HParamsError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return dataclasses.replace(hparams, layers=[layer])
+
+
+def bind_model(hparams: Any, model_path: str | Path) -> Any:
+    """A copy with `model_name` set to the real model path and a model-relative `stats_dir` resolved.
+
+    A relative `stats_dir` is read from the working directory, as EasyEdit does;
+    when it does not exist there, `model_path/stats_dir` and then `model_path/stats`
+    (where the shipped fact models keep their statistics) are used if present.
+    """
+    model_path = Path(model_path)
+    stats_dir = Path(hparams.stats_dir)
+    if not stats_dir.exists():
+        if not stats_dir.is_absolute() and (model_path / stats_dir).is_dir():
+            stats_dir = model_path / stats_dir
+        elif (model_path / "stats").is_dir():
+            # The shipped fact models keep their statistics in stats/ next to the weights.
+            stats_dir = model_path / "stats"
+    return dataclasses.replace(hparams, model_name=str(model_path), stats_dir=str(stats_dir))
+
+
+def _yaml_text(hparams: Any, header: str | None) -> str:
+    lines = []
+    if header:
+        lines += [("# " + line).rstrip() for line in header.rstrip("\n").split("\n")]
+    body = yaml.safe_dump(to_dict(hparams), default_flow_style=None, sort_keys=False, width=1000)
+    return "\n".join(lines + [body]) if lines else body
+
+
+def write_hparams(hparams: Any, path: str | Path, header: str | None = None) -> Path:
+    """Write `hparams` as an EasyEdit ROME YAML with a comment header; atomic (temp file, then os.replace)."""
+    path = Path(path)
+    check_config(to_dict(hparams), source=f"hyperparameters for {path}")
+    text = _yaml_text(hparams, header)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def hparams_from_arch(arch: Arch, layer: int, model_name: str, device: int | str = "cpu",
+                      **overrides: Any) -> RomeHParams:
+    """Complete ROME hyperparameters from an architecture row with `n_layers` filled in."""
+    if not arch.n_layers:
+        raise HParamsError("the architecture's n_layers is unknown; resolve it with arch_for(model) first")
+    values: dict[str, Any] = dict(DEFAULTS)
+    values.update({name: getattr(arch, name) for name in _ARCH_FIELDS})
+    values.update(model_name=str(model_name), device=device, layers=[layer], v_loss_layer=arch.n_layers - 1)
+    unknown = sorted(set(overrides) - {f.name for f in fields(RomeHParams)})
+    if unknown:
+        raise HParamsError(f"unknown ROME hyperparameters {unknown}")
+    values.update(overrides)
+    if isinstance(values["layers"], int):
+        values["layers"] = [values["layers"]]
+    return RomeHParams(**check_config(values, source=f"generated hyperparameters for {model_name}",
+                                      n_layers=arch.n_layers))
+
+
+def generate_hparams(model: Any, arch: Arch | str | Path | dict | None, layer: int, model_name: str,
+                     device: int | str = "cpu", **overrides: Any) -> RomeHParams:
+    """Complete ROME hyperparameters for `model` editing `layer`: templates from the architecture map,
+    `v_loss_layer = L - 1`, the rest from `DEFAULTS`; `overrides` win over everything."""
+    if not isinstance(arch, Arch) or not arch.n_layers:
+        arch = arch_for(model, arch)
+    dtype = next(iter(model.parameters())).dtype
+    overrides.setdefault("fp16", dtype == torch.float16)
+    return hparams_from_arch(arch, layer, model_name, device=device, **overrides)
+
+
+def dataset_header(facts_file: str | Path, n_facts: int, trace_settings: dict[str, Any],
+                   mean_effects: tuple[float, ...] | list[float], histogram: tuple[int, ...] | list[int],
+                   layer: int, kind: str = "mlp") -> str:
+    """The comment header recording how `layers` was chosen."""
+    lines = [
+        "Generated by `rome-locate hparams`: layers is the layer with the largest mean",
+        f"indirect effect of restoring the {kind} output at the last subject token (ROME causal tracing).",
+        f"facts: {facts_file} ({n_facts} facts)",
+        "trace: " + ", ".join(f"{k}={v}" for k, v in trace_settings.items()),
+        f"chosen layer: {layer}",
+        "mean effect per layer: " + " ".join(f"{i}:{e:.4f}" for i, e in enumerate(mean_effects)),
+        "per-fact argmax histogram: " + " ".join(f"{i}:{n}" for i, n in enumerate(histogram)),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,442 @@
+"""Evaluation records -> report.md, a self-contained report.html (images as data URIs) and results.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .evaluate import EvalRecord, summarize
+
+IMAGES = "images"
+SWEEP_PLOT = "layer_effect_vs_success"
+
+# Metrics shown on each card: (label, key); the "_pre" twin, when there is one, is the "before" column.
+CARD_METRICS = (
+    ("efficacy score (P(new) > P(true))", "efficacy_score"),
+    ("efficacy magnitude (P(new) - P(true))", "efficacy_magnitude"),
+    ("paraphrase score", "paraphrase_score"),
+    ("paraphrase magnitude", "paraphrase_magnitude"),
+    ("neighbourhood score (P(true) > P(new))", "neighborhood_score"),
+    ("neighbourhood magnitude", "neighborhood_magnitude"),
+    ("ROME score (harmonic mean)", "score"),
+    ("generation n-gram entropy", "ngram_entropy"),
+    ("P(new) per token", "p_new"),
+    ("P(true) per token", "p_true"),
+    ("EasyEdit rewrite_acc", "rewrite_acc"),
+    ("EasyEdit rephrase_acc", "rephrase_acc"),
+    ("EasyEdit locality", "locality"),
+    ("rewrite score (Hase et al.)", "rewrite_score"),
+    ("neighbourhood KL(before || after)", "neighborhood_kl"),
+)
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:left;vertical-align:top;font-size:90%}
+th{background:#f2f2f2}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.card{border:1px solid #bbb;border-radius:6px;padding:0 1em 1em;margin:1.5em 0}
+.error{background:#fee;border:1px solid #c33;padding:.5em 1em}
+img{max-width:100%}
+code{background:#f6f6f6}
+"""
+
+
+# ---- files -------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: str | bytes) -> Path:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tmp_path(path: Path) -> Path:
+    # A plain open() (not mkstemp) so the file gets the user's umask permissions, like any output.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "to_json"):
+        return obj.to_json()
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def run_settings(*, model: str, hparams: Any = None, trace_settings: Mapping[str, Any] | None = None,
+                 seed: int | None = None, generation: Any = None, layers: str | None = None,
+                 sweep: bool = False, editor: str | None = None, facts: str | None = None,
+                 wall_time_s: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The run's settings as plain JSON: model, hyperparameters, trace settings, seed, library versions, wall time."""
+    import torch
+    import transformers
+
+    if hparams is not None and is_dataclass(hparams):
+        from .hparams import to_dict
+
+        hparams = to_dict(hparams)
+    out = {
+        "model": model, "facts": facts, "editor": editor, "layers": layers, "sweep": sweep, "seed": seed,
+        "hparams": _jsonable(hparams), "trace": _jsonable(dict(trace_settings or {})),
+        "generation": _jsonable(generation), "wall_time_s": wall_time_s,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }
+    out.update({k: _jsonable(v) for k, v in extra.items()})
+    return out
+
+
+def write_results_json(records: Sequence[EvalRecord], out_dir: str | Path, settings: Mapping[str, Any],
+                       *, error: str | None = None, complete: bool = True) -> Path:
+    """results.json alone (cheap: called after every fact so that a crash loses nothing finished)."""
+    out_dir = Path(out_dir)
+    obj = {"settings": _jsonable(dict(settings)), "complete": complete, "error": error,
+           "summary": summarize(records), "records": [r.to_json() for r in records]}
+    return _atomic_write(out_dir / "results.json", json.dumps(_finite(obj), indent=2, allow_nan=False))
+
+
+def _finite(obj: Any) -> Any:
+    # JSON has no NaN or infinity: an undefined number is null.
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# ---- pictures ----------------------------------------------------------------
+
+
+def _heatmap_png(trace: Any, out_dir: Path, fact_id: str) -> Path | None:
+    """The trace's heatmap; a trace without the full table gets a bar chart of its per-layer effects."""
+    if getattr(trace, "table", None) is None:
+        return _effect_bars(trace, out_dir / IMAGES / f"effects_{_slug(fact_id)}.png")
+    from .plots import heatmap
+
+    paths = heatmap(trace, out_dir / IMAGES / f"trace_{_slug(fact_id)}")
+    return next((Path(p) for p in paths if str(p).endswith(".png")), None)
+
+
+def _save_png(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = _tmp_path(path)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _effect_bars(trace: Any, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    effects = [float(s) - float(trace.low_score) for s in trace.scores]
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    ax.bar(range(len(effects)), effects, color="tab:green")
+    ax.set_xlabel(f"layer ({trace.kind}, window {trace.window})")
+    ax.set_ylabel("indirect effect")
+    ax.set_title(f"last subject token, answer {trace.answer!r}", fontsize=9)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))[:60] or "fact"
+
+
+def sweep_plot(records: Sequence[EvalRecord], path: Path) -> Path | None:
+    """Traced indirect effect against edit success (rewrite score) per layer, per fact and averaged."""
+    swept = [r for r in records if r.sweep]
+    if not swept:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = 0
+    for r in swept:
+        pts = [(s.effect, s.rewrite_score) for s in r.sweep if s.effect is not None and s.rewrite_score is not None]
+        if pts:
+            ax1.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=f"fact {r.fact_id}")
+            drawn += 1
+    if not drawn:
+        ax1.text(0.5, 0.5, "no traced effects (facts not traced)", ha="center", va="center", transform=ax1.transAxes)
+    ax1.set_xlabel("traced indirect effect (p_restored - p_corrupt)")
+    ax1.set_ylabel("edit success: rewrite score")
+    ax1.set_title("per layer, each fact")
+    if 0 < drawn <= 10:
+        ax1.legend(fontsize=7)
+    n_layers = max(s.layer for r in swept for s in r.sweep) + 1
+    success = np.full((len(swept), n_layers), np.nan)
+    effect = np.full((len(swept), n_layers), np.nan)
+    for i, r in enumerate(swept):
+        for s in r.sweep:
+            if s.rewrite_score is not None:
+                success[i, s.layer] = s.rewrite_score
+            if s.effect is not None:
+                effect[i, s.layer] = s.effect
+    layers = np.arange(n_layers)
+    ax2.plot(layers, np.nanmean(success, 0), "o-", color="tab:red", label="mean rewrite score")
+    ax2.set_xlabel("layer")
+    ax2.set_xticks(layers)
+    ax2.set_ylabel("mean rewrite score", color="tab:red")
+    if not np.isnan(effect).all():
+        ax3 = ax2.twinx()
+        ax3.plot(layers, np.nanmean(effect, 0), "s--", color="tab:blue", label="mean indirect effect")
+        ax3.set_ylabel("mean indirect effect", color="tab:blue")
+    ax2.set_title("by layer, mean over facts")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+# ---- formatting ------------------------------------------------------------------
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def _md_cell(text: Any) -> str:
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for c in row:
+            cls = ' class="num"' if isinstance(c, str) and _looks_numeric(c) else ""
+            cells.append(f"<td{cls}>{html.escape(str(c))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _metric_rows(rec: EvalRecord) -> list[list[str]]:
+    rows = []
+    for label, key in CARD_METRICS:
+        after = rec.metrics.get(key)
+        before = rec.metrics.get(key + "_pre")
+        if after is None and before is None:
+            continue
+        rows.append([label, _fmt(before), _fmt(after)])
+    return rows
+
+
+def _generation_rows(rec: EvalRecord) -> list[list[str]]:
+    return [[g.group, g.prompt, g.before, g.after] for g in rec.generations]
+
+
+def _sweep_rows(rec: EvalRecord) -> list[list[str]]:
+    best = rec.best_layer
+    rows = []
+    for s in rec.sweep:
+        mark = " ".join(x for x, on in (("best", s.layer == best), ("traced", s.layer == rec.traced_layer),
+                                        ("fixed", s.layer == rec.fixed_layer)) if on)
+        rows.append([str(s.layer), mark, _fmt(s.effect), _fmt(s.efficacy_score), _fmt(s.efficacy_magnitude),
+                     _fmt(s.paraphrase_score), _fmt(s.neighborhood_score), _fmt(s.score), _fmt(s.rewrite_score)])
+    return rows
+
+
+SWEEP_HEADER = ("layer", "", "indirect effect", "efficacy", "efficacy magn.", "paraphrase", "neighbourhood",
+                "ROME score", "rewrite score")
+STRATEGY_HEADER = ("layer choice", "facts", "efficacy", "paraphrase", "neighbourhood", "ROME score",
+                   "efficacy magn.", "rewrite score")
+
+
+def _strategy_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    return [[name, str(row["n"]), _fmt(row["efficacy_score"]), _fmt(row["paraphrase_score"]),
+             _fmt(row["neighborhood_score"]), _fmt(row["score"]), _fmt(row["efficacy_magnitude"]),
+             _fmt(row["rewrite_score"])] for name, row in summary["strategies"].items()]
+
+
+def _layer_line(rec: EvalRecord) -> str:
+    parts = [f"edited at layer {rec.layer} ({rec.layer_source})"]
+    if rec.traced_layer is not None:
+        parts.append(f"traced layer {rec.traced_layer}" + (f", margin {_fmt(rec.margin)}" if rec.margin is not None else ""))
+    if rec.fixed_layer is not None:
+        parts.append(f"fixed layer {rec.fixed_layer}")
+    if rec.best_layer is not None:
+        parts.append(f"sweep best layer {rec.best_layer}")
+    return "; ".join(parts)
+
+
+def _settings_rows(settings: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for k, v in settings.items():
+        if k == "hparams":
+            continue
+        rows.append([k, json.dumps(v) if isinstance(v, (dict, list)) else _fmt(v)])
+    return rows
+
+
+def _correlation_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    rows = [["pooled (all facts, all layers)", _fmt(summary["spearman_pooled"])],
+            ["mean of per-fact correlations", _fmt(summary["spearman_per_fact_mean"])]]
+    rows += [[f"fact {fid}", _fmt(v)] for fid, v in summary["spearman_per_fact"].items()]
+    if summary.get("traced_is_best_share") is not None:
+        rows.append(["share of facts whose traced layer is the sweep's best", _fmt(summary["traced_is_best_share"])])
+    return rows
+
+
+# ---- the report ------------------------------------------------------------------
+
+
+def write_report(records: Sequence[EvalRecord], out_dir: str | Path, settings: Mapping[str, Any], *,
+                 traces: Mapping[str, Any] | None = None, error: str | None = None,
+                 title: str = "rome-locate evaluation") -> dict[str, Path]:
+    """Write report.md, report.html and results.json (and images/) for the records; returns their paths.
+
+    `traces` maps fact ids to their TraceResult, for the heatmaps. `error`, when
+    given, is shown at the top: the report then covers the facts that finished.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(records)
+    images: dict[str, Path | None] = {}
+    image_errors: list[str] = []
+    for rec in records:
+        trace = (traces or {}).get(rec.fact_id)
+        if trace is None:
+            continue
+        try:
+            images[rec.fact_id] = _heatmap_png(trace, out_dir, rec.fact_id)
+        except (ValueError, RuntimeError, ImportError) as exc:  # a missing picture must not lose the report
+            image_errors.append(f"heatmap of fact {rec.fact_id}: {exc}")
+    plot = sweep_plot(records, out_dir / IMAGES / f"{SWEEP_PLOT}.png")
+
+    paths = {"json": write_results_json(records, out_dir, settings, error=error, complete=error is None)}
+    paths["md"] = _atomic_write(out_dir / "report.md",
+                                _markdown(records, settings, summary, images, plot, out_dir, error, image_errors, title))
+    paths["html"] = _atomic_write(out_dir / "report.html",
+                                  _html(records, settings, summary, images, plot, error, image_errors, title))
+    return paths
+
+
+def _markdown(records, settings, summary, images, plot, out_dir: Path, error, image_errors, title) -> str:
+    md = [f"# {title}", ""]
+    if error:
+        md += [f"> **Run stopped with an error:** {error}", f"> This report covers the {len(records)} fact(s) that finished.", ""]
+    md += ["## Settings", "", _md_table(("setting", "value"), _settings_rows(settings)), ""]
+    if settings.get("hparams"):
+        md += ["Hyperparameters:", "", "```json", json.dumps(settings["hparams"], indent=2), "```", ""]
+    md += ["## Summary", "", f"{summary['n_facts']} fact(s) evaluated.", "", "### Mean of every metric", "",
+           _md_table(("metric", "mean"), [[k, _fmt(v)] for k, v in summary["means"].items()]), "",
+           "### Traced vs fixed vs sweep", "", _md_table(STRATEGY_HEADER, _strategy_rows(summary)), ""]
+    if plot is not None:
+        md += ["### Layer effect vs edit success", "", f"![layer effect vs edit success]({plot.relative_to(out_dir).as_posix()})", "",
+               f"Rank correlation ({summary['correlation_measure']}):", "",
+               _md_table(("scope", "Spearman ρ"), _correlation_rows(summary)), ""]
+    md += ["## Facts", ""]
+    for rec in records:
+        md += [f"### Fact {rec.fact_id}: {rec.prompt} → {rec.target_new} (was {rec.target_true})", "",
+               f"Subject: `{rec.subject}`. {_layer_line(rec)}.", ""]
+        img = images.get(rec.fact_id)
+        if img is not None:
+            md += [f"![causal trace of fact {rec.fact_id}]({img.relative_to(out_dir).as_posix()})", ""]
+        md += ["Generations:", "", _md_table(("prompt kind", "prompt", "before", "after"), _generation_rows(rec)), "",
+               "Metrics:", "", _md_table(("metric", "before", "after"), _metric_rows(rec)), ""]
+        if rec.sweep:
+            md += ["Layer sweep:", "", _md_table(SWEEP_HEADER, _sweep_rows(rec)), ""]
+    if image_errors:
+        md += ["## Pictures that could not be drawn", ""] + [f"- {e}" for e in image_errors] + [""]
+    return "\n".join(md)
+
+
+def _html(records, settings, summary, images, plot, error, image_errors, title) -> str:
+    e = html.escape
+    h = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style></head><body>",
+         f"<h1>{e(title)}</h1>"]
+    if error:
+        h.append(f"<div class='error'><b>Run stopped with an error:</b> {e(error)}<br>"
+                 f"This report covers the {len(records)} fact(s) that finished.</div>")
+    h += ["<h2 id='settings'>Settings</h2>", _html_table(("setting", "value"), _settings_rows(settings))]
+    if settings.get("hparams"):
+        h.append(f"<details><summary>Hyperparameters</summary><pre>{e(json.dumps(settings['hparams'], indent=2))}</pre></details>")
+    h += ["<h2 id='summary'>Summary</h2>", f"<p>{summary['n_facts']} fact(s) evaluated.</p>",
+          "<h3>Mean of every metric</h3>", _html_table(("metric", "mean"), [[k, _fmt(v)] for k, v in summary["means"].items()]),
+          "<h3>Traced vs fixed vs sweep</h3>", _html_table(STRATEGY_HEADER, _strategy_rows(summary))]
+    if plot is not None:
+        h += ["<h3>Layer effect vs edit success</h3>", f"<img alt='layer effect vs edit success' src='{_data_uri(plot)}'>",
+              f"<p>Rank correlation ({e(summary['correlation_measure'])}):</p>",
+              _html_table(("scope", "Spearman ρ"), _correlation_rows(summary))]
+    h.append("<h2 id='facts'>Facts</h2>")
+    for rec in records:
+        h.append(f"<div class='card' id='fact-{e(_slug(rec.fact_id))}'>")
+        h.append(f"<h3>Fact {e(rec.fact_id)}: {e(rec.prompt)} → {e(rec.target_new)} (was {e(str(rec.target_true))})</h3>")
+        h.append(f"<p>Subject: <code>{e(rec.subject)}</code>. {e(_layer_line(rec))}.</p>")
+        img = images.get(rec.fact_id)
+        if img is not None:
+            h.append(f"<img alt='causal trace of fact {e(rec.fact_id)}' src='{_data_uri(img)}'>")
+        h += ["<h4>Generations</h4>", _html_table(("prompt kind", "prompt", "before", "after"), _generation_rows(rec)),
+              "<h4>Metrics</h4>", _html_table(("metric", "before", "after"), _metric_rows(rec))]
+        if rec.sweep:
+            h += ["<h4>Layer sweep</h4>", _html_table(SWEEP_HEADER, _sweep_rows(rec))]
+        h.append("</div>")
+    if image_errors:
+        h.append("<h2>Pictures that could not be drawn</h2><ul>" + "".join(f"<li>{e(x)}</li>" for x in image_errors) + "</ul>")
+    h.append("</body></html>")
+    return "\n".join(h)
+
+
+def load_results(path: str | Path) -> tuple[dict[str, Any], list[EvalRecord]]:
+    """Read results.json back: (settings, records)."""
+    obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    return obj["settings"], [EvalRecord.from_json(r) for r in obj["records"]]

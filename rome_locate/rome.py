@@ -1,0 +1,323 @@
+"""The built-in ROME editor: a rank-one update of one MLP output projection (Meng et al. 2022, section 3).
+
+For a fact (subject s, prompt p, new object o*) and a layer l:
+
+1. k* = mean over context templates x_j of the rewrite module's input at the
+   subject's last token of x_j + p (the "key" of s at layer l).
+2. v* = v0 + delta, where v0 is the MLP output at that token in the bare prompt
+   and delta is optimised (Adam, `v_num_grad_steps` steps at `v_lr`) when added
+   to the MLP output at the subject's last token of every templated prompt, to
+   minimise the NLL of o*'s tokens at the final logits, plus `kl_factor` x the
+   KL divergence of the next-token distribution after "{s} is a" from the
+   unedited one (keeps s's other properties), plus `v_weight_decay` x
+   ||delta|| / ||v0||^2 (ROME's released regulariser); ||delta|| is clamped to
+   `clamp_norm_factor` x ||v0||.
+3. W' = W + (v* - W k0) (C^-1 k*)^T / ((C^-1 k*)^T k0), with C the second
+   moment of keys (`mom2_adjustment: true`, from `rome_locate.stats`) or the
+   identity, and k0 the key on the bare prompt. Keys orthogonal to C^-1 k* are
+   untouched. With k0 = k* this is the paper's W' k* = v*; with context
+   templates, taking the residual at k0 (as the ROME authors' released code
+   does) makes the edited layer output exactly v* on the edit prompt, and adds
+   about delta (the optimised shift) on every templated key, which is what the
+   optimisation of step 2 assumed. (The paper's residual v* - W k*, with k* the
+   template average, adds v0 - mean_j(W k_j) on top: measured worse.)
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .facts import Fact
+from .hooks import captured, captured_inputs, get_module, patched
+from .stats import mom2_for
+
+# ROME's template prefixes (its context templates start with these words).
+TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
+KL_PROMPT = "{} is a"
+
+# Per model object, never shared across models: (length_params, seed) -> templates.
+_TEMPLATE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class EditError(ValueError):
+    """A fact or hyperparameters the editor cannot use; the message names it."""
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _offsets(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    enc = tok(text, return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
+    ids = list(enc["input_ids"])
+    offsets = enc.get("offset_mapping") if hasattr(enc, "get") else None
+    return ids, [tuple(o) for o in offsets] if offsets is not None else None
+
+
+def _last_token_before(tok: Any, text: str, char_start: int, char_end: int, which: str = "last") -> int:
+    """Index of the last (or first) token overlapping text[char_start:char_end]."""
+    ids, offsets = _offsets(tok, text)
+    if offsets is not None:
+        # Special tokens (BOS) have the empty span (0, 0) and never overlap a non-empty range.
+        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < char_end and b > char_start]
+        if hits:
+            return hits[-1] if which == "last" else hits[0]
+    # Slow tokenizers: count the tokens of the text up to the end (or start) of the range.
+    cut = char_end if which == "last" else char_start
+    n = len(tok(text[:cut])["input_ids"])
+    return n - 1 if which == "last" else n
+
+
+def lookup_index(tok: Any, text: str, subject: str, fact_token: str, search_from: int = 0) -> int:
+    """Token index where ROME reads the key: the subject's last/first token, or the text's last token."""
+    if fact_token == "last":
+        return len(tok(text)["input_ids"]) - 1
+    start = text.find(subject, search_from)
+    if start < 0:
+        raise EditError(f"subject {subject!r} not found in {text!r}")
+    which = {"subject_last": "last", "subject_first": "first"}.get(fact_token)
+    if which is None:
+        raise EditError(f"fact_token must be subject_last, subject_first or last, got {fact_token!r}")
+    return _last_token_before(tok, text, start, start + len(subject), which)
+
+
+def target_tokens(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """(ids of `prompt + " " + target`, positions of the target's tokens in it).
+
+    Tokenising the whole string and reading the target's positions from the offsets
+    avoids the leading-space and BOS pitfalls of tokenising the target alone.
+    """
+    text = prompt + " " + target
+    ids, offsets = _offsets(tok, text)
+    if offsets is not None:
+        positions = [i for i, (a, b) in enumerate(offsets) if b > a and a >= len(prompt)]
+    else:
+        n_prompt = len(tok(prompt)["input_ids"])
+        positions = list(range(n_prompt, len(ids)))
+    if not positions or positions[0] == 0:
+        raise EditError(f"target {target!r} has no tokens after prompt {prompt!r}")
+    return ids, positions
+
+
+@torch.no_grad()
+def _sample(model: nn.Module, tok: Any, prefix: str, n: int, max_len: int, gen: torch.Generator,
+            top_k: int = 5) -> list[str]:
+    device = _device(model)
+    ids = torch.tensor([tok(prefix)["input_ids"]] * n, device=device)
+    n_new = max(1, max_len - ids.shape[1])
+    for _ in range(n_new):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1, :].float()
+        top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        choice = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
+        ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
+    texts = []
+    eos = tok.eos_token_id
+    for row in ids.tolist():
+        if eos is not None and eos in row[1:]:
+            row = row[:row.index(eos, 1)]
+        texts.append(tok.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequence[int]], seed: int = 0) -> list[str]:
+    """ROME's context templates: "{}" plus texts sampled from the model (top-5, seeded), each + ". {}".
+
+    `length_params` is [[max_length_in_tokens, count], ...]; count is spread over the
+    five prefixes. Cached per model object (never across models) and per seed.
+    """
+    key = (tuple(tuple(int(x) for x in p) for p in length_params), int(seed))
+    per_model = _TEMPLATE_CACHE.setdefault(model, {})
+    if key not in per_model:
+        gen = torch.Generator(device=_device(model))
+        gen.manual_seed(int(seed))
+        templates = ["{}"]
+        for length, count in key[0]:
+            for prefix in TEMPLATE_PREFIXES:
+                for text in _sample(model, tok, prefix, count // len(TEMPLATE_PREFIXES), length, gen):
+                    templates.append(text.replace("{", "").replace("}", "") + ". {}")
+        per_model[key] = templates
+    return list(per_model[key])
+
+
+def _batch(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Right padding: every row keeps positions 0..n-1, so causal models need no position ids.
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_id(tok: Any) -> int:
+    for value in (tok.pad_token_id, tok.eos_token_id, 0):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _check_fact(fact: Fact) -> None:
+    if not fact.target_new:
+        raise EditError(f"fact {fact.id!r} has no target_new to write")
+    if fact.subject not in fact.prompt:
+        raise EditError(f"fact {fact.id!r}: subject {fact.subject!r} is not in prompt {fact.prompt!r}")
+
+
+def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: Any, layer: int,
+                templates: Sequence[str]) -> torch.Tensor:
+    """k*: the rewrite module's input at the fact token, averaged over the templated prompts."""
+    name = hparams.rewrite_module_tmp.format(layer)
+    texts = [t.format(fact.prompt) for t in templates]
+    rows = [tok(t)["input_ids"] for t in texts]
+    idxs = [lookup_index(tok, t, fact.subject, hparams.fact_token, search_from=len(t) - len(fact.prompt))
+            for t in texts]
+    ids, mask = _batch(rows, _pad_id(tok), _device(model))
+    with torch.no_grad(), captured_inputs(model, [name], tokens=tuple(ids.shape)) as cache:
+        model(input_ids=ids, attention_mask=mask)
+    keys = cache[name][torch.arange(len(rows)), torch.tensor(idxs)]
+    return keys.float().mean(0)
+
+
+def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: Any, layer: int,
+                  templates: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    """v*: the MLP output at the subject's last token that makes the model predict target_new."""
+    device = _device(model)
+    mlp_name = hparams.mlp_module_tmp.format(layer)
+    rows, lookups, target_pos = [], [], []
+    for template in templates:
+        prompt = template.format(fact.prompt)
+        ids, positions = target_tokens(tok, prompt, fact.target_new)
+        # Feed the target's tokens except the last: each position predicts the next one.
+        rows.append(ids[:positions[-1]])
+        target_pos.append(positions)
+        lookups.append(lookup_index(tok, prompt, fact.subject, hparams.fact_token,
+                                    search_from=len(prompt) - len(fact.prompt)))
+    kl_text = KL_PROMPT.format(fact.subject)
+    rows.append(tok(kl_text)["input_ids"])
+    lookups.append(lookup_index(tok, kl_text, fact.subject, hparams.fact_token))
+    n_rewrite = len(templates)
+    ids, mask = _batch(rows, _pad_id(tok), device)
+
+    # Which (row, position) gets delta, and the gather indices of the target tokens.
+    where = torch.zeros(ids.shape + (1,), device=device)
+    where[torch.arange(len(rows)), torch.tensor(lookups)] = 1.0
+    tgt_rows = torch.tensor([i for i, ps in enumerate(target_pos) for _ in ps], device=device)
+    tgt_prev = torch.tensor([p - 1 for ps in target_pos for p in ps], device=device)
+    full_ids = [tok(t.format(fact.prompt) + " " + fact.target_new)["input_ids"] for t in templates]
+    tgt_ids = torch.tensor([full_ids[i][p] for i, ps in enumerate(target_pos) for p in ps], device=device)
+    tgt_weight = torch.tensor([1.0 / len(ps) for ps in target_pos for _ in ps], device=device) / n_rewrite
+
+    with torch.no_grad(), captured(model, [mlp_name], tokens=tuple(ids.shape)) as cache:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    v0 = cache[mlp_name][0, lookups[0]].float().clone()
+    kl_init = F.log_softmax(logits[n_rewrite, lookups[-1]].float(), dim=-1)
+
+    hidden = v0.shape[-1]
+    delta = torch.zeros(hidden, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hparams.v_lr)
+    max_norm = hparams.clamp_norm_factor * v0.norm()
+
+    def add_delta(out: torch.Tensor) -> torch.Tensor:
+        return out + where.to(out.dtype) * delta.to(out.dtype)
+
+    info: dict[str, float] = {}
+    # enable_grad: the caller may be inside torch.no_grad().
+    with torch.enable_grad():
+        for step in range(hparams.v_num_grad_steps):
+            with patched(model, {mlp_name: add_delta}, tokens=tuple(ids.shape)):
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            log_probs = F.log_softmax(logits[tgt_rows, tgt_prev], dim=-1)
+            nll = -(log_probs.gather(1, tgt_ids[:, None])[:, 0] * tgt_weight).sum()
+            kl_now = F.log_softmax(logits[n_rewrite, lookups[-1]], dim=-1)
+            kl = hparams.kl_factor * F.kl_div(kl_init, kl_now, log_target=True, reduction="sum")
+            decay = hparams.v_weight_decay * delta.norm() / v0.norm() ** 2
+            loss = nll + kl + decay
+            info = {"steps": step + 1, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(),
+                    "p_target": math.exp(-nll.item())}
+            if loss.item() < 5e-2:
+                break
+            # autograd.grad, not backward: no .grad is left on the model's parameters.
+            (delta.grad,) = torch.autograd.grad(loss, [delta])
+            opt.step()
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+    info["delta_norm"] = delta.detach().norm().item()
+    return (v0 + delta.detach()), info
+
+
+def _solve(cov: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    try:
+        return torch.linalg.solve(cov.double(), k.double())
+    except RuntimeError:
+        # A singular C (a small corpus leaves some directions unseen): least-norm solution.
+        return torch.linalg.pinv(cov.double()) @ k.double()
+
+
+def rank_one_update(model: nn.Module, hparams: Any, layer: int, key: torch.Tensor, value: torch.Tensor,
+                    prompt_key: torch.Tensor | None = None) -> torch.Tensor:
+    """ΔW (in the weight's own layout) with W' k0 = v*, along C^-1 k*; k0 = `prompt_key`, default k*."""
+    name = hparams.rewrite_module_tmp.format(layer)
+    module = get_module(model, name)
+    k0 = key if prompt_key is None else prompt_key
+    with torch.no_grad():
+        current = module(k0.to(module.weight.dtype)[None])[0].float()  # W k0 (+ bias), any layout
+    residual = (value.float().to(current.device) - current).double()
+    if hparams.mom2_adjustment:
+        cov = mom2_for(model, hparams, layer).to(key.device)
+        if cov.shape != (key.numel(), key.numel()):
+            raise EditError(f"mom2 statistics for {name} have shape {tuple(cov.shape)}, keys have {key.numel()}")
+        u = _solve(cov, key)
+    else:
+        u = key.double()
+    u = u / (u @ k0.double())
+    if isinstance(module, nn.Linear):
+        delta = torch.outer(residual, u)  # weight is (out, in)
+    elif type(module).__name__ == "Conv1D":
+        delta = torch.outer(u, residual)  # GPT-2's Conv1D stores (in, out)
+    else:
+        raise EditError(f"{name} is a {type(module).__name__}; ROME rewrites nn.Linear or GPT-2 Conv1D weights")
+    return delta.to(module.weight.dtype)
+
+
+def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: Any, seed: int = 0,
+               info: dict | None = None) -> dict[str, torch.Tensor]:
+    """Write `fact.target_new` into the model at each of `hparams.layers`; returns the original weights."""
+    _check_fact(fact)
+    if hparams.alg_name != "ROME":
+        raise EditError(f"hyperparameters are for {hparams.alg_name!r}, not ROME")
+    templates = context_templates(model, tok, hparams.context_template_length_params, seed=seed)
+    originals: dict[str, torch.Tensor] = {}
+    try:
+        for layer in sorted(hparams.layers):
+            name = f"{hparams.rewrite_module_tmp.format(layer)}.weight"
+            weight = model.get_parameter(name)
+            key = compute_key(model, tok, fact, hparams, layer, templates)
+            prompt_key = compute_key(model, tok, fact, hparams, layer, ["{}"])
+            value, v_info = compute_value(model, tok, fact, hparams, layer, templates)
+            delta = rank_one_update(model, hparams, layer, key, value, prompt_key=prompt_key)
+            if name not in originals:
+                originals[name] = weight.detach().clone()
+            with torch.no_grad():
+                weight.add_(delta)
+            if info is not None:
+                info[layer] = v_info
+    except BaseException:
+        restore(model, originals)
+        raise
+    return originals
+
+
+def restore(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Copy the saved weights back (bit-identical)."""
+    with torch.no_grad():
+        for name, value in originals.items():
+            model.get_parameter(name).copy_(value)

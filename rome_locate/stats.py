@@ -1,0 +1,200 @@
+"""Second-moment statistics of ROME's rewrite-module inputs, in the file layout EasyEdit reads offline.
+
+ROME's update uses C = E[k k^T], the uncentred covariance of the keys k (the
+inputs of the MLP output projection) over token positions of a text corpus.
+EasyEdit computes it from Wikipedia downloaded from the hub, unless a cached
+file is already on disk. This module writes that cached file from a local text
+file, so `mom2_adjustment: true` works offline.
+
+The format is EasyEdit's (easyeditor/models/rome/layer_stats.py, `layer_stats`,
+and easyeditor/util/runningstats.py, `SecondMoment.state_dict`, `tally`,
+`load_cached_state`), hard-coded here so nothing depends on EasyEdit:
+
+    {stats_dir}/{model dir name}/{mom2_dataset}_stats/{layer_name}_{precision}_mom2_{sample_size}.npz
+
+with `model dir name` = the last path component of `model.config._name_or_path`,
+`layer_name` = the rewrite module's name (`transformer.h.3.mlp.c_proj`) and npz keys
+
+    mom2.constructor  the Stat's constructor expression (a string; not read back)
+    mom2.count        number of token positions summed
+    mom2.mom2         sum over positions of k k^T, shape (d_in, d_in), in `precision`
+    sample_size       the requested number of texts; EasyEdit re-computes when it differs
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Arch, arch_for
+from .hooks import captured_inputs
+
+# EasyEdit's SecondMoment lives in easyeditor.util.runningstats; its state_dict writes this.
+_CONSTRUCTOR = "easyeditor.util.runningstats.SecondMoment()"
+DTYPES = ("float16", "float32", "float64")
+# EasyEdit (runningstats.box_numpy_null) stores None as this NaN bit pattern; `sample_size`
+# must be present even when None, or EasyEdit's cache check recomputes.
+_NULL = np.array(struct.unpack(">d", struct.pack(">Q", 0xFFF8000000000002))[0], dtype=np.float64)
+
+
+def stats_model_name(model: nn.Module) -> str:
+    """The model folder name EasyEdit's layer_stats uses: the last component of `config._name_or_path`."""
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    # EasyEdit: model.config._name_or_path.rsplit("/")[-1]
+    return name.rsplit("/")[-1]
+
+
+def mom2_path(stats_dir: str | Path, model_name: str, layer_name: str, mom2_dataset: str,
+              n_samples: int | None, dtype: str) -> Path:
+    """The npz path EasyEdit's layer_stats reads for these settings."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if not model_name:
+        raise ValueError("model_name is empty: the model has no config._name_or_path; pass model_name explicitly")
+    suffix = "" if n_samples is None else f"_{n_samples}"
+    return Path(stats_dir) / model_name / f"{mom2_dataset}_stats" / f"{layer_name}_{dtype}_mom2{suffix}.npz"
+
+
+def read_corpus(path: str | Path, n_samples: int | None = None) -> list[str]:
+    """Non-empty lines of a text file (one text a line), the first `n_samples` of them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus not found: {path}")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"corpus {path} has no non-empty lines")
+    return texts if n_samples is None else texts[:n_samples]
+
+
+def _max_len(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 512
+
+
+@torch.no_grad()
+def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts: Iterable[str],
+                   batch_size: int = 32, progress: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
+    """Sum of k k^T (float64) and the number of token positions, per named module's input."""
+    device = next(model.parameters()).device
+    max_len = _max_len(model)
+    texts = list(texts)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    batches = range(0, len(texts), batch_size)
+    for start in tqdm(batches, desc="mom2", disable=not progress):
+        ids = [tok(t, truncation=True, max_length=max_len)["input_ids"] for t in texts[start:start + batch_size]]
+        ids = [x for x in ids if x]
+        if not ids:
+            continue
+        width = max(len(x) for x in ids)
+        # Right padding keeps every text's positions 0..n-1; padded rows are masked out below.
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, :len(x)] = torch.tensor(x)
+            mask[i, :len(x)] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        with captured_inputs(model, list(layer_names), tokens=tuple(input_ids.shape)) as cache:
+            model(input_ids=input_ids, attention_mask=mask)
+        keep = mask.reshape(-1).bool()
+        for name in layer_names:
+            k = cache[name].reshape(-1, cache[name].shape[-1])[keep].double()
+            sums[name] = sums.get(name, 0) + k.T @ k
+        count += int(keep.sum())
+    if count == 0:
+        raise ValueError("the corpus produced no tokens")
+    return {name: (sums[name].cpu(), count) for name in layer_names}
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | None, layers: Sequence[int],
+                 corpus_path: str | Path, stats_dir: str | Path, model_name: str | None = None,
+                 mom2_dataset: str = "wikipedia", n_samples: int | None = 100000, dtype: str = "float32",
+                 batch_size: int = 32, compressed: bool = True, progress: bool = False) -> list[Path]:
+    """Write EasyEdit-format mom2 files for the rewrite module of each layer; returns their paths.
+
+    `n_samples` is the number of corpus lines used and also the `_N` in the file
+    name; EasyEdit looks for the name with its `mom2_n_samples`, so keep the two
+    equal (a corpus shorter than `n_samples` is used whole, as EasyEdit does).
+    """
+    if not isinstance(arch, Arch) or not arch.n_layers:
+        arch = arch_for(model, arch)
+    if not layers:
+        raise ValueError("no layers given")
+    for layer in layers:
+        if not 0 <= layer < arch.n_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {arch.n_layers} layers (0..{arch.n_layers - 1})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    model_name = model_name or stats_model_name(model)
+    texts = read_corpus(corpus_path, n_samples)
+    names = [arch.rewrite_module(layer) for layer in layers]
+    moments = second_moments(model, tok, names, texts, batch_size=batch_size, progress=progress)
+    paths = []
+    for name in names:
+        total, count = moments[name]
+        path = mom2_path(stats_dir, model_name, name, mom2_dataset, n_samples, dtype)
+        _save_npz(path, {
+            "mom2.constructor": np.array(_CONSTRUCTOR),
+            "mom2.count": np.array(count),
+            "mom2.mom2": total.numpy().astype(dtype),
+            "sample_size": _NULL if n_samples is None else np.array(n_samples),
+        }, compressed)
+        paths.append(path)
+    return paths
+
+
+def load_mom2(path: str | Path, n_samples: int | None = None) -> torch.Tensor:
+    """C = E[k k^T] (float32) from an EasyEdit-format mom2 file; `n_samples` is checked when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"mom2 statistics not found: {path}. Compute them offline with "
+            f"`rome-locate stats --model PATH --corpus TEXT --layers N --stats-dir DIR`, "
+            f"or set mom2_adjustment: false")
+    with np.load(path) as data:
+        missing = {"mom2.count", "mom2.mom2"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: not a mom2 statistics file (missing keys {sorted(missing)})")
+        stored = data["sample_size"] if "sample_size" in data.files else _NULL
+        if n_samples is not None and (np.isnan(stored) or int(stored) != n_samples):
+            raise ValueError(f"{path}: computed with sample_size {stored}, "
+                             f"hyperparameters ask for {n_samples}")
+        count = int(data["mom2.count"])
+        total = torch.from_numpy(data["mom2.mom2"].astype(np.float64))
+    if count <= 0:
+        raise ValueError(f"{path}: mom2.count is {count}")
+    return (total / count).float()
+
+
+def mom2_for(model: nn.Module, hparams: Any, layer: int) -> torch.Tensor:
+    """The mom2 matrix the hyperparameters name for `layer` (stats_dir, dataset, sample size, dtype)."""
+    # EasyEdit names the folder after config._name_or_path; a model built in memory has none.
+    name = stats_model_name(model) or str(hparams.model_name).rstrip("/").rsplit("/")[-1]
+    path = mom2_path(hparams.stats_dir, name, hparams.rewrite_module_tmp.format(layer),
+                     hparams.mom2_dataset, hparams.mom2_n_samples, hparams.mom2_dtype)
+    return load_mom2(path, hparams.mom2_n_samples)

@@ -1,0 +1,118 @@
+"""The pipeline orchestration: report written as facts finish and after a failure; CLI eval; the shipped demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import build_tiny_model
+from rome_locate.demo import run_pipeline
+from rome_locate.evaluate import EvaluationError
+from rome_locate.facts import Fact
+from rome_locate.locate import locate
+from test_evaluate import FACT, FakeHParams, bias_edit, failing_on, params_hash
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer):
+    """A tiny GPT-2 and three facts."""
+    model = build_tiny_model("gpt2", len(tiny_tokenizer), n_layers=4)
+    facts = [Fact(**{**FACT.to_json(), "id": f"f{i}"}) for i in range(3)]
+    return model, tiny_tokenizer, facts
+
+
+def test_pipeline_writes_report_and_keeps_weights(tiny, tmp_path):
+    model, tok, facts = tiny
+    before = params_hash(model)
+    located = locate(model, tok, facts[:2], samples=3, window=2, noise=0.5, full=True, progress=False)
+    records, paths = run_pipeline(model, tok, facts[:2], FakeHParams(layers=[1]), tmp_path, model_name="tiny",
+                                  layers="traced", sweep=True, located=located, edit_context=bias_edit,
+                                  trace_settings={"samples": 3, "noise": 0.5, "seed": 0}, progress=False)
+    assert params_hash(model) == before
+    assert [r.fact_id for r in records] == ["f0", "f1"]
+    obj = json.loads(paths["json"].read_text())
+    assert obj["complete"] is True and len(obj["records"]) == 2
+    assert obj["settings"]["trace"]["samples"] == 3 and obj["settings"]["wall_time_s"] > 0
+    page = paths["html"].read_text()
+    assert page.count("src='data:image/png;base64,") == 3  # two heatmaps and the sweep plot
+
+
+def test_pipeline_failure_leaves_partial_report(tiny, tmp_path):
+    model, tok, facts = tiny
+    before = params_hash(model)
+    with pytest.raises(EvaluationError, match="editor broke on f2"):
+        run_pipeline(model, tok, facts, FakeHParams(), tmp_path, model_name="tiny", layers="fixed",
+                     edit_context=failing_on(3), progress=False)
+    assert params_hash(model) == before
+    obj = json.loads((tmp_path / "results.json").read_text())
+    assert obj["complete"] is False
+    assert [r["fact_id"] for r in obj["records"]] == ["f0", "f1"]
+    assert "editor broke on f2" in obj["error"]
+    md = (tmp_path / "report.md").read_text()
+    assert "Run stopped with an error" in md and "### Fact f1" in md and "### Fact f2" not in md
+
+
+def _counterfact(fact: Fact) -> dict:
+    return {"case_id": fact.id, "requested_rewrite": {
+        "prompt": fact.prompt.replace(fact.subject, "{}"), "subject": fact.subject, "relation_id": fact.relation_id,
+        "target_true": {"str": fact.target}, "target_new": {"str": fact.target_new}},
+        "paraphrase_prompts": list(fact.rephrase_prompts), "neighborhood_prompts": list(fact.locality_prompts)}
+
+
+def test_cli_eval_end_to_end(tiny, tmp_path, capsys):
+    from rome_locate import cli
+    from rome_locate.hparams import generate_hparams, write_hparams
+
+    model, tok, facts = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "cf.json").write_text(json.dumps([_counterfact(f) for f in facts]))
+    write_hparams(generate_hparams(model, None, 1, model_name=str(tmp_path / "model"), v_num_grad_steps=3,
+                                   context_template_length_params=[[5, 5]]), tmp_path / "hp.yaml")
+    out = tmp_path / "out"
+    rc = cli.main(["eval", "--model", str(tmp_path / "model"), "--device", "cpu", "--facts", str(tmp_path / "cf.json"),
+                   "--hparams", str(tmp_path / "hp.yaml"), "--layers", "traced", "--sweep", "--limit", "2",
+                   "--samples", "3", "--noise", "0.5", "--generation", "beam", "--num-beams", "2",
+                   "--max-new-tokens", "4", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    obj = json.loads((out / "results.json").read_text())
+    assert [r["fact_id"] for r in obj["records"]] == ["f0", "f1"]
+    assert all(r["layer_source"] == "traced" and len(r["sweep"]) == 4 for r in obj["records"])
+    assert obj["records"][0]["metrics"]["locality"] is not None
+    assert obj["settings"]["generation"]["mode"] == "beam"
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+    rc = cli.main(["eval", "--model", str(tmp_path / "model"), "--facts", str(tmp_path / "missing.json"),
+                   "--hparams", str(tmp_path / "hp.yaml"), "--out", str(out)])
+    assert rc == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_demo_on_shipped_fact_model(tmp_path, capsys):
+    from rome_locate.demo import run_demo
+    from rome_locate.fact_model import load_fact_model
+
+    model, tok = load_fact_model("gpt2")
+    before = params_hash(model)
+    paths = run_demo(tmp_path, family="gpt2", n_facts=1, progress=False, model_and_tok=(model, tok))
+    assert params_hash(model) == before
+    printed = capsys.readouterr().out
+    assert "[5/5] wrote" in printed and "before:" in printed and "after:" in printed
+    obj = json.loads(paths["json"].read_text())
+    assert obj["complete"] is True
+    [rec] = obj["records"]
+    n_layers = model.config.n_layer
+    assert rec["layer_source"] == "traced" and len(rec["sweep"]) == n_layers
+    assert rec["layer"] == rec["traced_layer"] and 0 <= rec["layer"] < n_layers
+    # The fact model knows the fact: before the edit the true object beats the new one.
+    assert rec["metrics"]["efficacy_score_pre"] == 0.0 and rec["metrics"]["p_true_pre"] > 0.5
+    assert rec["metrics"]["p_new"] != rec["metrics"]["p_new_pre"]  # the edit did something, and was undone
+    traced = next(s for s in rec["sweep"] if s["layer"] == rec["traced_layer"])
+    best = next(s for s in rec["sweep"] if s["layer"] == rec["best_layer"])
+    assert traced["efficacy_magnitude"] == pytest.approx(rec["metrics"]["efficacy_magnitude"])
+    assert (best["score"], best["efficacy_magnitude"]) >= (traced["score"], traced["efficacy_magnitude"])
+    assert [g["group"] for g in rec["generations"]][:1] == ["edit"] and all(g["before"] for g in rec["generations"])
+    page = paths["html"].read_text()
+    assert page.count("src='data:image/png;base64,") == 2  # the fact's heatmap and the sweep plot

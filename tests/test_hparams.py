@@ -1,0 +1,141 @@
+"""ROME hyperparameters: the shipped YAMLs, writing a layer into them, generating them for a model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import build_tiny_model
+from rome_locate.arch import ARCH, arch_for
+from rome_locate.hparams import (HParamsError, RomeHParams, bind_model, generate_hparams, load_hparams,
+                                 with_layer, write_hparams)
+
+ROOT = Path(__file__).resolve().parent.parent
+YAMLS = sorted((ROOT / "hparams" / "ROME").glob("*.yaml"))
+# Real depths of the models the shipped files are for: v_loss_layer must be L - 1.
+DEPTHS = {"gpt2-xl": 48, "gpt2-medium": 24, "gpt-j-6B": 28, "llama-2-7b": 32, "llama-3-8b": 32,
+          "llama-3.2-3b": 28, "mistral-7b": 32, "qwen2.5-7b": 28, "qwen3-8b": 36, "gemma-7b": 28,
+          "gemma-2-9b": 42, "phi-3-mini": 32, "pythia-6.9b": 32, "fact-gpt2": 8, "fact-llama": 8}
+
+
+def test_the_issue_models_are_shipped():
+    names = {p.stem for p in YAMLS}
+    assert {"gpt2-xl", "gpt-j-6B", "llama-3-8b", "qwen2.5-7b", "mistral-7b", "fact-gpt2", "fact-llama"} <= names
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[p.stem for p in YAMLS])
+def test_every_shipped_yaml_loads(path):
+    h = RomeHParams.from_hparams(path)
+    assert h.alg_name == "ROME"
+    assert h.v_loss_layer == DEPTHS[path.stem] - 1
+    assert 0 <= h.layers[0] < DEPTHS[path.stem]
+    # Module templates are the architecture map's row for that family.
+    rows = [a for a in ARCH.values() if a.rewrite_module_tmp == h.rewrite_module_tmp]
+    assert rows and rows[0].mlp_module_tmp == h.mlp_module_tmp and rows[0].layer_module_tmp == h.layer_module_tmp
+    # The same file through the public loader, without the .yaml suffix (EasyEdit accepts both).
+    assert dataclasses.asdict(load_hparams(str(path)[:-5], easyedit=False)) == dataclasses.asdict(h)
+
+
+def test_paper_layers():
+    hp = {p.stem: RomeHParams.from_hparams(p) for p in YAMLS}
+    assert hp["gpt2-xl"].layers == [17] and hp["gpt2-xl"].rewrite_module_tmp == "transformer.h.{}.mlp.c_proj"
+    assert hp["gpt-j-6B"].layers == [5] and hp["gpt-j-6B"].rewrite_module_tmp == "transformer.h.{}.mlp.fc_out"
+    assert hp["llama-3-8b"].rewrite_module_tmp == "model.layers.{}.mlp.down_proj"
+
+
+def test_with_layer_copies_and_does_not_mutate():
+    h = RomeHParams.from_hparams(ROOT / "hparams" / "ROME" / "gpt2-xl.yaml")
+    h2 = with_layer(h, 3)
+    assert h2.layers == [3] and h.layers == [17]
+    assert dataclasses.replace(h2, layers=[17]) == h
+    with pytest.raises(HParamsError, match="out of range"):
+        with_layer(h, 48, n_layers=48)
+    with pytest.raises(HParamsError, match="integer"):
+        with_layer(h, "x")
+
+
+def test_write_round_trips_with_header(tmp_path):
+    h = with_layer(RomeHParams.from_hparams(ROOT / "hparams" / "ROME" / "llama-3-8b.yaml"), 11)
+    path = write_hparams(h, tmp_path / "sub" / "out.yaml", header="facts: f.json (3 facts)\nhistogram: 0:1 1:2")
+    text = path.read_text()
+    assert text.startswith("# facts: f.json (3 facts)\n# histogram: 0:1 1:2\n")
+    assert RomeHParams.from_hparams(path) == h
+    assert yaml.safe_load(text)["v_weight_decay"] == pytest.approx(1e-3)
+    assert [p.name for p in path.parent.iterdir()] == ["out.yaml"]  # no temp file left
+
+
+def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
+    h = RomeHParams.from_hparams(ROOT / "hparams" / "ROME" / "gpt2-xl.yaml")
+    path = write_hparams(h, tmp_path / "h.yaml")
+    old = path.read_text()
+
+    def boom(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_hparams(with_layer(h, 2), path)
+    assert path.read_text() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.yaml"]
+    with pytest.raises(OSError):
+        write_hparams(h, tmp_path / "new.yaml")
+    assert not (tmp_path / "new.yaml").exists()
+
+
+def test_bad_files_name_the_file_and_field(tmp_path):
+    good = yaml.safe_load((ROOT / "hparams" / "ROME" / "gpt2-xl.yaml").read_text())
+    cases = [({"alg_name": "MEMIT"}, "alg_name must be 'ROME'"), ({"layers": []}, "layers"),
+             ({"v_lr": "fast"}, "v_lr"), ({"fact_token": "subject_middle"}, "fact_token"),
+             ({"bogus": 1}, "unknown ROME hyperparameters"), ({"rewrite_module_tmp": "x.mlp"}, "rewrite_module_tmp")]
+    for i, (change, message) in enumerate(cases):
+        p = tmp_path / f"bad{i}.yaml"
+        p.write_text(yaml.safe_dump({**good, **change}))
+        with pytest.raises(HParamsError, match=message) as err:
+            load_hparams(p)
+        assert str(p) in str(err.value)
+    p = tmp_path / "missing.yaml"
+    p.write_text(yaml.safe_dump({k: v for k, v in good.items() if k != "kl_factor"}))
+    with pytest.raises(HParamsError, match="kl_factor"):
+        RomeHParams.from_hparams(p)
+    with pytest.raises(HParamsError, match="out of range"):
+        load_hparams(ROOT / "hparams" / "ROME" / "gpt2-xl.yaml", n_layers=12)
+
+
+def test_scientific_notation_strings_are_numbers(tmp_path):
+    good = yaml.safe_load((ROOT / "hparams" / "ROME" / "gpt2-xl.yaml").read_text())
+    p = tmp_path / "sci.yaml"
+    p.write_text(yaml.safe_dump({**good, "v_lr": "5e-1", "v_weight_decay": "1e-3"}))
+    h = RomeHParams.from_hparams(p)
+    assert h.v_lr == 0.5 and h.v_weight_decay == 0.001
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_for_tiny_models(family, tiny_tokenizer, tmp_path):
+    model = build_tiny_model(family, len(tiny_tokenizer), n_layers=6)
+    h = generate_hparams(model, None, 2, "tiny", kl_factor=0.1)
+    arch = arch_for(model)
+    assert h.layers == [2] and h.v_loss_layer == 5 and h.kl_factor == 0.1 and h.device == "cpu"
+    assert h.rewrite_module_tmp == ARCH[family].rewrite_module_tmp
+    for name in ("layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module", "lm_head_module"):
+        assert getattr(h, name) == getattr(arch, name)
+    model.get_submodule(h.rewrite_module_tmp.format(5))  # the names resolve in the model
+    assert RomeHParams.from_hparams(write_hparams(h, tmp_path / "g.yaml")) == h
+    with pytest.raises(HParamsError, match="out of range"):
+        generate_hparams(model, None, 6, "tiny")
+    with pytest.raises(HParamsError, match="unknown"):
+        generate_hparams(model, None, 1, "tiny", v_lrr=1.0)
+
+
+def test_bind_model_resolves_stats_next_to_the_model(tmp_path, monkeypatch):
+    h = dataclasses.replace(RomeHParams.from_hparams(ROOT / "hparams" / "ROME" / "gpt2-xl.yaml"), stats_dir="stats")
+    (tmp_path / "m" / "stats").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    bound = bind_model(h, tmp_path / "m")
+    assert bound.model_name == str(tmp_path / "m") and bound.stats_dir == str(tmp_path / "m" / "stats")
+    assert h.stats_dir == "stats"
+    (tmp_path / "stats").mkdir()
+    assert bind_model(h, tmp_path / "m").stats_dir == "stats"  # the working directory wins, as in EasyEdit

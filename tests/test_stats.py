@@ -1,0 +1,79 @@
+"""mom2 statistics: EasyEdit's file name and npz keys, and the numbers (E[k k^T] over token positions)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SENTENCES, build_tiny_model
+from rome_locate.arch import arch_for
+from rome_locate.hooks import captured_inputs, hook_count
+from rome_locate.hparams import generate_hparams
+from rome_locate.stats import compute_mom2, load_mom2, mom2_for, mom2_path, stats_model_name
+
+
+def test_path_matches_easyedit_layer_stats():
+    # easyeditor/models/rome/layer_stats.py: f"{model_name}/{ds_name}_stats/{layer_name}_{precision}_{'-'.join(sorted(to_collect))}{size_suffix}.npz"
+    p = mom2_path("data/stats", "gpt2-xl", "transformer.h.17.mlp.c_proj", "wikipedia", 100000, "float32")
+    assert p == Path("data/stats/gpt2-xl/wikipedia_stats/transformer.h.17.mlp.c_proj_float32_mom2_100000.npz")
+    assert mom2_path("s", "m", "x", "wikitext", None, "float64").name == "x_float64_mom2.npz"
+    with pytest.raises(ValueError, match="dtype"):
+        mom2_path("s", "m", "x", "wikitext", 1, "int8")
+
+
+def test_stats_model_name_is_the_folder_name(tiny_tokenizer):
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    model.config._name_or_path = "/some/where/fact_models/gpt2"
+    assert stats_model_name(model) == "gpt2"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_compute_mom2_file_and_numbers(family, tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    model = build_tiny_model(family, len(tok))
+    model.config._name_or_path = str(tmp_path / "tiny-model")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES[:5]) + "\n\n")
+    paths = compute_mom2(model, tok, None, [1, 3], corpus, tmp_path / "stats", mom2_dataset="tinytext",
+                         n_samples=4, batch_size=3)
+    arch = arch_for(model)
+    assert paths[0] == tmp_path / "stats" / "tiny-model" / "tinytext_stats" / f"{arch.rewrite_module(1)}_float32_mom2_4.npz"
+    assert hook_count(model) == 0
+    with np.load(paths[0]) as data:
+        assert set(data.files) == {"mom2.constructor", "mom2.count", "mom2.mom2", "sample_size"}
+        assert str(data["mom2.constructor"]) == "easyeditor.util.runningstats.SecondMoment()"
+        assert int(data["sample_size"]) == 4 and data["mom2.mom2"].dtype == np.float32
+        total, count = data["mom2.mom2"], int(data["mom2.count"])
+    # Reference: one text at a time (no padding), only the first 4 lines.
+    name = arch.rewrite_module(1)
+    keys = []
+    for text in SENTENCES[:4]:
+        with captured_inputs(model, [name]) as cache:
+            model(torch.tensor([tok(text)["input_ids"]]))
+        keys.append(cache[name][0].double())
+    k = torch.cat(keys)
+    assert count == k.shape[0]
+    np.testing.assert_allclose(total, (k.T @ k).numpy(), rtol=1e-4, atol=1e-6)
+    c = load_mom2(paths[0], n_samples=4)
+    np.testing.assert_allclose(c.numpy(), (k.T @ k / count).numpy(), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="sample_size"):
+        load_mom2(paths[0], n_samples=5)
+    h = generate_hparams(model, arch, 1, "tiny-model", stats_dir=str(tmp_path / "stats"), mom2_dataset="tinytext",
+                         mom2_n_samples=4, mom2_adjustment=True)
+    assert torch.equal(mom2_for(model, h, 1), c)
+    with pytest.raises(FileNotFoundError, match="rome-locate stats"):
+        mom2_for(model, dataclasses.replace(h, mom2_n_samples=10), 1)
+
+
+def test_bad_inputs(tiny_tokenizer, tmp_path):
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        compute_mom2(model, tiny_tokenizer, None, [0], tmp_path / "nope.txt", tmp_path, model_name="m")
+    (tmp_path / "c.txt").write_text("hello world\n")
+    with pytest.raises(ValueError, match="out of range"):
+        compute_mom2(model, tiny_tokenizer, None, [9], tmp_path / "c.txt", tmp_path, model_name="m")
+    assert not any(tmp_path.glob("m/**/*.npz"))
