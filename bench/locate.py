@@ -35,9 +35,9 @@ from rome_locate.arch import arch_for  # noqa: E402
 from rome_locate.choose import choose_layer  # noqa: E402
 from rome_locate.facts import Fact  # noqa: E402
 from rome_locate.hooks import patched  # noqa: E402
+from rome_locate.tokens import find_subject_range  # noqa: E402
 from rome_locate.trace import (  # noqa: E402
     effective_window,
-    find_subject_range,
     noise_level,
     trace_fact,
     window_layers,

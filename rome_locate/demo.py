@@ -133,7 +133,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
     hparams = _fixed_hparams(model, family, dataset.layer)
     _print(f"[3/5] hyperparameters: fixed layer {dataset.layer} (largest mean effect over the facts); "
            f"each fact is edited at its own traced layer", quiet)
-    _print(f"[4/5] editing and evaluating" + (" with a sweep over every layer" if sweep else ""), quiet)
+    _print("[4/5] editing and evaluating" + (" with a sweep over every layer" if sweep else ""), quiet)
     try:
         records, paths = run_pipeline(
             model, tok, facts, hparams, out_dir, model_name=str(fact_model_dir(family)), layers="traced",

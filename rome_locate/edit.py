@@ -10,11 +10,9 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
-import json
 import os
 import re
 import sys
-import tempfile
 import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -29,6 +27,8 @@ from .arch import arch_for
 from .facts import Fact
 from .hparams import to_dict, with_layer
 from .rome import apply_rome, restore, target_tokens
+from .files import write_json
+from .tokens import pad_id, right_pad
 from .stats import compute_mom2, mom2_path, stats_model_name
 
 Editor = Literal["builtin", "easyedit"]
@@ -238,13 +238,6 @@ def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, editor: Editor 
         restore(model, originals)
 
 
-def _pad_id(tok: Any) -> int:
-    for value in (tok.pad_token_id, tok.eos_token_id):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 @torch.no_grad()
 def _teacher_forced(model: nn.Module, tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int], torch.Tensor]]:
     """Per (prompt, answer): the answer's token ids, the top-1 predictions at its positions, the first-position probs."""
@@ -252,14 +245,8 @@ def _teacher_forced(model: nn.Module, tok: Any, pairs: Sequence[tuple[str, str]]
         return []
     device = next(model.parameters()).device
     encoded = [target_tokens(tok, p, a) for p, a in pairs]
-    rows = [ids[:pos[-1]] for ids, pos in encoded]
-    width = max(len(r) for r in rows)
-    ids_t = torch.full((len(rows), width), _pad_id(tok), dtype=torch.long)
-    mask = torch.zeros_like(ids_t)
-    for i, r in enumerate(rows):
-        ids_t[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    logits = model(input_ids=ids_t.to(device), attention_mask=mask.to(device)).logits.float()
+    ids_t, mask = right_pad([ids[:pos[-1]] for ids, pos in encoded], pad_id(tok), device)
+    logits = model(input_ids=ids_t, attention_mask=mask).logits.float()
     out = []
     for i, (ids, pos) in enumerate(encoded):
         prev = torch.tensor([p - 1 for p in pos])
@@ -394,18 +381,6 @@ def _ensure_stats(model: nn.Module, tok: Any, hparams: Any, layers: set[int], co
     return replace(hparams, stats_dir=str(stats_dir))
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def summary(outcomes: Sequence[EditOutcome]) -> dict[str, Any]:
     """Success rate and mean EasyEdit metrics over outcomes."""
     def mean(values):
@@ -449,7 +424,7 @@ def edit_facts(model: nn.Module, tok: Any, facts: Sequence[Fact], hparams: Any, 
         h = with_layer(hparams, layer, n_layers=n_layers)
         outcomes.append(edit_one(model, tok, fact, h, editor=editor, layer_source=source, seed=seed))
     if out_dir is not None:
-        _write_json(Path(out_dir) / "results.json", {
+        write_json(Path(out_dir) / "results.json", {
             "editor": editor, "layers": layers, "hparams": to_dict(hparams),
             "summary": summary(outcomes), "outcomes": [o.to_json() for o in outcomes],
         })

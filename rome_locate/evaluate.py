@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .facts import Fact
+from .tokens import continuation, pad_id, right_pad
 
 GenerationMode = Literal["greedy", "beam", "sample"]
 LayerSource = Literal["traced", "fixed", "given"]
@@ -313,26 +314,15 @@ class _PairScore:
         return math.exp(-self.nll)
 
 
-def _pad_id(tok) -> int:
-    for tid in (tok.pad_token_id, tok.eos_token_id, 0):
-        if tid is not None:
-            return int(tid)
-    return 0
-
-
 def _encode_pair(tok, prompt: str, target: str | None) -> tuple[list[int], int]:
-    """Token ids of prompt + " " + target and the prompt's length; target None means the prompt only."""
-    p_ids = list(tok(prompt)["input_ids"])
-    if not p_ids:
-        raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
+    """Token ids of the prompt followed by the target and the prompt's length; target None: the prompt only."""
     if not target:
+        p_ids = list(tok(prompt)["input_ids"])
+        if not p_ids:
+            raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
         return p_ids, len(p_ids)
-    full = list(tok(prompt + " " + target)["input_ids"])
-    if len(full) > len(p_ids) and full[:len(p_ids)] == p_ids:
-        return full, len(p_ids)
-    # The joint tokenization merged across the boundary: fall back to concatenation.
-    t_ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
-    return p_ids + t_ids, len(p_ids)
+    ids, positions = continuation(tok, prompt, target)
+    return ids, positions[0]
 
 
 @torch.no_grad()
@@ -341,17 +331,12 @@ def score_targets(model, tok, pairs: Sequence[tuple[str, str | None]], *, batch_
     """Teacher-forced scores of `(prompt, target)` pairs, batched with right padding (positions stay exact)."""
     device = next(model.parameters()).device
     encoded = [_encode_pair(tok, p, t) for p, t in pairs]
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     out: list[_PairScore] = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (ids, _) in enumerate(chunk):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        input_ids, mask = right_pad([ids for ids, _ in chunk], pad, device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
         logp = torch.log_softmax(logits, dim=-1).cpu()
         for row, (ids, n_prompt) in enumerate(chunk):
             tgt = ids[n_prompt:]
@@ -457,7 +442,7 @@ def metrics_between(before: dict, after: dict, gens_before: Sequence[str] = (),
 def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings()) -> list[str]:
     """The continuation the model generates after each prompt (one prompt at a time: no padding to get wrong)."""
     device = next(model.parameters()).device
-    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=_pad_id(tok))
+    kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id(tok))
     if settings.mode == "greedy":
         kwargs.update(do_sample=False, num_beams=1)
     elif settings.mode == "beam":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
+
+from .files import write_text
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,5 @@ def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
 
 def save_jsonl(records: Iterable[Any], path: str | Path) -> None:
     """Write records (objects with `to_json`, or dicts) as JSON Lines, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for rec in records:
-            obj = rec.to_json() if hasattr(rec, "to_json") else rec
-            fh.write(json.dumps(obj) + "\n")
-    tmp.replace(path)
+    lines = [json.dumps(rec.to_json() if hasattr(rec, "to_json") else rec) for rec in records]
+    write_text(path, "".join(line + "\n" for line in lines))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 import yaml
 
 from .arch import Arch, arch_for
+from .files import write_text
 
 # EasyEdit's ROMEHyperParams (easyeditor/models/rome/rome_hparams.py) field order,
 # so a written file reads like the YAMLs EasyEdit ships.
@@ -267,17 +266,7 @@ def write_hparams(hparams: Any, path: str | Path, header: str | None = None) -> 
     path = Path(path)
     check_config(to_dict(hparams), source=f"hyperparameters for {path}")
     text = _yaml_text(hparams, header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
     return path
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .choose import LayerChoice, choose_layer
 from .facts import Fact
+from .files import write_text
 from .plots import average_effect_plot, heatmap
 from .trace import TraceResult, noise_level, trace_fact
 
@@ -48,7 +48,7 @@ def _read_done(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         keep = text[: text.rfind("\n") + 1]
-        _atomic_write(path, keep)
+        write_text(path, keep)
         text = keep
     done = {}
     for n, line in enumerate(text.splitlines(), 1):
@@ -61,19 +61,6 @@ def _read_done(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
             raise ValueError(f"{path}:{n}: not a locate record ({exc}); use another --out or remove the file") \
                 from None
     return done
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def record(result: TraceResult, choice: LayerChoice) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +11,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .files import atomic_path  # noqa: E402
 from .trace import TraceResult  # noqa: E402
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -21,22 +20,15 @@ KIND_LABEL = {"hidden": "single restored layer", "mlp": "MLP", "attn": "Attn"}
 FORMATS = ("png", "pdf")
 
 
-def _save(fig, path_stem: str | Path) -> list[Path]:
-    """Write the figure as PNG and PDF next to `path_stem`, each via a temp file and os.replace."""
+def save_figure(fig, path_stem: str | Path, formats: tuple[str, ...] = FORMATS, dpi: int = 150) -> list[Path]:
+    """Write the figure once per format next to `path_stem` (each atomically), then close it."""
     stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     try:
-        for fmt in FORMATS:
+        for fmt in formats:
             final = stem.with_name(stem.name + "." + fmt)
-            fd, tmp = tempfile.mkstemp(prefix="." + final.name, suffix=".tmp", dir=final.parent)
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=150 if fmt == "png" else None)
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_path(final) as tmp:
+                fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=dpi if fmt == "png" else None)
             paths.append(final)
     finally:
         plt.close(fig)
@@ -78,7 +70,7 @@ def heatmap(result: TraceResult, path_stem: str | Path) -> list[Path]:
     ax.set_title(f"{title}\nanswer {result.answer!r} ({result.answer_source})", fontsize=9)
     cb = fig.colorbar(mesh, ax=ax)
     cb.set_label("p(answer)")
-    return _save(fig, path_stem)
+    return save_figure(fig, path_stem)
 
 
 def average_effect_plot(results: Sequence[TraceResult], path_stem: str | Path) -> list[Path]:
@@ -105,4 +97,4 @@ def average_effect_plot(results: Sequence[TraceResult], path_stem: str | Path) -
     ax.set_title(f"Average indirect effect of {KIND_LABEL[kind]} at the last subject token (peak: layer {best})",
                  fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, path_stem)
+    return save_figure(fig, path_stem)

@@ -6,13 +6,13 @@ import base64
 import html
 import json
 import math
-import os
 import platform
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .evaluate import EvalRecord, summarize
+from .files import write_text
 
 IMAGES = "images"
 SWEEP_PLOT = "layer_effect_vs_success"
@@ -50,25 +50,6 @@ code{background:#f6f6f6}
 
 
 # ---- files -------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write to a temporary file in the same folder, then rename over `path`."""
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _tmp_path(path: Path) -> Path:
-    # A plain open() (not mkstemp) so the file gets the user's umask permissions, like any output.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
 
 
 def _jsonable(obj: Any) -> Any:
@@ -116,7 +97,7 @@ def write_results_json(records: Sequence[EvalRecord], out_dir: str | Path, setti
     out_dir = Path(out_dir)
     obj = {"settings": _jsonable(dict(settings)), "complete": complete, "error": error,
            "summary": summarize(records), "records": [r.to_json() for r in records]}
-    return _atomic_write(out_dir / "results.json", json.dumps(_finite(obj), indent=2, allow_nan=False))
+    return write_text(out_dir / "results.json", json.dumps(_finite(obj), indent=2, allow_nan=False))
 
 
 def _finite(obj: Any) -> Any:
@@ -144,16 +125,9 @@ def _heatmap_png(trace: Any, out_dir: Path, fact_id: str) -> Path | None:
 
 
 def _save_png(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from .plots import save_figure
 
-    tmp = _tmp_path(path)
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path.with_suffix(""), formats=("png",), dpi=110)[0]
 
 
 def _effect_bars(trace: Any, path: Path) -> Path:
@@ -363,9 +337,9 @@ def write_report(records: Sequence[EvalRecord], out_dir: str | Path, settings: M
     plot = sweep_plot(records, out_dir / IMAGES / f"{SWEEP_PLOT}.png")
 
     paths = {"json": write_results_json(records, out_dir, settings, error=error, complete=error is None)}
-    paths["md"] = _atomic_write(out_dir / "report.md",
+    paths["md"] = write_text(out_dir / "report.md",
                                 _markdown(records, settings, summary, images, plot, out_dir, error, image_errors, title))
-    paths["html"] = _atomic_write(out_dir / "report.html",
+    paths["html"] = write_text(out_dir / "report.html",
                                   _html(records, settings, summary, images, plot, error, image_errors, title))
     return paths
 

@@ -36,6 +36,7 @@ from torch import nn
 from .facts import Fact
 from .hooks import captured, captured_inputs, get_module, patched
 from .stats import mom2_for
+from .tokens import continuation, find_subject_range, pad_id, right_pad
 
 # ROME's template prefixes (its context templates start with these words).
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -53,56 +54,25 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _offsets(tok: Any, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
-    enc = tok(text, return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
-    ids = list(enc["input_ids"])
-    offsets = enc.get("offset_mapping") if hasattr(enc, "get") else None
-    return ids, [tuple(o) for o in offsets] if offsets is not None else None
-
-
-def _last_token_before(tok: Any, text: str, char_start: int, char_end: int, which: str = "last") -> int:
-    """Index of the last (or first) token overlapping text[char_start:char_end]."""
-    ids, offsets = _offsets(tok, text)
-    if offsets is not None:
-        # Special tokens (BOS) have the empty span (0, 0) and never overlap a non-empty range.
-        hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < char_end and b > char_start]
-        if hits:
-            return hits[-1] if which == "last" else hits[0]
-    # Slow tokenizers: count the tokens of the text up to the end (or start) of the range.
-    cut = char_end if which == "last" else char_start
-    n = len(tok(text[:cut])["input_ids"])
-    return n - 1 if which == "last" else n
-
-
 def lookup_index(tok: Any, text: str, subject: str, fact_token: str, search_from: int = 0) -> int:
     """Token index where ROME reads the key: the subject's last/first token, or the text's last token."""
     if fact_token == "last":
         return len(tok(text)["input_ids"]) - 1
-    start = text.find(subject, search_from)
-    if start < 0:
-        raise EditError(f"subject {subject!r} not found in {text!r}")
-    which = {"subject_last": "last", "subject_first": "first"}.get(fact_token)
-    if which is None:
+    if fact_token not in ("subject_last", "subject_first"):
         raise EditError(f"fact_token must be subject_last, subject_first or last, got {fact_token!r}")
-    return _last_token_before(tok, text, start, start + len(subject), which)
+    try:
+        (b, e), _, _ = find_subject_range(tok, text, subject, search_from=search_from)
+    except ValueError as exc:
+        raise EditError(str(exc)) from None
+    return e - 1 if fact_token == "subject_last" else b
 
 
 def target_tokens(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """(ids of `prompt + " " + target`, positions of the target's tokens in it).
-
-    Tokenising the whole string and reading the target's positions from the offsets
-    avoids the leading-space and BOS pitfalls of tokenising the target alone.
-    """
-    text = prompt + " " + target
-    ids, offsets = _offsets(tok, text)
-    if offsets is not None:
-        positions = [i for i, (a, b) in enumerate(offsets) if b > a and a >= len(prompt)]
-    else:
-        n_prompt = len(tok(prompt)["input_ids"])
-        positions = list(range(n_prompt, len(ids)))
-    if not positions or positions[0] == 0:
-        raise EditError(f"target {target!r} has no tokens after prompt {prompt!r}")
-    return ids, positions
+    """(ids of `prompt + " " + target`, positions of the target's tokens in it)."""
+    try:
+        return continuation(tok, prompt, target)
+    except ValueError as exc:
+        raise EditError(str(exc)) from None
 
 
 @torch.no_grad()
@@ -145,24 +115,6 @@ def context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequen
     return list(per_model[key])
 
 
-def _batch(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Right padding: every row keeps positions 0..n-1, so causal models need no position ids.
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(tok: Any) -> int:
-    for value in (tok.pad_token_id, tok.eos_token_id, 0):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 def _check_fact(fact: Fact) -> None:
     if not fact.target_new:
         raise EditError(f"fact {fact.id!r} has no target_new to write")
@@ -178,7 +130,7 @@ def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: Any, layer: int
     rows = [tok(t)["input_ids"] for t in texts]
     idxs = [lookup_index(tok, t, fact.subject, hparams.fact_token, search_from=len(t) - len(fact.prompt))
             for t in texts]
-    ids, mask = _batch(rows, _pad_id(tok), _device(model))
+    ids, mask = right_pad(rows, pad_id(tok), _device(model))
     with torch.no_grad(), captured_inputs(model, [name], tokens=tuple(ids.shape)) as cache:
         model(input_ids=ids, attention_mask=mask)
     keys = cache[name][torch.arange(len(rows)), torch.tensor(idxs)]
@@ -190,28 +142,28 @@ def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: Any, layer: i
     """v*: the MLP output at the subject's last token that makes the model predict target_new."""
     device = _device(model)
     mlp_name = hparams.mlp_module_tmp.format(layer)
-    rows, lookups, target_pos = [], [], []
+    rows, lookups, target_pos, target_ids = [], [], [], []
     for template in templates:
         prompt = template.format(fact.prompt)
         ids, positions = target_tokens(tok, prompt, fact.target_new)
         # Feed the target's tokens except the last: each position predicts the next one.
         rows.append(ids[:positions[-1]])
         target_pos.append(positions)
+        target_ids.extend(ids[p] for p in positions)
         lookups.append(lookup_index(tok, prompt, fact.subject, hparams.fact_token,
                                     search_from=len(prompt) - len(fact.prompt)))
     kl_text = KL_PROMPT.format(fact.subject)
     rows.append(tok(kl_text)["input_ids"])
     lookups.append(lookup_index(tok, kl_text, fact.subject, hparams.fact_token))
     n_rewrite = len(templates)
-    ids, mask = _batch(rows, _pad_id(tok), device)
+    ids, mask = right_pad(rows, pad_id(tok), device)
 
     # Which (row, position) gets delta, and the gather indices of the target tokens.
     where = torch.zeros(ids.shape + (1,), device=device)
     where[torch.arange(len(rows)), torch.tensor(lookups)] = 1.0
     tgt_rows = torch.tensor([i for i, ps in enumerate(target_pos) for _ in ps], device=device)
     tgt_prev = torch.tensor([p - 1 for ps in target_pos for p in ps], device=device)
-    full_ids = [tok(t.format(fact.prompt) + " " + fact.target_new)["input_ids"] for t in templates]
-    tgt_ids = torch.tensor([full_ids[i][p] for i, ps in enumerate(target_pos) for p in ps], device=device)
+    tgt_ids = torch.tensor(target_ids, device=device)
     tgt_weight = torch.tensor([1.0 / len(ps) for ps in target_pos for _ in ps], device=device) / n_rewrite
 
     with torch.no_grad(), captured(model, [mlp_name], tokens=tuple(ids.shape)) as cache:

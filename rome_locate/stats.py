@@ -23,9 +23,7 @@ with `model dir name` = the last path component of `model.config._name_or_path`,
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -35,7 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Arch, arch_for
+from .files import atomic_path
 from .hooks import captured_inputs
+from .tokens import pad_id, right_pad
 
 # EasyEdit's SecondMoment lives in easyeditor.util.runningstats; its state_dict writes this.
 _CONSTRUCTOR = "easyeditor.util.runningstats.SecondMoment()"
@@ -90,7 +90,7 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
     device = next(model.parameters()).device
     max_len = _max_len(model)
     texts = list(texts)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     sums: dict[str, torch.Tensor] = {}
     count = 0
     batches = range(0, len(texts), batch_size)
@@ -99,14 +99,8 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
         ids = [x for x in ids if x]
         if not ids:
             continue
-        width = max(len(x) for x in ids)
-        # Right padding keeps every text's positions 0..n-1; padded rows are masked out below.
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, :len(x)] = torch.tensor(x)
-            mask[i, :len(x)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        # Padded positions are masked out below.
+        input_ids, mask = right_pad(ids, pad, device)
         with captured_inputs(model, list(layer_names), tokens=tuple(input_ids.shape)) as cache:
             model(input_ids=input_ids, attention_mask=mask)
         keep = mask.reshape(-1).bool()
@@ -120,15 +114,8 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | None, layers: Sequence[int],

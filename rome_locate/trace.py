@@ -23,6 +23,7 @@ from torch import nn
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
 from .hooks import captured, get_module, patched
+from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]
 AnswerSource = Literal["top1", "target"]
@@ -93,87 +94,6 @@ class TraceResult:
         if kw["table"] is not None:
             kw["table"] = tuple(tuple(float(x) for x in row) for row in kw["table"])
         return cls(**kw)
-
-
-# ---- tokens and the subject --------------------------------------------------
-
-
-def _token_offsets(tok, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of `text` (with the tokenizer's special tokens) and each token's character span."""
-    try:
-        enc = tok(text, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        return ids, [tuple(o) for o in enc["offset_mapping"]]
-    except (NotImplementedError, ValueError, TypeError, KeyError):
-        pass
-    # Slow tokenizers have no offset mapping: grow the decoded prefix one token at a time.
-    ids = list(tok(text)["input_ids"])
-    special = set(getattr(tok, "all_special_ids", []) or [])
-    offsets, prev = [], 0
-    for i, tid in enumerate(ids):
-        if tid in special:
-            offsets.append((prev, prev))
-            continue
-        end = len(tok.decode([t for t in ids[: i + 1] if t not in special]))
-        offsets.append((prev, max(prev, end)))
-        prev = max(prev, end)
-    return ids, offsets
-
-
-def find_subject_range(tok, prompt: str, subject: str, occurrence: int = 0) -> tuple[tuple[int, int], int, list[int]]:
-    """Half-open token range of `subject` in `prompt`, the occurrence used (0-based) and the prompt's ids.
-
-    The default `occurrence=0` is the first occurrence, as ROME's `find_token_range`
-    uses; negative values count from the end (-1 = last). A token is part of the
-    subject when its character span overlaps the subject's characters, so a
-    subject that ends inside a token includes that token.
-    """
-    if not subject:
-        raise ValueError(f"empty subject for prompt {prompt!r}")
-    starts = []
-    pos = prompt.find(subject)
-    while pos != -1:
-        starts.append(pos)
-        pos = prompt.find(subject, pos + 1)
-    if not starts:
-        raise ValueError(f"subject {subject!r} does not occur in prompt {prompt!r}")
-    try:
-        cs = starts[occurrence]
-    except IndexError:
-        raise ValueError(
-            f"subject {subject!r} occurs {len(starts)} time(s) in prompt {prompt!r}; occurrence {occurrence} asked"
-        ) from None
-    used = starts.index(cs)
-    ids, rng = _char_range_tokens(tok, prompt, cs, cs + len(subject))
-    if rng is None:
-        raise ValueError(f"no token of prompt {prompt!r} covers subject {subject!r}")
-    return rng, used, ids
-
-
-def _char_range_tokens(tok, text: str, cs: int, ce: int) -> tuple[list[int], tuple[int, int] | None]:
-    """Token ids of `text` and the half-open range of tokens overlapping characters [cs, ce)."""
-    ids, offsets = _token_offsets(tok, text)
-    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < ce and e > cs]
-    return ids, ((inside[0], inside[-1] + 1) if inside else None)
-
-
-def _target_ids(tok, prompt: str, target: str, prompt_ids: list[int]) -> list[int]:
-    """Token ids of `target` as it continues `prompt` (BPE and SentencePiece alike)."""
-    sep = "" if (not prompt or prompt[-1].isspace() or target[:1].isspace()) else " "
-    full_text = prompt + sep + target
-    full, offsets = _token_offsets(tok, full_text)
-    n = len(prompt_ids)
-    if full[:n] == prompt_ids and len(full) > n:
-        ids = full[n:]
-    else:
-        # The tokenizer merged across the boundary: keep the tokens that end past the prompt.
-        ids = [t for t, (s, e) in zip(full, offsets) if e > len(prompt) and e > s]
-    eos = getattr(tok, "eos_token_id", None)
-    while ids and eos is not None and ids[-1] == eos and len(ids) > 1:
-        ids = ids[:-1]
-    if not ids:
-        raise ValueError(f"target {target!r} gives no tokens after prompt {prompt!r}")
-    return ids
 
 
 # ---- model plumbing ----------------------------------------------------------
@@ -306,8 +226,7 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
     if not replacements:
         raise ValueError(f"noise_draws='replace' needs replacement subjects (e.g. the other facts' subjects) "
                          f"for subject {subject!r}")
-    starts = [i for i in range(len(prompt)) if prompt.startswith(subject, i)]
-    cs = starts[occurrence]
+    cs = subject_starts(prompt, subject)[occurrence]
     fits: list[list[int]] = []
     seen = set()
     for rep in replacements:
@@ -315,7 +234,7 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
             continue
         seen.add(rep)
         text = prompt[:cs] + rep + prompt[cs + len(subject):]
-        rids, rng = _char_range_tokens(tok, text, cs, cs + len(rep))
+        rids, rng = char_range_tokens(tok, text, cs, cs + len(rep))
         # Same length and the same tokens around it: only the subject's embeddings change.
         if rng == (b, e) and len(rids) == len(ids) and rids[:b] == ids[:b] and rids[e:] == ids[e:]:
             fits.append(rids[b:e])
@@ -449,10 +368,10 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
             known = None
             target_first = None
             if fact.target:
-                t_ids = _target_ids(tok, fact.prompt, fact.target, ids)
-                target_first = t_ids[0]
+                t_full, t_pos = continuation(tok, fact.prompt, fact.target)
+                target_first = t_full[t_pos[0]]
                 known = top1_id == target_first
-                target_logprob = _sequence_logprob(model, ids, t_ids)
+                target_logprob = _sequence_logprob(model, t_full, t_pos)
             if answer == "target":
                 if target_first is None:
                     raise ValueError(f"answer='target' but fact {fact.id!r} ({fact.prompt!r}) has no target")
@@ -494,12 +413,10 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
     )
 
 
-def _sequence_logprob(model: nn.Module, prompt_ids: list[int], target_ids: list[int]) -> float:
-    """log p(target tokens | prompt) under the clean model, in float32."""
+def _sequence_logprob(model: nn.Module, ids: list[int], positions: list[int]) -> float:
+    """log p(the tokens at `positions` | what precedes them) under the clean model, in float32."""
     device, _ = _device_dtype(model)
-    full = torch.tensor([prompt_ids + target_ids], device=device)
-    logits = model(input_ids=full, use_cache=False).logits[0].float()
+    logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)
-    n = len(prompt_ids)
-    pos = torch.arange(n - 1, n - 1 + len(target_ids), device=device)
-    return float(logp[pos, torch.tensor(target_ids, device=device)].sum())
+    pos = torch.tensor(positions, device=device)
+    return float(logp[pos - 1, torch.tensor([ids[p] for p in positions], device=device)].sum())

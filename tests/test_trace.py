@@ -15,10 +15,10 @@ from rome_locate import trace as trace_mod
 from rome_locate.arch import arch_for
 from rome_locate.facts import Fact
 from rome_locate.hooks import hook_count, patched
+from rome_locate.tokens import find_subject_range
 from rome_locate.trace import (
     TraceResult,
     effective_window,
-    find_subject_range,
     noise_level,
     trace_fact,
     window_layers,
