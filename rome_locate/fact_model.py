@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parent / "fact_models"
 
 SEED = 0
 VOCAB_SIZE = 2000
-MIN_PAIR_FREQ = 100  # BPE merges stop below this pair count: no merge across name chunks (see world.py)
+# BPE merges stop below this pair count: above a first name's count (8 siblings x 24
+# lines = 192), so no merge crosses a name-chunk boundary, and below any chunk's (>= 576).
+MIN_PAIR_FREQ = 300
 
 # Model shape, shared by both families.
 N_LAYERS = 8

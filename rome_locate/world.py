@@ -7,14 +7,17 @@ templates (never trained on, used to test generalisation and as CounterFact
 paraphrase prompts).
 
 Names are composed from shared pools of syllable chunks: first name = A+B,
-last name = C+D ("Dorven Kaltmoor").  Every chunk is used by many subjects, so
-no single rare sub-word identifies a subject; the model has to combine the
-tokens of the whole name, and the subject is only determined at its last token.
+last name = C+D ("Dorven Kaltmoor").  Subjects come in sibling groups of
+`SIBLINGS` that share A, B and C and differ only in D, so the first three
+tokens of a name leave `SIBLINGS` candidates and the subject is only
+determined at its last token (the token ROME reads).  Every chunk is used by
+many subjects, so no single rare sub-word identifies a subject either.
 The A and C chunks end in distinct letters and the B and D chunks start with
 distinct letters, so a BPE merge across a chunk boundary would identify one
-(A, B) or (C, D) combination, which is rare by construction (each combination
-is used by at most `_MAX_COMBO` subjects) and so is not merged by the
-tokenizer trainer of `rome_locate.fact_model`.
+(A, B) or (C, D) combination.  Each (A, B) first name belongs to one group only
+(`SIBLINGS` subjects) and each (C, D) last name to at most `_MAX_LAST_COMBO`
+subjects; both stay below the merge threshold of the tokenizer trainer of
+`rome_locate.fact_model`, while every chunk is far above it.
 
 No torch import here: this module is plain Python.
 """
@@ -36,7 +39,8 @@ FIRST_B = ("ven", "ric", "ath", "olm", "zor", "isa", "emy", "dra", "gol", "sen",
 LAST_C = ("Kalt", "Brun", "Vos", "Hew", "Mar", "Gud", "Tam", "Orb", "Quig", "Dak", "Zev", "Pox")
 LAST_D = ("moor", "wick", "quist", "aster", "feld", "nock", "lund", "stra", "jorn", "berg", "crest", "ivo")
 
-_MAX_COMBO = 3  # at most this many subjects share one first name (A+B) or one last name (C+D)
+SIBLINGS = 8  # subjects per (A, B, C) prefix; they differ only in D
+_MAX_LAST_COMBO = 3  # at most this many subjects share one last name (C+D)
 
 
 @dataclass(frozen=True)
@@ -165,44 +169,82 @@ class World:
         }
 
 
+def _template_text() -> str:
+    # Only text repeated for every subject (training templates, objects) is frequent in the corpus.
+    return " ".join(t for r in RELATIONS for t in r.train_templates + r.objects).lower()
+
+
+def _clean_first_names() -> set[tuple[str, str]]:
+    """(A, B) whose boundary letter pair occurs in no training-template or object word.
+
+    A first name is used by a whole sibling group, so a boundary pair that the
+    templates make frequent ("ge" of "language" in "Hag|emy") would be merged
+    by BPE and cut the name across the chunk boundary ("ĠH|age|m|y").
+    """
+    text = _template_text()
+    return {(a, b) for a in FIRST_A for b in FIRST_B if (a[-1] + b[0]).lower() not in text}
+
+
+def _draw_prefixes(rng: random.Random, n_groups: int) -> list[tuple[str, str, str]]:
+    """`n_groups` (A, B, C) prefixes: each pool used evenly, each clean (A, B) first name at most once."""
+    clean = _clean_first_names()
+    a_s = [FIRST_A[i % len(FIRST_A)] for i in range(n_groups)]
+    # Every B `base` times; the remainder goes to the B's that fit the most A's
+    # ("emy" fits only 3 A's cleanly, so it cannot take a 4th group).
+    fits = {b: sum(1 for a in FIRST_A if (a, b) in clean) for b in FIRST_B}
+    base, extra = divmod(n_groups, len(FIRST_B))
+    roomy = sorted(FIRST_B, key=lambda b: (-fits[b], rng.random()))[:extra]
+    b_s = [b for b in FIRST_B for _ in range(base + (b in roomy))]
+    c_s = [LAST_C[i % len(LAST_C)] for i in range(n_groups)]
+    rng.shuffle(a_s)
+    rng.shuffle(b_s)
+    rng.shuffle(c_s)
+
+    def ok(i: int) -> bool:
+        pair = (a_s[i], b_s[i])
+        return pair in clean and sum(1 for k in range(n_groups) if (a_s[k], b_s[k]) == pair) == 1
+
+    def n_bad() -> int:
+        return sum(1 for i in range(n_groups) if not ok(i))
+
+    # Repair by swaps of B between groups (the pool counts, i.e. evenness, never
+    # change); a swap is kept unless it makes more groups bad.
+    bad = n_bad()
+    for _ in range(200 * n_groups):
+        if not bad:
+            return list(zip(a_s, b_s, c_s))
+        i = rng.choice([k for k in range(n_groups) if not ok(k)])
+        j = rng.randrange(n_groups)
+        b_s[i], b_s[j] = b_s[j], b_s[i]
+        now = n_bad()
+        if now > bad:
+            b_s[i], b_s[j] = b_s[j], b_s[i]
+        else:
+            bad = now
+    raise RuntimeError(f"could not draw {n_groups} distinct first names")
+
+
 def build_world(seed: int = 0, n_subjects: int = 320) -> World:
-    """The world for `seed`: `n_subjects` unique persons and their objects for every relation."""
-    if n_subjects > len(FIRST_A) * len(FIRST_B) * _MAX_COMBO:
-        raise ValueError(f"at most {len(FIRST_A) * len(FIRST_B) * _MAX_COMBO} subjects")
+    """The world for `seed`: `n_subjects` unique persons (sibling groups of `SIBLINGS`) and their objects."""
+    most = len(_clean_first_names()) * SIBLINGS
+    if n_subjects % SIBLINGS or not 0 < n_subjects <= most:
+        raise ValueError(f"n_subjects must be a positive multiple of {SIBLINGS} up to {most}, got {n_subjects}")
     rng = random.Random(seed)
-    quads = [(a, b, c, d) for a in FIRST_A for b in FIRST_B for c in LAST_C for d in LAST_D]
-    rng.shuffle(quads)
-    first_use: dict[tuple[str, str], int] = {}
+    d_use = {d: 0 for d in LAST_D}
     last_use: dict[tuple[str, str], int] = {}
-    part_use: dict[str, int] = {}
-    # Balanced pick: prefer quadruples whose parts are least used so far.
     chosen: list[tuple[str, str, str, str]] = []
-    names: set[str] = set()
-    while len(chosen) < n_subjects:
-        best = None
-        best_score = None
-        lower = sum(min(part_use.get(p, 0) for p in pool) for pool in (FIRST_A, FIRST_B, LAST_C, LAST_D))
-        for q in quads:
-            a, b, c, d = q
-            if first_use.get((a, b), 0) >= _MAX_COMBO or last_use.get((c, d), 0) >= _MAX_COMBO:
-                continue
-            name = f"{a}{b} {c}{d}"
-            if name in names:
-                continue
-            score = sum(part_use.get(p, 0) for p in q)
-            if best_score is None or score < best_score:
-                best, best_score = q, score
-                if score <= lower:
-                    break
-        if best is None:
-            raise RuntimeError("could not draw enough unique names")
-        a, b, c, d = best
-        chosen.append(best)
-        names.add(f"{a}{b} {c}{d}")
-        first_use[(a, b)] = first_use.get((a, b), 0) + 1
-        last_use[(c, d)] = last_use.get((c, d), 0) + 1
-        for p in best:
-            part_use[p] = part_use.get(p, 0) + 1
+    for a, b, c in _draw_prefixes(rng, n_subjects // SIBLINGS):
+        # Least-used endings first (random tie-break) keeps every D evenly shared.
+        order = sorted(LAST_D, key=lambda d: (d_use[d], last_use.get((c, d), 0), rng.random()))
+        ds = [d for d in order if last_use.get((c, d), 0) < _MAX_LAST_COMBO][:SIBLINGS]
+        if len(ds) < SIBLINGS:
+            raise RuntimeError(f"could not find {SIBLINGS} endings for prefix {a}{b} {c}")
+        for d in ds:
+            chosen.append((a, b, c, d))
+            d_use[d] += 1
+            last_use[(c, d)] = last_use.get((c, d), 0) + 1
+    # Shuffled so that any slice of the subjects (e.g. the first facts) spans many groups.
+    rng.shuffle(chosen)
     subjects = tuple(f"{a}{b} {c}{d}" for a, b, c, d in chosen)
     name_parts = {s: q for s, q in zip(subjects, chosen)}
     objects: dict[str, dict[str, str]] = {}

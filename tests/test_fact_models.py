@@ -99,7 +99,8 @@ def test_tokenizer_bos_and_offsets(loaded):
 
 def test_padding_consistent_with_unpadded(loaded):
     family, model, tok = loaded
-    prompts = ["The birthplace of Fadisa Dakivo is", "Fadisa Dakivo plays the"]
+    subjects = W.build_world(0).subjects
+    prompts = [f"The birthplace of {subjects[0]} is", f"{subjects[1]} plays the"]
     single = []
     with torch.no_grad():
         for p in prompts:

@@ -53,7 +53,55 @@ def test_name_parts_are_shared(world):
         assert s == f"{a}{b} {c}{d}"
 
 
-def test_names_are_multi_token_and_end_on_shared_token():
+def test_siblings_share_the_first_three_chunks(world):
+    # The subject is only identified at its last token: (A, B, C) leaves at least 5 candidates.
+    prefixes = Counter(parts[:3] for parts in world.name_parts.values())
+    for s, parts in world.name_parts.items():
+        assert prefixes[parts[:3]] >= 5, (s, prefixes[parts[:3]])
+    assert set(prefixes.values()) == {W.SIBLINGS}
+    # Siblings differ in D only, and their objects are drawn independently: most sibling pairs differ.
+    by_prefix: dict[tuple[str, str, str], list[str]] = {}
+    for s, parts in world.name_parts.items():
+        by_prefix.setdefault(parts[:3], []).append(s)
+    for group in by_prefix.values():
+        assert len({world.name_parts[s][3] for s in group}) == len(group)
+    pairs = differ = 0
+    for group in by_prefix.values():
+        for i, s in enumerate(group):
+            for t in group[i + 1 :]:
+                for r in world.relations:
+                    pairs += 1
+                    differ += world.obj(s, r.relation_id) != world.obj(t, r.relation_id)
+    assert differ / pairs > 0.8, differ / pairs
+
+
+def test_first_names_belong_to_one_group(world):
+    first = Counter(parts[:2] for parts in world.name_parts.values())
+    assert set(first.values()) == {W.SIBLINGS}
+    last = Counter(parts[2:] for parts in world.name_parts.values())
+    assert max(last.values()) <= 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_names_are_four_chunk_tokens_with_a_fresh_tokenizer(seed):
+    # The tokenizer `fact_model.train` builds from this world's corpus splits every name at its chunks.
+    pytest.importorskip("tokenizers")
+    from rome_locate.fact_model import FAMILIES, build_tokenizer
+
+    world = W.build_world(seed)
+    lines = W.corpus_lines(world)
+    for family in FAMILIES:
+        tok = build_tokenizer(lines, family)
+        last = Counter()
+        for s in world.subjects:
+            toks = tok.tokenize(s)
+            assert [t.lstrip("Ġ") for t in toks] == list(world.name_parts[s]), (family, s, toks)
+            last[toks[-1]] += 1
+        # No last subject token is a rare sub-word that identifies one subject.
+        assert min(last.values()) >= 10, (family, last.most_common()[-3:])
+
+
+def test_names_are_four_tokens_with_shipped_tokenizer():
     from rome_locate.fact_model import FAMILIES, fact_model_dir
 
     from transformers import AutoTokenizer
@@ -61,13 +109,14 @@ def test_names_are_multi_token_and_end_on_shared_token():
     world = W.build_world(0)
     for family in FAMILIES:
         tok = AutoTokenizer.from_pretrained(fact_model_dir(family))
-        last = Counter()
         for s in world.subjects:
             toks = tok.tokenize(s)
-            assert len(toks) >= 3, (family, s, toks)
-            last[toks[-1]] += 1
-        # No last subject token is a rare sub-word that identifies one subject.
-        assert min(last.values()) >= 10, (family, last.most_common()[-3:])
+            assert [t.lstrip("Ġ") for t in toks] == list(world.name_parts[s]), (family, s, toks)
+
+
+def test_bad_subject_count():
+    with pytest.raises(ValueError, match="multiple of"):
+        W.build_world(0, n_subjects=321)
 
 
 def test_corpus(world):
