@@ -317,7 +317,10 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
         for i, (n, m) in enumerate(zip(d.histogram, d.mean_effects)):
             print(f"{i:5d}  {n:5d}  {m:+.4f}")
     h = generate_hparams(model, arch, layer, args.model_name or args.model, device=_hparams_device(args), **overrides)
-    path = write_hparams(h, args.output, header=header + f"\nmodel: {args.model} ({arch.n_layers} layers)")
+    header += f"\nmodel: {args.model} ({arch.n_layers} layers)"
+    if overrides:
+        header += "\nset by hand (--set): " + " ".join(args.set)
+    path = write_hparams(h, args.output, header=header)
     print(f"layer {layer}; wrote {path}")
     return 0
 

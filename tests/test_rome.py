@@ -144,9 +144,9 @@ def test_edit_on_the_shipped_fact_model_succeeds_and_restores():
     root = fact_model_dir("gpt2").parent.parent.parent
     h = bind_model(load_hparams(root / "hparams" / "ROME" / "fact-gpt2.yaml", easyedit=False), fact_model_dir("gpt2"))
     # The shipped statistics are where EasyEdit looks for them.
-    path = mom2_path(h.stats_dir, "gpt2", h.rewrite_module_tmp.format(1), h.mom2_dataset, h.mom2_n_samples, h.mom2_dtype)
+    path = mom2_path(h.stats_dir, "gpt2", h.rewrite_module_tmp.format(h.layers[0]), h.mom2_dataset, h.mom2_n_samples, h.mom2_dtype)
     assert load_mom2(path, h.mom2_n_samples).shape == (256, 256)
-    fact = load_facts(counterfact_path("gpt2"), limit=3)[2]  # "Risdra Marivo was born in the city of": Athens -> Prague
+    fact = load_facts(counterfact_path("gpt2"), limit=3)[2]  # a birthplace fact: Lisbon -> Prague
     ids, pos = target_tokens(tok, fact.prompt, fact.target_new)
     x = torch.tensor([ids[:pos[0]]])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
