@@ -64,11 +64,13 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
 
 
 def _fixed_hparams(model, family: str, layer: int):
-    """ROME hyperparameters for the shipped model at `layer` (stats_dir inside the model directory)."""
-    from .fact_model import fact_model_dir
+    """ROME hyperparameters for the shipped model at `layer`, with the settings that edit it and its stats."""
+    from .fact_model import ROME_OVERRIDES, fact_model_dir
     from .hparams import generate_hparams
 
-    return generate_hparams(model, None, layer, model_name=str(fact_model_dir(family)))
+    model_dir = fact_model_dir(family)
+    return generate_hparams(model, None, layer, model_name=str(model_dir), stats_dir=str(model_dir / "stats"),
+                            **ROME_OVERRIDES)
 
 
 def print_summary(records: Sequence[EvalRecord], quiet: bool = False) -> None:
@@ -116,7 +118,9 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
     _print(f"[1/5] loading the shipped {family} fact model from {fact_model_dir(family)}", quiet)
     model, tok = model_and_tok if model_and_tok is not None else load_fact_model(family)
     facts_file = counterfact_path(family)
-    facts = load_facts(facts_file, limit=n_facts)
+    every = load_facts(facts_file)
+    # Spread over the file, which is grouped by relation, so the demo shows every relation.
+    facts = every[:: max(1, len(every) // n_facts)][:n_facts]
     _print(f"[2/5] locating {len(facts)} fact(s) from {facts_file.name} (causal tracing, {DEMO_TRACE['samples']} "
            f"noise samples)", quiet)
     trace = {k: v for k, v in DEMO_TRACE.items() if k != "noise"}

@@ -52,6 +52,19 @@ WARMUP = 150
 WEIGHT_DECAY = 0.01
 OBJECT_WEIGHT = 3.0  # loss weight of the object's first token
 
+# ROME settings that edit these tiny models (hparams/ROME/fact-*.yaml carry the same values). ROME's own
+# v_weight_decay 0.5 and clamp_norm_factor 4 are relative to GPT-2 XL's large MLP outputs and stop the
+# optimisation here, and the models never saw multi-sentence text, so no sampled context templates.
+ROME_OVERRIDES = {
+    "v_lr": 1.0,
+    "v_num_grad_steps": 100,
+    "v_weight_decay": 0.0,
+    "clamp_norm_factor": 100.0,
+    "context_template_length_params": [],
+    "mom2_adjustment": True,
+    "mom2_dataset": "corpus",
+}
+
 
 def _check_family(family: str) -> str:
     if family not in FAMILIES:
