@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402
 
 from rome_locate import fact_model as FM  # noqa: E402
 from rome_locate import world as W  # noqa: E402
@@ -111,3 +111,22 @@ def test_padding_consistent_with_unpadded(loaded):
     last = batch["attention_mask"].sum(1) - 1
     for i in range(len(prompts)):
         assert torch.allclose(logits[i, last[i]], single[i], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cli_paths_load_offline(family, capsys):
+    # What `rome-locate fact-model F --path` prints is what from_pretrained loads, with no network.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rome_locate.cli import main
+
+    assert main(["fact-model", family, "--path"]) == 0
+    path = capsys.readouterr().out.strip()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == family and len(tok) == model.config.vocab_size
+    assert main(["fact-model", family, "--facts"]) == 0
+    assert len(load_facts(capsys.readouterr().out.strip())) == 1280
+    assert main(["fact-model", family, "--counterfact"]) == 0
+    cf = load_facts(capsys.readouterr().out.strip())
+    assert len(cf) == 400 and all(f.target_new and f.target_new != f.target for f in cf)
