@@ -15,11 +15,9 @@ so their layer choices must be identical.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rome_locate.arch import arch_for  # noqa: E402
 from rome_locate.choose import choose_layer  # noqa: E402
 from rome_locate.facts import Fact  # noqa: E402
+from rome_locate.files import write_json  # noqa: E402
 from rome_locate.hooks import patched  # noqa: E402
 from rome_locate.tokens import find_subject_range  # noqa: E402
 from rome_locate.trace import (  # noqa: E402
@@ -158,14 +157,6 @@ def _prompts(tok, n_tokens: int, n_facts: int) -> list[Fact]:
     return facts
 
 
-def _write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print a table and write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -203,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['model']:<18} {r['layers']:>3} {r['tokens']:>5.1f} {r['reference_s_per_fact']:>11.3f} "
               f"{r['fast_s_per_fact']:>12.4f} {r['speedup']:>7.1f}x {r['full_batched_s_per_fact']:>16.3f} "
               f"{r['choices_equal']:>12} {r['max_abs_score_diff']:>11.2e}")
-    _write_json({"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "machine": platform.platform(), "processor": platform.processor()}, Path(args.out))
+    write_json(Path(args.out), {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                "machine": platform.platform(), "processor": platform.processor()})
     print(f"wrote {args.out}")
     return 0 if all(r["same_choice"] for r in rows) else 1
 
