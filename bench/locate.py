@@ -138,7 +138,7 @@ def _random_gpt2(vocab: int, n_layers: int, d: int = 128, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_layer=n_layers, n_embd=d, n_head=4, n_positions=256,
-                     tie_word_embeddings=False)
+                     tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # a peaked prediction, as a trained model has
