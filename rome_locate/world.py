@@ -258,34 +258,28 @@ def build_world(seed: int = 0, n_subjects: int = 320) -> World:
 # --- prompts and sentences ----------------------------------------------------
 
 
-def train_prompts(world: World) -> list[tuple[str, str, str, str]]:
-    """(prompt, subject, relation_id, object) for every subject x relation x training template."""
+def _prompts(world: World, templates_of) -> list[tuple[str, str, str, str]]:
     return [
         (t.format(s), s, r.relation_id, world.obj(s, r.relation_id))
         for s in world.subjects
         for r in world.relations
-        for t in r.train_templates
+        for t in templates_of(r)
     ]
+
+
+def train_prompts(world: World) -> list[tuple[str, str, str, str]]:
+    """(prompt, subject, relation_id, object) for every subject x relation x training template."""
+    return _prompts(world, lambda r: r.train_templates)
 
 
 def heldout_prompts(world: World) -> list[tuple[str, str, str, str]]:
     """(prompt, subject, relation_id, object) for every subject x relation x held-out template."""
-    return [
-        (t.format(s), s, r.relation_id, world.obj(s, r.relation_id))
-        for s in world.subjects
-        for r in world.relations
-        for t in r.heldout_templates
-    ]
+    return _prompts(world, lambda r: r.heldout_templates)
 
 
 def hard_paraphrase_prompts(world: World) -> list[tuple[str, str, str, str]]:
     """(prompt, subject, relation_id, object) for every subject x `HARD_PARAPHRASES` template."""
-    return [
-        (t.format(s), s, r.relation_id, world.obj(s, r.relation_id))
-        for s in world.subjects
-        for r in world.relations
-        for t in HARD_PARAPHRASES.get(r.relation_id, ())
-    ]
+    return _prompts(world, lambda r: HARD_PARAPHRASES.get(r.relation_id, ()))
 
 
 def corpus_lines(world: World) -> list[str]:

@@ -55,6 +55,17 @@ def build_tiny_model(family: str, vocab_size: int, n_layers: int = 4, d: int = 3
     return model.eval()
 
 
+def params_hash(model) -> str:
+    """SHA-256 over every parameter's name and bytes: equal hashes mean bit-identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_model(request, tiny_tokenizer):
     """(model, tokenizer) for each tiny family."""

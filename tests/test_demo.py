@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, params_hash
 from rome_locate.demo import run_pipeline
 from rome_locate.evaluate import EvaluationError
 from rome_locate.facts import Fact
 from rome_locate.locate import locate
-from test_evaluate import FACT, FakeHParams, bias_edit, failing_on, params_hash
+from test_evaluate import FACT, FakeHParams, bias_edit, failing_on
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -10,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, params_hash
 from rome_locate.evaluate import (
     EvalRecord, EvaluationError, GenerationSettings, evaluate, evaluate_fact, generate, harmonic_mean,
     kl_divergence, mean_margin, ngram_entropy, rewrite_score, score_targets, spearman, success_rate, summarize,
@@ -48,15 +47,6 @@ def noop_edit(model, tok, fact, hparams, editor="builtin"):
     def ctx():
         yield
     return ctx()
-
-
-def params_hash(model) -> str:
-    """SHA-256 over every parameter's bytes."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 FACT = Fact(prompt="Dorven Kaltmoor was born in the city of", subject="Dorven Kaltmoor", target="Seattle",

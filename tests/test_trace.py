@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, params_hash
 
 from rome_locate import trace as trace_mod
 from rome_locate.arch import arch_for
@@ -26,14 +25,6 @@ from rome_locate.trace import (
 
 FACT = Fact(prompt="Dorven Kaltmoor was born in the city of", subject="Dorven Kaltmoor", target="Paris", id="7")
 SHORT = Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", id="3")
-
-
-def _param_hash(model) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _bos_tokenizer(tiny_tokenizer):
@@ -368,11 +359,11 @@ def test_module_that_raises_leaves_no_hooks(tiny_model, monkeypatch):
 
 def test_tracing_changes_no_parameter(tiny_model):
     model, tok = tiny_model
-    before = _param_hash(model)
+    before = params_hash(model)
     for kind in ("hidden", "mlp", "attn"):
         trace_fact(model, tok, SHORT, kind=kind, samples=2, full=True)
     trace_fact(model, tok, SHORT, samples=2, noise_draws="rome")
-    assert _param_hash(model) == before
+    assert params_hash(model) == before
     assert hook_count(model) == 0
     assert not model.training
 
