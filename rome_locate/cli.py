@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 # Stage modules are imported inside each command so that `--help` stays instant.
 
@@ -39,10 +40,16 @@ def load_model(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = args.device or _device_default()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
     dtype = getattr(torch, args.dtype)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    return model, tok
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if Path(args.model).exists() else "local directory or reachable hub model"
+        raise FileNotFoundError(f"--model {args.model!r} is not a loadable {where}: {exc}") from None
+    return model.to(device).eval(), tok
 
 
 def _cmd_fact_model(args: argparse.Namespace) -> int:

@@ -201,3 +201,17 @@ def test_locate_keeps_parameters(gpt2):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     locate(model, tok, FACTS[:2], progress=False, samples=2, kind="attn")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cli_names_a_bad_model_and_a_missing_gpu(tmp_path, capsys):
+    from rome_locate.cli import main
+
+    facts = tmp_path / "f.json"
+    facts.write_text('[{"prompt": "A is in", "subject": "A"}]')
+    assert main(["locate", "--model", str(tmp_path), "--facts", str(facts), "--device", "cpu"]) == 2
+    assert f"--model '{tmp_path}' is not a loadable local directory" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["locate", "--model", str(tmp_path), "--facts", str(facts), "--device", "cuda"]) == 2
+        assert "--device cuda: this torch sees no CUDA device" in capsys.readouterr().err
