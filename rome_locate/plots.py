@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+# Figure objects, not pyplot: no global backend switch and no figure registry in the caller's process.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .files import atomic_path  # noqa: E402
-from .trace import TraceResult  # noqa: E402
+from .files import atomic_path
+from .trace import TraceResult
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 COLORS = {"hidden": "purple", "mlp": "green", "attn": "red"}
@@ -21,17 +19,14 @@ FORMATS = ("png", "pdf")
 
 
 def save_figure(fig, path_stem: str | Path, formats: tuple[str, ...] = FORMATS, dpi: int = 150) -> list[Path]:
-    """Write the figure once per format next to `path_stem` (each atomically), then close it."""
+    """Write the figure once per format next to `path_stem`, each atomically."""
     stem = Path(path_stem)
     paths = []
-    try:
-        for fmt in formats:
-            final = stem.with_name(stem.name + "." + fmt)
-            with atomic_path(final) as tmp:
-                fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=dpi if fmt == "png" else None)
-            paths.append(final)
-    finally:
-        plt.close(fig)
+    for fmt in formats:
+        final = stem.with_name(stem.name + "." + fmt)
+        with atomic_path(final) as tmp:
+            fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=dpi if fmt == "png" else None)
+        paths.append(final)
     return paths
 
 
@@ -55,7 +50,8 @@ def heatmap(result: TraceResult, path_stem: str | Path) -> list[Path]:
         raise ValueError(f"fact {result.fact_id!r}: the heatmap needs the full table; trace with full=True")
     table = np.asarray(result.table, dtype=float)
     n_tokens, n_layers = table.shape
-    fig, ax = plt.subplots(figsize=(max(3.5, 0.35 * n_layers + 2.0), max(2.0, 0.28 * n_tokens + 1.0)))
+    fig = Figure(figsize=(max(3.5, 0.35 * n_layers + 2.0), max(2.0, 0.28 * n_tokens + 1.0)))
+    ax = fig.subplots()
     mesh = ax.pcolormesh(table, cmap=CMAPS[result.kind], vmin=result.low_score)
     ax.invert_yaxis()
     ax.set_yticks(np.arange(n_tokens) + 0.5)
@@ -87,7 +83,8 @@ def average_effect_plot(results: Sequence[TraceResult], path_stem: str | Path) -
     mean = eff.mean(axis=0)
     band = 1.96 * eff.std(axis=0, ddof=1) / np.sqrt(len(results)) if len(results) > 1 else np.zeros_like(mean)
     layers = np.arange(eff.shape[1])
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
     ax.plot(layers, mean, color=COLORS[kind], marker="o", ms=3, label=f"{kind} (n={len(results)})")
     ax.fill_between(layers, mean - band, mean + band, color=COLORS[kind], alpha=0.2, label="95% interval")
     best = int(np.argmax(mean))

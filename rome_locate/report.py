@@ -131,13 +131,11 @@ def _save_png(fig, path: Path) -> Path:
 
 
 def _effect_bars(trace: Any, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     effects = [float(s) - float(trace.low_score) for s in trace.scores]
-    fig, ax = plt.subplots(figsize=(5, 2.6))
+    fig = Figure(figsize=(5, 2.6))
+    ax = fig.subplots()
     ax.bar(range(len(effects)), effects, color="tab:green")
     ax.set_xlabel(f"layer ({trace.kind}, window {trace.window})")
     ax.set_ylabel("indirect effect")
@@ -155,13 +153,11 @@ def sweep_plot(records: Sequence[EvalRecord], path: Path) -> Path | None:
     swept = [r for r in records if r.sweep]
     if not swept:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax1, ax2 = fig.subplots(1, 2)
     drawn = 0
     for r in swept:
         pts = [(s.effect, s.rewrite_score) for s in r.sweep if s.effect is not None and s.rewrite_score is not None]
