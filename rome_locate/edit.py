@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from .arch import arch_for
 from .facts import Fact
 from .hparams import to_dict, with_layer
-from .rome import apply_rome, restore, target_tokens
-from .files import write_json
-from .tokens import pad_id, right_pad
+from .files import write_bytes, write_json
+from .rome import apply_rome, restore
+from .scoring import score_targets, token_accuracy, top1_agreement
 from .stats import compute_mom2, mom2_path, stats_model_name
 
 Editor = Literal["builtin", "easyedit"]
@@ -238,61 +238,29 @@ def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, editor: Editor 
         restore(model, originals)
 
 
-@torch.no_grad()
-def _teacher_forced(model: nn.Module, tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int], torch.Tensor]]:
-    """Per (prompt, answer): the answer's token ids, the top-1 predictions at its positions, the first-position probs."""
-    if not pairs:
-        return []
-    device = next(model.parameters()).device
-    encoded = [target_tokens(tok, p, a) for p, a in pairs]
-    ids_t, mask = right_pad([ids[:pos[-1]] for ids, pos in encoded], pad_id(tok), device)
-    logits = model(input_ids=ids_t, attention_mask=mask).logits.float()
-    out = []
-    for i, (ids, pos) in enumerate(encoded):
-        prev = torch.tensor([p - 1 for p in pos])
-        pred = logits[i, prev].argmax(-1).tolist()
-        out.append(([ids[p] for p in pos], pred, logits[i, pos[0] - 1].softmax(-1).cpu()))
-    return out
-
-
-def _acc(results) -> float | None:
-    # EasyEdit's rewrite/rephrase accuracy: share of target tokens predicted under teacher forcing.
-    if not results:
-        return None
-    return sum(sum(a == b for a, b in zip(t, p)) / len(t) for t, p, _ in results) / len(results)
-
-
 def _measure(model: nn.Module, tok: Any, fact: Fact) -> dict[str, Any]:
-    new = _teacher_forced(model, tok, [(fact.prompt, fact.target_new)])[0]
-    true = _teacher_forced(model, tok, [(fact.prompt, fact.target)])[0] if fact.target else None
-    rephrase = _teacher_forced(model, tok, [(p, fact.target_new) for p in fact.rephrase_prompts])
-    answers = list(fact.locality_answers) + [""] * (len(fact.locality_prompts) - len(fact.locality_answers))
-    locality = []
-    for prompt, answer in zip(fact.locality_prompts, answers):
-        if answer:
-            locality.append(_teacher_forced(model, tok, [(prompt, answer)])[0][1])
-        else:
-            ids = tok(prompt)["input_ids"]
-            with torch.no_grad():
-                logits = model(torch.tensor([ids], device=next(model.parameters()).device)).logits
-            locality.append([int(logits[0, -1].argmax())])
-    new_probs = new[2]
+    """EasyEdit-style scores of the model as it is now: one batched teacher-forced pass over every prompt."""
+    n_rephrase, n_loc = len(fact.rephrase_prompts), len(fact.locality_prompts)
+    answers = list(fact.locality_answers) + [None] * (n_loc - len(fact.locality_answers))
+    pairs = [(fact.prompt, fact.target_new)] + [(p, fact.target_new) for p in fact.rephrase_prompts]
+    # A locality prompt with an answer is scored on the answer's tokens, one without on its next token.
+    pairs += [(p, a or None) for p, a in zip(fact.locality_prompts, answers)]
+    if fact.target:
+        pairs.append((fact.prompt, fact.target))
+    scores = score_targets(model, tok, pairs, keep_next=True)
+    new, rephrase = scores[0], scores[1:1 + n_rephrase]
+    locality = scores[1 + n_rephrase:1 + n_rephrase + n_loc]
+    true = scores[-1] if fact.target else None
+    next_p = new.next_logp.exp()
     return {
-        "top1": int(new_probs.argmax()),
-        "new_id": new[0][0],
-        "p_new": float(new_probs[new[0][0]]),
-        "p_true": float(new_probs[true[0][0]]) if true else None,
-        "rewrite_acc": _acc([new]),
-        "rephrase_acc": _acc(rephrase),
-        "locality_tokens": locality,
+        "top1": int(next_p.argmax()),
+        "new_id": new.target_ids[0],
+        "p_new": float(next_p[new.target_ids[0]]),
+        "p_true": float(next_p[true.target_ids[0]]) if true else None,
+        "rewrite_acc": token_accuracy([new.predicted], [new.target_ids]),
+        "rephrase_acc": token_accuracy([r.predicted for r in rephrase], [r.target_ids for r in rephrase]),
+        "locality_tokens": [list(r.predicted) for r in locality],
     }
-
-
-def _locality(before: list[list[int]], after: list[list[int]]) -> float | None:
-    # EasyEdit's locality: per prompt the share of top-1 tokens unchanged by the edit, averaged.
-    if not before:
-        return None
-    return sum(sum(a == b for a, b in zip(x, y)) / len(x) for x, y in zip(before, after)) / len(before)
 
 
 def edit_one(model: nn.Module, tok: Any, fact: Fact, hparams: Any, *, editor: Editor = "builtin",
@@ -305,7 +273,7 @@ def edit_one(model: nn.Module, tok: Any, fact: Fact, hparams: Any, *, editor: Ed
     metrics = {
         "pre": {"rewrite_acc": before["rewrite_acc"], "rephrase_acc": before["rephrase_acc"]},
         "post": {"rewrite_acc": after["rewrite_acc"], "rephrase_acc": after["rephrase_acc"],
-                 "locality": _locality(before["locality_tokens"], after["locality_tokens"])},
+                 "locality": top1_agreement(before["locality_tokens"], after["locality_tokens"])},
     }
     if info:
         metrics["optimisation"] = {str(k): v for k, v in info.items()}
@@ -368,12 +336,11 @@ def _ensure_stats(model: nn.Module, tok: Any, hparams: Any, layers: set[int], co
             f"compute them with `rome-locate stats`, pass a corpus (--corpus) or set mom2_adjustment: false")
     if stats_dir is None:
         raise ValueError("a writable stats directory is needed to compute the missing mom2 statistics")
-    # The new directory must hold every layer: copy the existing files in by linking.
+    # The new directory must hold every layer: copy the existing files in.
     for layer in sorted(layers - set(missing)):
         src, dst = path(hparams.stats_dir, layer), path(stats_dir, layer)
         if not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.write_bytes(src.read_bytes())
+            write_bytes(dst, src.read_bytes())
     todo = [l for l in missing if not path(stats_dir, l).is_file()]
     if todo:
         compute_mom2(model, tok, arch_for(model), todo, corpus, stats_dir, model_name=name,

@@ -35,8 +35,11 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 import torch
 
+from .arch import arch_for
 from .facts import Fact
-from .tokens import continuation, pad_id, right_pad
+from .hparams import with_layer
+from .scoring import PairScore, score_targets, token_accuracy, top1_agreement
+from .tokens import pad_id
 
 GenerationMode = Literal["greedy", "beam", "sample"]
 LayerSource = Literal["traced", "fixed", "given"]
@@ -205,23 +208,6 @@ def mean_margin(p_a: Sequence[float], p_b: Sequence[float]) -> float | None:
     return float(np.mean(np.asarray(p_a) - np.asarray(p_b))) if p_a else None
 
 
-def token_accuracy(predicted: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> float | None:
-    """EasyEdit's accuracy: per prompt the share of target tokens that are the teacher-forced top-1, averaged."""
-    if len(predicted) != len(targets):
-        raise ValueError(f"token_accuracy: {len(predicted)} predictions for {len(targets)} targets")
-    per_prompt = []
-    for pred, tgt in zip(predicted, targets):
-        if len(pred) != len(tgt) or not tgt:
-            raise ValueError(f"token_accuracy: prediction {list(pred)} does not match target {list(tgt)}")
-        per_prompt.append(np.mean([p == t for p, t in zip(pred, tgt)]))
-    return float(np.mean(per_prompt)) if per_prompt else None
-
-
-def top1_agreement(before: Sequence[Sequence[int]], after: Sequence[Sequence[int]]) -> float | None:
-    """EasyEdit's locality: per prompt the share of top-1 tokens unchanged by the edit, averaged."""
-    return token_accuracy(after, before)
-
-
 def kl_divergence(logp_before: torch.Tensor, logp_after: torch.Tensor) -> float:
     """Mean over rows of KL(before || after) between log-probability rows (nats)."""
     if logp_before.shape != logp_after.shape:
@@ -299,59 +285,6 @@ def rewrite_score(p_new_before: float, p_new_after: float) -> float:
 # ---- scoring a model state -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _PairScore:
-    """Teacher-forced scores of one target after one prompt (in memory only)."""
-
-    nll: float  # mean per-token negative log-likelihood of the target
-    target_ids: tuple[int, ...]
-    predicted: tuple[int, ...]  # teacher-forced top-1 at each target position
-    next_logp: torch.Tensor | None  # log-distribution of the token after the prompt
-
-    @property
-    def prob(self) -> float:
-        """Per-token geometric-mean probability exp(-mean NLL)."""
-        return math.exp(-self.nll)
-
-
-def _encode_pair(tok, prompt: str, target: str | None) -> tuple[list[int], int]:
-    """Token ids of the prompt followed by the target and the prompt's length; target None: the prompt only."""
-    if not target:
-        p_ids = list(tok(prompt)["input_ids"])
-        if not p_ids:
-            raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
-        return p_ids, len(p_ids)
-    ids, positions = continuation(tok, prompt, target)
-    return ids, positions[0]
-
-
-@torch.no_grad()
-def score_targets(model, tok, pairs: Sequence[tuple[str, str | None]], *, batch_size: int = 32,
-                  keep_next: bool = False) -> list[_PairScore]:
-    """Teacher-forced scores of `(prompt, target)` pairs, batched with right padding (positions stay exact)."""
-    device = next(model.parameters()).device
-    encoded = [_encode_pair(tok, p, t) for p, t in pairs]
-    pad = pad_id(tok)
-    out: list[_PairScore] = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        input_ids, mask = right_pad([ids for ids, _ in chunk], pad, device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits, dim=-1).cpu()
-        for row, (ids, n_prompt) in enumerate(chunk):
-            tgt = ids[n_prompt:]
-            rows = logp[row, n_prompt - 1:len(ids) - 1]
-            if tgt:
-                tgt_t = torch.tensor(tgt)
-                nll = float(-rows.gather(1, tgt_t[:, None]).sum() / len(tgt))
-                predicted = tuple(int(i) for i in rows.argmax(-1))
-            else:
-                nll, predicted = float("nan"), (int(logp[row, n_prompt - 1].argmax()),)
-            nxt = logp[row, n_prompt - 1].clone() if keep_next else None
-            out.append(_PairScore(nll=nll, target_ids=tuple(tgt), predicted=predicted, next_logp=nxt))
-    return out
-
-
 def _groups(fact: Fact) -> dict[str, tuple[str, ...]]:
     return {"edit": (fact.prompt,), "paraphrase": tuple(fact.rephrase_prompts),
             "neighborhood": tuple(fact.locality_prompts)}
@@ -363,7 +296,7 @@ def _locality_answer(fact: Fact, i: int) -> str | None:
     return fact.target
 
 
-def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[str, _PairScore]]]:
+def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[str, PairScore]]]:
     """Scores of target_new / target_true (and, if `full`, the locality answers) on every prompt group."""
     pairs: list[tuple[str, str | None]] = []
     slots: list[tuple[str, int, str]] = []
@@ -375,13 +308,13 @@ def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[
             if full and group == "neighborhood":
                 pairs.append((prompt, _locality_answer(fact, i))); slots.append((group, i, "answer"))
     scores = score_targets(model, tok, pairs, keep_next=full)
-    out: dict[str, list[dict[str, _PairScore]]] = {g: [{} for _ in p] for g, p in _groups(fact).items()}
+    out: dict[str, list[dict[str, PairScore]]] = {g: [{} for _ in p] for g, p in _groups(fact).items()}
     for (group, i, key), s in zip(slots, scores):
         out[group][i][key] = s
     return out
 
 
-def _cf_metrics(state: dict[str, list[dict[str, _PairScore]]]) -> dict[str, float | None]:
+def _cf_metrics(state: dict[str, list[dict[str, PairScore]]]) -> dict[str, float | None]:
     """CounterFact success rates and magnitudes of one model state."""
     def rate(group: str, winner: str, loser: str) -> float | None:
         rows = [r for r in state[group] if winner in r and loser in r]
@@ -471,12 +404,6 @@ def _generation_prompts(fact: Fact, max_neighborhood: int | None) -> list[tuple[
 # ---- edits -----------------------------------------------------------------------
 
 
-def _with_layer(hparams, layer: int):
-    from .hparams import with_layer
-
-    return with_layer(hparams, layer)
-
-
 def _fixed_layer(hparams) -> int:
     layers = list(getattr(hparams, "layers", None) or [])
     if len(layers) != 1:
@@ -484,13 +411,8 @@ def _fixed_layer(hparams) -> int:
     return int(layers[0])
 
 
-def _n_layers(model) -> int:
-    from .arch import arch_for
-
-    return arch_for(model).n_layers
-
-
 def _effects(trace) -> tuple[float, ...] | None:
+    # Any object with `scores` and `low_score` (a TraceResult, or one read back from locate's JSON lines).
     if trace is None:
         return None
     return tuple(float(s) - float(trace.low_score) for s in trace.scores)
@@ -516,7 +438,7 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, layer: int | None = None, 
     texts = [p for _, p in gen_prompts]
     before = _state_scores(model, tok, fact, full=True)
     gens_before = generate(model, tok, texts, generation)
-    with edit_context(model, tok, fact, _with_layer(hparams, layer), editor=editor):
+    with edit_context(model, tok, fact, with_layer(hparams, layer), editor=editor):
         after = _state_scores(model, tok, fact, full=True)
         gens_after = generate(model, tok, texts, generation)
     metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
@@ -524,12 +446,12 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, layer: int | None = None, 
 
     scores: list[LayerScore] = []
     if sweep:
-        layers = list(range(_n_layers(model))) if sweep is True else [int(x) for x in sweep]
+        layers = list(range(arch_for(model).n_layers)) if sweep is True else [int(x) for x in sweep]
         for sweep_layer in layers:
             if sweep_layer == layer:
                 state = after  # the main edit is this step's edit: no need to make it twice
             else:
-                with edit_context(model, tok, fact, _with_layer(hparams, sweep_layer), editor=editor):
+                with edit_context(model, tok, fact, with_layer(hparams, sweep_layer), editor=editor):
                     state = _state_scores(model, tok, fact, full=False)
             cf = _cf_metrics(state)
             scores.append(LayerScore(

@@ -12,10 +12,10 @@ import torch
 from conftest import build_tiny_model, params_hash
 from rome_locate.evaluate import (
     EvalRecord, EvaluationError, GenerationSettings, evaluate, evaluate_fact, generate, harmonic_mean,
-    kl_divergence, mean_margin, ngram_entropy, rewrite_score, score_targets, spearman, success_rate, summarize,
-    token_accuracy, top1_agreement,
+    kl_divergence, mean_margin, ngram_entropy, rewrite_score, spearman, success_rate, summarize,
 )
 from rome_locate.facts import Fact
+from rome_locate.scoring import score_targets, token_accuracy, top1_agreement
 
 
 @dataclass(frozen=True)
