@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -47,3 +48,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     """Write `obj` as JSON to `path` atomically."""
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def safe_name(text: str, limit: int = 60) -> str:
+    """`text` (e.g. a fact id) as a file-name part: runs of other characters become '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[:limit] or "fact"

@@ -106,7 +106,7 @@ def _path(hparams_name_or_path: str | Path) -> Path:
     return Path(p)
 
 
-def read_config(hparams_name_or_path: str | Path) -> dict[str, Any]:
+def read_config(hparams_name_or_path: str | Path, n_layers: int | None = None) -> dict[str, Any]:
     """Read and check a ROME YAML into a dict of typed values; errors name the file and the field."""
     path = _path(hparams_name_or_path)
     if not path.is_file():
@@ -117,7 +117,7 @@ def read_config(hparams_name_or_path: str | Path) -> dict[str, Any]:
         raise HParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(config, dict):
         raise HParamsError(f"{path}: expected a mapping of hyperparameters, got {type(config).__name__}")
-    return check_config(config, source=str(path))
+    return check_config(config, source=str(path), n_layers=n_layers)
 
 
 def check_config(config: dict[str, Any], source: str = "hyperparameters", n_layers: int | None = None) -> dict[str, Any]:
@@ -208,9 +208,7 @@ def load_hparams(path: str | Path, n_layers: int | None = None, easyedit: bool |
     The file is checked by our rules first, so a bad file gives the same clear
     error either way. `easyedit=True` requires EasyEdit's class, False forces ours.
     """
-    config = read_config(path)
-    if n_layers is not None:
-        check_config(config, source=str(_path(path)), n_layers=n_layers)
+    config = read_config(path, n_layers=n_layers)
     cls = easyedit_hparams_class() if easyedit is not False else None
     if easyedit and cls is None:
         raise RuntimeError("easyedit=True but EasyEdit is not imported; call rome_locate.edit.import_easyedit() first")

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .choose import LayerChoice, choose_layer
 from .facts import Fact
-from .files import write_text
+from .files import safe_name, write_text
 from .plots import average_effect_plot, heatmap
 from .trace import TraceResult, noise_level, trace_fact
 
@@ -69,8 +69,7 @@ def record(result: TraceResult, choice: LayerChoice) -> dict[str, Any]:
 
 
 def _plot_stem(plots_dir: Path, result: TraceResult) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", result.fact_id)[:60] or "fact"
-    return plots_dir / f"trace_{safe}_{result.kind}"
+    return plots_dir / f"trace_{safe_name(result.fact_id)}_{result.kind}"
 
 
 def locate(model: nn.Module, tok, facts: Sequence[Fact], *, out: str | Path | None = None,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .evaluate import EvalRecord, summarize
-from .files import write_text
+from .files import safe_name, write_text
 
 IMAGES = "images"
 SWEEP_PLOT = "layer_effect_vs_success"
@@ -117,10 +117,10 @@ def _finite(obj: Any) -> Any:
 def _heatmap_png(trace: Any, out_dir: Path, fact_id: str) -> Path | None:
     """The trace's heatmap; a trace without the full table gets a bar chart of its per-layer effects."""
     if getattr(trace, "table", None) is None:
-        return _effect_bars(trace, out_dir / IMAGES / f"effects_{_slug(fact_id)}.png")
+        return _effect_bars(trace, out_dir / IMAGES / f"effects_{safe_name(fact_id)}.png")
     from .plots import heatmap
 
-    paths = heatmap(trace, out_dir / IMAGES / f"trace_{_slug(fact_id)}")
+    paths = heatmap(trace, out_dir / IMAGES / f"trace_{safe_name(fact_id)}")
     return next((Path(p) for p in paths if str(p).endswith(".png")), None)
 
 
@@ -142,10 +142,6 @@ def _effect_bars(trace: Any, path: Path) -> Path:
     ax.set_title(f"last subject token, answer {trace.answer!r}", fontsize=9)
     fig.tight_layout()
     return _save_png(fig, path)
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(text))[:60] or "fact"
 
 
 def sweep_plot(records: Sequence[EvalRecord], path: Path) -> Path | None:
@@ -389,7 +385,7 @@ def _html(records, settings, summary, images, plot, error, image_errors, title) 
               _html_table(("scope", "Spearman ρ"), _correlation_rows(summary))]
     h.append("<h2 id='facts'>Facts</h2>")
     for rec in records:
-        h.append(f"<div class='card' id='fact-{e(_slug(rec.fact_id))}'>")
+        h.append(f"<div class='card' id='fact-{e(safe_name(rec.fact_id))}'>")
         h.append(f"<h3>Fact {e(rec.fact_id)}: {e(rec.prompt)} → {e(rec.target_new)} (was {e(str(rec.target_true))})</h3>")
         h.append(f"<p>Subject: <code>{e(rec.subject)}</code>. {e(_layer_line(rec))}.</p>")
         img = images.get(rec.fact_id)
