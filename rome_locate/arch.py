@@ -15,6 +15,19 @@ Kind = Literal["hidden", "mlp", "attn"]
 KINDS: tuple[Kind, ...] = ("hidden", "mlp", "attn")
 
 
+class LayerRangeError(ValueError, IndexError):
+    """A layer index outside the model's 0..L-1."""
+
+
+def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
+    """`layer` as an int when 0 <= layer < n_layers; otherwise a LayerRangeError that says the valid range."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise LayerRangeError(f"{what} must be an integer, got {layer!r}")
+    if not 0 <= layer < n_layers:
+        raise LayerRangeError(f"{what} {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return layer
+
+
 @dataclass(frozen=True)
 class Arch:
     """Module names of one model; field names match ROMEHyperParams so hand-off is a plain copy."""
@@ -33,8 +46,8 @@ class Arch:
         tmp = {"hidden": self.layer_module_tmp, "mlp": self.mlp_module_tmp, "attn": self.attn_module_tmp}.get(kind)
         if tmp is None:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if self.n_layers and not 0 <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+        if self.n_layers:
+            check_layer(layer, self.n_layers)
         return tmp.format(layer)
 
     def rewrite_module(self, layer: int) -> str:

@@ -12,6 +12,8 @@ hook on each restored module that writes the captured clean values back.
 from __future__ import annotations
 
 import inspect
+import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Literal, Sequence
@@ -23,15 +25,84 @@ from torch import nn
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
 from .hooks import captured, get_module, patched
+from .records import Record
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]
 AnswerSource = Literal["top1", "target"]
 NOISE_DRAWS: tuple[str, ...] = ("torch", "rome", "replace")
+ANSWERS: tuple[str, ...] = ("top1", "target")
 # Rows per forward. On CPU, activations of more rows fall out of cache and each row gets slower
 # (measured on 1 thread: 24 layers, 30 tokens, 250 rows: 40-row chunks 1.6x faster than 256-row ones).
 CPU_MAX_BATCH = 64
 ACCELERATOR_MAX_BATCH = 1024
+
+
+_SIGMA = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*sigma\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class TraceSettings(Record):
+    """How facts are traced: built once (from CLI flags or code), passed to tracing, stored with every result.
+
+    `noise` is a fixed level (a number) or "Ksigma": K times the standard deviation
+    of the subjects' token embeddings, computed once per model and dataset.
+    `full` traces every token (the heatmap's table), not only the last subject
+    token's row, about T times the work.
+    """
+
+    kind: Kind = "mlp"
+    samples: int = 10
+    window: int = 10
+    noise: float | str = "3sigma"
+    noise_draws: NoiseDraws = "torch"
+    answer: AnswerSource = "top1"
+    seed: int = 0
+    full: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.noise_draws not in NOISE_DRAWS:
+            raise ValueError(f"noise_draws must be one of {NOISE_DRAWS}, got {self.noise_draws!r}")
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
+        for name in ("samples", "window", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        object.__setattr__(self, "noise", _normalised_noise(self.noise))
+
+    @property
+    def noise_factor(self) -> float | None:
+        """K of a "Ksigma" noise setting; None for a fixed level."""
+        return float(self.noise[:-5]) if isinstance(self.noise, str) else None
+
+    @property
+    def fixed_noise(self) -> float | None:
+        """The fixed noise level; None for a "Ksigma" setting (the level depends on the subjects)."""
+        return None if isinstance(self.noise, str) else float(self.noise)
+
+
+def _normalised_noise(noise: float | str) -> float | str:
+    """A finite, non-negative level as a float, or "Ksigma" with K written plainly; anything else is a ValueError."""
+    if isinstance(noise, str):
+        m = _SIGMA.match(noise)
+        if m:
+            return f"{float(m.group(1)):g}sigma"
+        try:
+            noise = float(noise)
+        except ValueError:
+            raise ValueError(f"noise must be a number or 'Ksigma' (e.g. '3sigma'), got {noise!r}") from None
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)):
+        raise ValueError(f"noise must be a number or 'Ksigma' (e.g. '3sigma'), got {noise!r}")
+    if not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite level >= 0 or 'Ksigma', got {noise!r}")
+    return float(noise)
 
 
 @dataclass(frozen=True)

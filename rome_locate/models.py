@@ -1,0 +1,71 @@
+"""The model as every stage sees it: where its inputs go, its dtype, and a fingerprint that tells two models apart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .records import Record
+
+# Values read from each parameter for the fingerprint: enough to tell two trainings, a fine-tune or an edit
+# apart, and cheap on a 70B model (a few hundred parameters x 64 values).
+_FINGERPRINT_VALUES = 64
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device the model's input ids must be on: its input embedding's (the first block's under a device map)."""
+    try:
+        weight = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):
+        weight = next(model.parameters())
+    if weight.device.type == "meta":  # offloaded embedding: accelerate moves inputs to the execution device
+        hook = getattr(model.get_input_embeddings(), "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        return torch.device(device if device is not None else "cpu")
+    return weight.device
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes in: its first floating-point parameter's."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class ModelFingerprint(Record):
+    """Enough to tell two models, two trainings or two dtypes apart; stored with every traced or edited record."""
+
+    model_type: str
+    n_params: int
+    dtype: str
+    digest: str  # sha256 over the config, parameter names, shapes and dtypes, and sampled values
+
+    def short(self) -> str:
+        """One line for reports: family, size, dtype and the first digits of the digest."""
+        return f"{self.model_type} {self.n_params:,} params {self.dtype} #{self.digest[:12]}"
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> ModelFingerprint:
+    """The fingerprint of the model as it is now (an edited model has another digest)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    n = 0
+    for name, p in model.named_parameters():
+        n += p.numel()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if p.device.type != "meta":  # an offloaded parameter counts by name and shape only
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // _FINGERPRINT_VALUES)
+            h.update(flat[::step][:_FINGERPRINT_VALUES].to("cpu", torch.float64).numpy().tobytes())
+    model_type = str(getattr(config, "model_type", None) or type(model).__name__)
+    return ModelFingerprint(model_type=model_type, n_params=n, dtype=str(model_dtype(model)).replace("torch.", ""),
+                            digest=h.hexdigest())
