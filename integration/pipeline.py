@@ -99,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from rome_locate.arch import arch_for
     from rome_locate.choose import choose_dataset_layer
-    from rome_locate.edit import easyedit_request, edit_facts, import_easyedit, stubbed_modules, summary
+    from rome_locate.easyedit import easyedit_request, import_easyedit, stubbed_modules
+    from rome_locate.evaluate import summarize
     from rome_locate.facts import load_facts
     from rome_locate.hparams import (bind_model, dataset_header, generate_hparams, load_hparams, to_dict,
                                      with_layer, write_hparams)
     from rome_locate.locate import locate
+    from rome_locate.pipeline import edit_facts
+    from rome_locate.trace import TraceSettings
 
     out = Path(config.get("out", "runs/pipeline")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -116,10 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{config['facts']}: no fact with a target_new to edit")
 
     # 1. locate
-    trace = dict(config.get("trace") or {})
-    noise = trace.pop("noise", "3sigma")
-    pairs = locate(model, tok, facts, out=out / "locate.jsonl", arch=arch, noise=noise, progress=True, **trace)
-    by_id = {r.fact_id: c for r, c in pairs}
+    trace = TraceSettings.from_json(config.get("trace") or {}, strict=True)
+    pairs = locate(model, tok, facts, trace, out=out / "locate.jsonl", arch=arch, progress=True)
     dataset = choose_dataset_layer([r for r, _ in pairs])
     print(f"dataset layer {dataset.layer}; per-fact histogram {list(dataset.histogram)}")
 
@@ -138,20 +139,20 @@ def main(argv: list[str] | None = None) -> int:
         hparams = dataclasses.replace(hparams, stats_dir=str(config["stats_dir"]))
     # Absolute: EasyEdit runs inside OUT below (it writes logs/ into its working directory).
     hparams = dataclasses.replace(hparams, stats_dir=str(Path(hparams.stats_dir).resolve()))
-    header = dataset_header(config["facts"], dataset.n_facts, {"noise": noise, **trace}, dataset.mean_effects,
+    header = dataset_header(config["facts"], dataset.n_facts, trace.to_json(), dataset.mean_effects,
                             dataset.histogram, dataset.layer, dataset.kind)
     hp_path = write_hparams(hparams, out / "hparams.yaml", header=header)
     print(f"wrote {hp_path}")
 
     mode = config.get("layers", "dataset")
-    layer_of = {f.id: (by_id[f.id].layer if mode == "traced" and f.id in by_id else hparams.layers[0]) for f in facts}
+    # Layer choices are aligned with the facts by position (ids may repeat or be missing).
+    layer_of = [c.layer if mode == "traced" else hparams.layers[0] for _, c in pairs]
 
     # 3. edit, 4. metrics
     if editor_kind == "builtin":
-        outcomes = edit_facts(model, tok, facts, hparams, choices={f.id: layer_of[f.id] for f in facts},
-                              out_dir=out, progress=True)
-        result = {"editor": "builtin", "layers": mode, "summary": summary(outcomes),
-                  "outcomes": [o.to_json() for o in outcomes]}
+        records = edit_facts(model, tok, facts, hparams, located=layer_of, out_dir=out, progress=True)
+        result = {"editor": "builtin", "layers": mode, "summary": summarize(records),
+                  "records": [r.to_json() for r in records]}
     else:
         import_easyedit(args.easyedit)
         print(f"EasyEdit imported; modules replaced by stand-ins during its import: {stubbed_modules()}")
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ee_hparams = ROMEHyperParams.from_hparams(str(hp_path))
         groups: dict[int, list] = defaultdict(list)
-        for fact in facts:
-            groups[layer_of[fact.id]].append(fact)
+        for fact, layer in zip(facts, layer_of):
+            groups[layer].append(fact)
         records = []
         cwd = os.getcwd()
         os.chdir(out)  # EasyEdit writes logs/run.log and logs/results.json into the working directory

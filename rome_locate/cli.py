@@ -262,20 +262,12 @@ def _add_edit_parsers(sub) -> None:
                    help="folder name under stats-dir (default: last component of --model, as EasyEdit does)")
     p.set_defaults(func=_cmd_stats)
 
-    p = sub.add_parser("edit", help="edit every fact with ROME (one at a time, weights restored) and measure")
-    _add_model_args(p)
-    p.add_argument("--facts", required=True, help="facts with target_new: CounterFact or EasyEdit JSON/JSONL")
-    p.add_argument("--hparams", required=True, help="ROME YAML (EasyEdit format)")
-    p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"],
-                   help="the built-in ROME or EasyEdit's (needs EASYEDIT_PATH or easyeditor importable)")
-    p.add_argument("--layers", default="fixed", choices=["fixed", "traced"],
-                   help="the hyperparameters' layer, or each fact's traced layer")
-    p.add_argument("--limit", type=int, default=None, help="only the first N facts")
-    p.add_argument("--out", required=True, help="directory for results.json")
+    p = sub.add_parser("edit", help="edit every fact with ROME (one at a time, weights restored) and measure; "
+                                    "the eval pipeline without generations and sweep")
+    _add_pipeline_args(p)
     p.add_argument("--corpus", default=None,
                    help="text file to compute mom2 statistics missing for a traced layer (into OUT/stats)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_trace_args(p)
     p.set_defaults(func=_cmd_edit)
 
 
@@ -346,34 +338,63 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .edit import edit_facts, summary
     from .facts import load_facts
     from .hparams import bind_model, load_hparams
+    from .report import edit_summary_line
 
     facts = load_facts(args.facts, limit=args.limit)
     model, tok = load_model(args)
     # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
     hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
-    choices = None
-    if args.layers == "traced":
-        from .locate import locate
+    # The eval pipeline with generations and the sweep off: results.json rewritten after every fact.
+    records, paths = _pipeline(
+        "edit", model, tok, facts, hparams, args.out, model_name=args.model, layers=args.layers,
+        sweep=False, generation=None, trace_settings=_trace_settings(args), editor=args.editor, seed=args.seed,
+        mom2_corpus=args.corpus, arch=args.arch, facts_path=args.facts, skip_errors=args.skip_errors,
+        progress=not args.quiet)
+    if records is None:
+        return 2
+    from .evaluate import summarize
 
-        choices = [c for _, c in locate(model, tok, facts, progress=not args.quiet, arch=args.arch,
-                                        noise=args.noise, kind=args.kind, **_trace_kwargs(args))]
-    outcomes = edit_facts(model, tok, facts, hparams, editor=args.editor, layers=args.layers, choices=choices,
-                          out_dir=args.out, progress=not args.quiet, seed=args.seed, mom2_corpus=args.corpus)
-    s = summary(outcomes)
-    print(f"{s['n']} edits ({args.editor}, layers {args.layers}: {s['layers']}): success {s['success_rate']:.1%}, "
-          f"post rewrite_acc {s['post_rewrite_acc']:.3f}"
-          + (f", rephrase_acc {s['post_rephrase_acc']:.3f}" if s["post_rephrase_acc"] is not None else "")
-          + (f", locality {s['post_locality']:.3f}" if s["post_locality"] is not None else ""))
-    print(f"wrote {Path(args.out) / 'results.json'}")
+    print(edit_summary_line(summarize(records), args.editor, args.layers))
+    print(f"wrote {paths['json']}")
     return 0
 
 
+def _pipeline(command: str, model, tok, facts, hparams, out: str, **kwargs):
+    """Run the pipeline; on an EvaluationError print it and where the partial results are, and return (None, None)."""
+    from .evaluate import EvaluationError
+    from .pipeline import run_pipeline
+
+    try:
+        return run_pipeline(model, tok, facts, hparams, out, **kwargs)
+    except EvaluationError as exc:
+        print(f"rome-locate {command}: error: {exc}", file=sys.stderr)
+        print(f"rome-locate {command}: the results and report of the {len(exc.records)} finished fact(s) are in "
+              f"{out}", file=sys.stderr)
+        return None, None
+
+
 # ---- eval, demo ------------------------------------------------------------
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
+    """The arguments `edit` and `eval` share: they run the same pipeline."""
+    _add_model_args(p)
+    p.add_argument("--facts", required=True, help="facts with target_new: CounterFact, EasyEdit or rome-locate JSON/JSONL")
+    p.add_argument("--hparams", required=True, help="ROME hyperparameters YAML (EasyEdit format)")
+    p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"],
+                   help="the built-in ROME or EasyEdit's (needs EASYEDIT_PATH or easyeditor importable)")
+    p.add_argument("--layers", default="fixed", choices=["fixed", "traced"],
+                   help="the hyperparameters' layer, or each fact's own traced layer")
+    p.add_argument("--limit", type=int, default=None, help="only the first N facts")
+    p.add_argument("--out", required=True,
+                   help="output directory: results.json (rewritten after every fact), report.md, report.html, "
+                        "locate.jsonl (resumable)")
+    p.add_argument("--skip-errors", action="store_true",
+                   help="warn and skip a fact that cannot be an edit (no target_new, or target_new equal to the "
+                        "true answer) instead of stopping")
+    _add_trace_args(p)
 
 
 def _add_eval_parsers(sub) -> None:
@@ -390,20 +411,12 @@ def _add_eval_parsers(sub) -> None:
 
     p = sub.add_parser("eval", help="edit every fact, evaluate it (generations, CounterFact and EasyEdit metrics), "
                                     "optionally sweep every layer, and write a report")
-    _add_model_args(p)
-    p.add_argument("--facts", required=True, help="facts file (CounterFact, EasyEdit, known_1000 or rome-locate JSON)")
-    p.add_argument("--hparams", required=True, help="ROME hyperparameters YAML (EasyEdit format)")
-    p.add_argument("--layers", default="fixed", choices=["traced", "fixed"],
-                   help="edit each fact at its own traced layer, or at the hyperparameters' layer")
+    _add_pipeline_args(p)
     p.add_argument("--sweep", action="store_true", help="also edit at every layer and compare with the trace")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N facts")
-    p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"], help="which ROME implementation")
     p.add_argument("--max-neighborhood", type=int, default=None, help="generate on at most N neighbourhood prompts")
-    p.add_argument("--out", required=True, help="output directory (report.md, report.html, results.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-heatmaps", action="store_true",
                    help="trace only the last subject token (T times less work; the cards show effect bars)")
-    _add_trace_args(p)
     generation_args(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -427,12 +440,9 @@ def _generation_settings(args: argparse.Namespace):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .demo import print_summary, run_pipeline
-    from .evaluate import EvaluationError
     from .facts import load_facts
     from .hparams import bind_model, load_hparams
+    from .report import print_summary
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -442,32 +452,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     hparams = load_hparams(args.hparams)
     if Path(args.model).is_dir():
         hparams = bind_model(hparams, args.model)
-    trace_settings = {"kind": args.kind, "samples": args.samples, "window": args.window, "noise": args.noise,
-                      "noise_draws": args.noise_draws, "answer": args.answer, "seed": args.seed}
-    from .arch import arch_for
-
-    arch = arch_for(model, args.arch)  # --arch serves families the map does not know
-    located = None
-    out = Path(args.out)
-    if args.layers == "traced" or args.sweep:
-        # The sweep compares edit success with the traced effect, so it traces too (resumable JSONL in --out).
-        from .locate import locate
-
-        kw = {k: v for k, v in trace_settings.items() if k != "noise"}
-        out.mkdir(parents=True, exist_ok=True)
-        # Full tables (tokens x layers) only for the report's heatmaps.
-        located = locate(model, tok, facts, out=out / "locate.jsonl", progress=not args.no_progress,
-                         noise=args.noise, full=not args.no_heatmaps, arch=arch, **kw)
-    try:
-        records, paths = run_pipeline(model, tok, facts, hparams, out, model_name=args.model, layers=args.layers,
-                                      sweep=list(range(arch.n_layers)) if args.sweep else False,
-                                      trace_settings=trace_settings if located else None,
-                                      located=located, generation=generation, editor=args.editor,
-                                      facts_path=args.facts, max_neighborhood=args.max_neighborhood,
-                                      progress=not args.no_progress)
-    except EvaluationError as exc:
-        print(f"rome-locate eval: error: {exc}", file=sys.stderr)
-        print(f"rome-locate eval: the report of the {len(exc.records)} finished fact(s) is in {out}", file=sys.stderr)
+    # Full tables (tokens x layers) only for the report's heatmaps.
+    trace = _trace_settings(args, full=not args.no_heatmaps)
+    # The pipeline checks every layer against the model before it traces (resumable OUT/locate.jsonl) or edits.
+    records, paths = _pipeline(
+        "eval", model, tok, facts, hparams, args.out, model_name=args.model, layers=args.layers,
+        sweep=args.sweep, trace_settings=trace, generation=generation, editor=args.editor, seed=args.seed,
+        arch=args.arch, facts_path=args.facts, max_neighborhood=args.max_neighborhood,
+        skip_errors=args.skip_errors, progress=not args.no_progress)
+    if records is None:
         return 2
     print_summary(records)
     print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")
@@ -482,7 +475,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-facts must be >= 1, got {args.n_facts}")
     import torch
 
-    # The fact models are tiny (d=128): one thread is as fast as several, and OpenMP workers
+    # The fact models are tiny (d64): one thread is as fast as several, and OpenMP workers
     # spinning on a busy machine made the demo many times slower (measured: 9.7 min vs 1.1 min).
     torch.set_num_threads(1)
     try:

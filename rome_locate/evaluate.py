@@ -21,6 +21,10 @@ the unedited model):
   locality prompts).
 - `neighborhood_kl`: mean KL(before || after) of the next-token distribution
   on the neighbourhood prompts.
+- `success`: 1.0 when the first token of target_new is the top-1 next token
+  after the edit prompt (what `rome-locate edit` counts as a successful edit).
+
+Facts and their layers are matched by position (`place`); ids only cross-check.
 """
 
 from __future__ import annotations
@@ -29,20 +33,22 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 
-from .arch import arch_for
+from .arch import check_layer
 from .facts import Fact
 from .hparams import with_layer
+from .records import Record
 from .scoring import PairScore, score_targets, token_accuracy, top1_agreement
 from .tokens import pad_id
 
 GenerationMode = Literal["greedy", "beam", "sample"]
 LayerSource = Literal["traced", "fixed", "given"]
+LAYER_MODES = ("fixed", "traced")
 
 # ROME's fluency measure: weights of the 2- and 3-gram entropies.
 NGRAM_ORDERS = (2, 3)
@@ -53,7 +59,7 @@ NGRAM_WEIGHTS = (2 / 3, 4 / 3)
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
+class GenerationSettings(Record):
     """How generations are decoded: greedy (default), beam search or seeded sampling."""
 
     mode: GenerationMode = "greedy"
@@ -74,18 +80,9 @@ class GenerationSettings:
         if self.mode == "sample" and self.temperature <= 0:
             raise ValueError(f"sampling needs temperature > 0, got {self.temperature}")
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "GenerationSettings":
-        """Inverse of `to_json`."""
-        return cls(**obj)
-
 
 @dataclass(frozen=True)
-class Generation:
+class Generation(Record):
     """What the model says on one prompt before and after the edit."""
 
     prompt: str
@@ -93,18 +90,9 @@ class Generation:
     before: str
     after: str
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "Generation":
-        """Inverse of `to_json`."""
-        return cls(**obj)
-
 
 @dataclass(frozen=True)
-class LayerScore:
+class LayerScore(Record):
     """Edit success when the fact is edited at one layer (one step of the sweep)."""
 
     layer: int
@@ -118,19 +106,15 @@ class LayerScore:
     rewrite_score: float | None
     score: float | None
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "LayerScore":
-        """Inverse of `to_json`."""
-        return cls(**obj)
-
 
 @dataclass(frozen=True)
-class EvalRecord:
-    """Everything measured for one edited fact."""
+class EvalRecord(Record):
+    """Everything measured for one fact edited at one layer: THE outcome record of `edit`, `eval` and the demo.
+
+    `generations` is empty when generations are switched off (`rome-locate edit`),
+    `sweep` when the layer sweep is. `metrics["success"]` is 1.0 when the first
+    token of target_new is the top-1 next token after the edit prompt.
+    """
 
     fact_id: str
     prompt: str
@@ -138,7 +122,7 @@ class EvalRecord:
     target_true: str | None
     target_new: str
     layer: int  # the layer the main edit was made at
-    layer_source: str  # "traced", "fixed" or "given"
+    layer_source: LayerSource
     editor: str
     generations: tuple[Generation, ...]
     metrics: dict[str, float | None]
@@ -155,22 +139,24 @@ class EvalRecord:
         best = best_layer_score(self.sweep)
         return None if best is None else best.layer
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form (tuples become lists)."""
-        out = asdict(self)
-        out["best_layer"] = self.best_layer
-        return out
+    @property
+    def success(self) -> bool:
+        """The edit made target_new's first token the top-1 next token after the prompt."""
+        return bool(self.metrics.get("success"))
 
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "EvalRecord":
-        """Inverse of `to_json`."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in obj.items() if k in names}
-        kw["generations"] = tuple(Generation.from_json(g) for g in kw.get("generations", ()))
-        kw["sweep"] = tuple(LayerScore.from_json(s) for s in kw.get("sweep", ()))
-        if kw.get("effects") is not None:
-            kw["effects"] = tuple(kw["effects"])
-        return cls(**kw)
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form, with the derived `best_layer` (ignored when read back)."""
+        return {**super().to_json(), "best_layer": self.best_layer}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one fact is edited: its layer, why that layer, and the trace and choice behind it (if any)."""
+
+    layer: int
+    source: LayerSource
+    trace: Any = None  # TraceResult (or anything with `effects`), for the sweep's effects and the report
+    choice: Any = None  # LayerChoice (or anything with `layer`, `fact_id`, `margin`)
 
 
 class EvaluationError(RuntimeError):
@@ -354,6 +340,9 @@ def metrics_between(before: dict, after: dict, gens_before: Sequence[str] = (),
     if "true" in after["edit"][0]:
         m["p_true_pre"], m["p_true"] = before["edit"][0]["true"].prob, after["edit"][0]["true"].prob
     m["rewrite_score"] = rewrite_score(p_before, p_after)
+    new_after, new_before = after["edit"][0]["new"], before["edit"][0]["new"]
+    m["success"] = float(new_after.predicted[0] == new_after.target_ids[0])
+    m["success_pre"] = float(new_before.predicted[0] == new_before.target_ids[0])
     m["rewrite_acc"], m["rewrite_acc_pre"] = _acc(after, "edit"), _acc(before, "edit")
     m["rephrase_acc"], m["rephrase_acc_pre"] = _acc(after, "paraphrase"), _acc(before, "paraphrase")
     nb_b, nb_a = before["neighborhood"], after["neighborhood"]
@@ -404,48 +393,87 @@ def _generation_prompts(fact: Fact, max_neighborhood: int | None) -> list[tuple[
 # ---- edits -----------------------------------------------------------------------
 
 
-def _fixed_layer(hparams) -> int:
+def fixed_layer(hparams) -> int:
+    """The one edit layer the hyperparameters name (ROME edits one layer)."""
     layers = list(getattr(hparams, "layers", None) or [])
     if len(layers) != 1:
         raise ValueError(f"hyperparameters must name exactly one edit layer (ROME edits one), got layers={layers}")
     return int(layers[0])
 
 
-def _effects(trace) -> tuple[float, ...] | None:
-    # Any object with `scores` and `low_score` (a TraceResult, or one read back from locate's JSON lines).
-    if trace is None:
-        return None
-    return tuple(float(s) - float(trace.low_score) for s in trace.scores)
+def place(facts: Sequence[Fact], hparams, layers: str = "fixed", located: Sequence[Any] | None = None,
+          n_layers: int | None = None) -> list[Placement]:
+    """The layer of every fact: `located` is aligned with `facts` BY POSITION; ids only cross-check it.
+
+    An entry of `located` is locate()'s `(TraceResult, LayerChoice)` pair, a
+    LayerChoice, or an int (a layer given by hand, used whatever `layers` says).
+    With `layers="traced"` each fact is edited at its traced layer, with "fixed"
+    at the hyperparameters' layer (traces still feed the sweep and the report).
+    A choice whose fact_id differs from its fact's is an error naming both; with
+    `n_layers`, a layer outside the model is a LayerRangeError.
+    """
+    if layers not in LAYER_MODES:
+        raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
+    fixed = fixed_layer(hparams)
+    if n_layers is not None:
+        check_layer(fixed, n_layers, "the hyperparameters' layer")
+    if located is None:
+        if layers == "traced":
+            raise ValueError("layers='traced' needs the located (TraceResult, LayerChoice) pairs of the facts")
+        return [Placement(fixed, "fixed") for _ in facts]
+    located = list(located)
+    if len(located) != len(facts):
+        raise ValueError(f"{len(located)} layer choices for {len(facts)} facts (they are matched by position)")
+    out = []
+    for i, (fact, entry) in enumerate(zip(facts, located)):
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            placement = Placement(entry, "given")
+        else:
+            trace, choice = entry if isinstance(entry, tuple) else (None, entry)
+            if str(choice.fact_id) != str(fact.id):
+                raise ValueError(f"layer choice {i} is for fact {choice.fact_id!r} but fact {i} is {fact.id!r}; "
+                                 f"the choices must be in the order of the facts")
+            placement = (Placement(int(choice.layer), "traced", trace, choice) if layers == "traced"
+                         else Placement(fixed, "fixed", trace, choice))
+        if n_layers is not None:
+            check_layer(placement.layer, n_layers, f"layer of fact {fact.id!r}")
+        out.append(placement)
+    return out
 
 
-def evaluate_fact(model, tok, fact: Fact, hparams, *, layer: int | None = None, layer_source: str = "fixed",
-                  trace=None, choice=None, sweep: bool | Sequence[int] = False,
-                  generation: GenerationSettings = GenerationSettings(), editor: str = "builtin",
-                  edit_context: Callable | None = None, max_neighborhood: int | None = None,
+def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | None = None,
+                  sweep: bool | Sequence[int] = False, generation: GenerationSettings | None = GenerationSettings(),
+                  editor: str = "builtin", edit_context: Callable | None = None, max_neighborhood: int | None = None,
                   sweep_progress: Callable[[int], None] | None = None) -> EvalRecord:
-    """Edit one fact (at `layer`, default the hyperparameters' own), measure it, restore, and optionally sweep layers."""
-    if not fact.target_new:
-        raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}) has no target_new to edit towards")
+    """Edit one fact at one layer, measure before and after, restore; optionally generate and sweep layers.
+
+    `placement` defaults to the hyperparameters' own layer; `generation=None`
+    switches generations off. `edit_context(model, tok, fact, hparams, editor=...)`
+    is `edit.edited` unless a test double is given.
+    """
+    check_editable(fact)
     if edit_context is None:
         from .edit import edited as edit_context
     t0 = time.perf_counter()
-    fixed = _fixed_layer(hparams)
-    if layer is None:
-        layer, layer_source = fixed, "fixed"
-    effects = _effects(trace)
+    fixed = fixed_layer(hparams)
+    placement = placement or Placement(fixed, "fixed")
+    trace, choice, layer = placement.trace, placement.choice, placement.layer
+    effects = None if trace is None else tuple(float(e) for e in trace.effects)
 
-    gen_prompts = _generation_prompts(fact, max_neighborhood)
+    gen_prompts = _generation_prompts(fact, max_neighborhood) if generation is not None else []
     texts = [p for _, p in gen_prompts]
     before = _state_scores(model, tok, fact, full=True)
-    gens_before = generate(model, tok, texts, generation)
+    gens_before = generate(model, tok, texts, generation) if texts else []
     with edit_context(model, tok, fact, with_layer(hparams, layer), editor=editor):
         after = _state_scores(model, tok, fact, full=True)
-        gens_after = generate(model, tok, texts, generation)
+        gens_after = generate(model, tok, texts, generation) if texts else []
     metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
                               [t + g for t, g in zip(texts, gens_after)])
 
     scores: list[LayerScore] = []
     if sweep:
+        from .arch import arch_for
+
         layers = list(range(arch_for(model).n_layers)) if sweep is True else [int(x) for x in sweep]
         for sweep_layer in layers:
             if sweep_layer == layer:
@@ -464,7 +492,7 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, layer: int | None = None, 
 
     return EvalRecord(
         fact_id=fact.id, prompt=fact.prompt, subject=fact.subject, target_true=fact.target,
-        target_new=fact.target_new, layer=int(layer), layer_source=layer_source, editor=editor,
+        target_new=fact.target_new, layer=int(layer), layer_source=placement.source, editor=editor,
         generations=tuple(Generation(prompt=t, group=g, before=b, after=a)
                           for (g, t), b, a in zip(gen_prompts, gens_before, gens_after)),
         metrics=metrics, sweep=tuple(scores),
@@ -474,38 +502,43 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, layer: int | None = None, 
     )
 
 
+def check_editable(fact: Fact) -> None:
+    """A ValueError naming the fact when it cannot be an edit: no target_new, or target_new is the true answer."""
+    if not fact.target_new:
+        raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}) has no target_new to edit towards "
+                         f"(use a CounterFact-style facts file)")
+    if fact.target is not None and fact.target_new.strip() == fact.target.strip():
+        raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}): target_new {fact.target_new!r} is the true answer; "
+                         f"an edit to it would count as a success without changing anything")
+
+
 def evaluate(model, tok, facts: Sequence[Fact], hparams, *, layers: str = "fixed",
-             located: Sequence[tuple[Any, Any]] | None = None, sweep: bool | Sequence[int] = False,
-             generation: GenerationSettings = GenerationSettings(), editor: str = "builtin",
-             edit_context: Callable | None = None, max_neighborhood: int | None = None,
+             located: Sequence[Any] | None = None, placements: Sequence[Placement] | None = None,
+             sweep: bool | Sequence[int] = False, generation: GenerationSettings | None = GenerationSettings(),
+             editor: str = "builtin", edit_context: Callable | None = None, max_neighborhood: int | None = None,
              on_record: Callable[[list[EvalRecord]], None] | None = None,
              progress: bool = True) -> list[EvalRecord]:
-    """Evaluate edits of every fact; `layers="traced"` edits each at its traced layer from `located`.
+    """Edit and measure every fact, one at a time (weights restored in between).
 
-    `located` is `locate()`'s output, `(TraceResult, LayerChoice)` pairs matched to
-    the facts by id (ids must be unique). `on_record` is called with the records so far after each
-    fact. A failure raises `EvaluationError` carrying the finished records.
+    Layers come from `placements`, else from `place(facts, hparams, layers, located)`
+    (`located` aligned with the facts by position). `on_record` is called with the
+    records so far after each fact. A failure raises `EvaluationError` carrying
+    the finished records.
     """
-    if layers not in ("fixed", "traced"):
-        raise ValueError(f"layers must be 'fixed' or 'traced', got {layers!r}")
-    if layers == "traced" and located is None:
-        raise ValueError("layers='traced' needs the located (TraceResult, LayerChoice) pairs of the facts")
-    by_id = {str(choice.fact_id): (trace, choice) for trace, choice in (located or ())}
+    if placements is None:
+        placements = place(facts, hparams, layers, located)
+    if len(placements) != len(facts):
+        raise ValueError(f"{len(placements)} placements for {len(facts)} facts")
     from tqdm.auto import tqdm
 
     records: list[EvalRecord] = []
-    bar = tqdm(total=len(facts), desc="evaluate", unit="fact", disable=not progress)
+    bar = tqdm(total=len(facts), desc=f"edit ({editor})", unit="fact", disable=not progress)
     try:
-        for fact in facts:
-            trace, choice = by_id.get(str(fact.id), (None, None))
-            if layers == "traced" and choice is None:
-                raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}) has no traced layer in `located`")
-            layer = int(choice.layer) if layers == "traced" else None
+        for fact, placement in zip(facts, placements):
             try:
-                rec = evaluate_fact(model, tok, fact, hparams, layer=layer,
-                                    layer_source="traced" if layers == "traced" else "fixed",
-                                    trace=trace, choice=choice, sweep=sweep, generation=generation, editor=editor,
-                                    edit_context=edit_context, max_neighborhood=max_neighborhood)
+                rec = evaluate_fact(model, tok, fact, hparams, placement=placement, sweep=sweep,
+                                    generation=generation, editor=editor, edit_context=edit_context,
+                                    max_neighborhood=max_neighborhood)
             except Exception as exc:
                 raise EvaluationError(fact.id, exc, list(records)) from exc
             records.append(rec)
@@ -574,6 +607,13 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
     traced_is_best = [r.traced_layer == r.best_layer for r in swept if r.traced_layer is not None]
     return {
         "n_facts": len(records),
+        # The figures `rome-locate edit` prints (EasyEdit's names; "post" is after the edit).
+        "success_rate": means.get("success"),
+        "pre_rewrite_acc": means.get("rewrite_acc_pre"),
+        "post_rewrite_acc": means.get("rewrite_acc"),
+        "post_rephrase_acc": means.get("rephrase_acc"),
+        "post_locality": means.get("locality"),
+        "layers": sorted({r.layer for r in records}),
         "means": means,
         "strategies": strategies,
         "spearman_per_fact": per_fact,

@@ -34,6 +34,7 @@ CARD_METRICS = (
     ("EasyEdit locality", "locality"),
     ("rewrite score (Hase et al.)", "rewrite_score"),
     ("neighbourhood KL(before || after)", "neighborhood_kl"),
+    ("success (target_new is the top-1 next token)", "success"),
 )
 
 CSS = """
@@ -68,11 +69,12 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def run_settings(*, model: str, hparams: Any = None, trace_settings: Mapping[str, Any] | None = None,
-                 seed: int | None = None, generation: Any = None, layers: str | None = None,
-                 sweep: bool = False, editor: str | None = None, facts: str | None = None,
-                 wall_time_s: float | None = None, **extra: Any) -> dict[str, Any]:
-    """The run's settings as plain JSON: model, hyperparameters, trace settings, seed, library versions, wall time."""
+def run_settings(*, model: str | None, model_fingerprint: Any = None, hparams: Any = None,
+                 trace_settings: Any = None, seed: int | None = None, generation: Any = None,
+                 layers: str | None = None, sweep: bool = False, editor: str | None = None,
+                 facts: str | None = None, wall_time_s: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The run's settings as plain JSON: model and its fingerprint, hyperparameters, trace settings (a
+    TraceSettings record), generation, seed, library versions, wall time."""
     import torch
     import transformers
 
@@ -81,8 +83,8 @@ def run_settings(*, model: str, hparams: Any = None, trace_settings: Mapping[str
 
         hparams = to_dict(hparams)
     out = {
-        "model": model, "facts": facts, "editor": editor, "layers": layers, "sweep": sweep, "seed": seed,
-        "hparams": _jsonable(hparams), "trace": _jsonable(dict(trace_settings or {})),
+        "model": model, "model_fingerprint": _jsonable(model_fingerprint), "facts": facts, "editor": editor, "layers": layers, "sweep": sweep, "seed": seed,
+        "hparams": _jsonable(hparams), "trace": _jsonable(trace_settings),
         "generation": _jsonable(generation), "wall_time_s": wall_time_s,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
@@ -114,13 +116,13 @@ def _finite(obj: Any) -> Any:
 # ---- pictures ----------------------------------------------------------------
 
 
-def _heatmap_png(trace: Any, out_dir: Path, fact_id: str) -> Path | None:
+def _heatmap_png(trace: Any, out_dir: Path, stem: str) -> Path | None:
     """The trace's heatmap; a trace without the full table gets a bar chart of its per-layer effects."""
     if getattr(trace, "table", None) is None:
-        return _effect_bars(trace, out_dir / IMAGES / f"effects_{safe_name(fact_id)}.png")
+        return _effect_bars(trace, out_dir / IMAGES / f"effects_{stem}.png")
     from .plots import heatmap
 
-    paths = heatmap(trace, out_dir / IMAGES / f"trace_{safe_name(fact_id)}")
+    paths = heatmap(trace, out_dir / IMAGES / f"trace_{stem}")
     return next((Path(p) for p in paths if str(p).endswith(".png")), None)
 
 
@@ -133,7 +135,7 @@ def _save_png(fig, path: Path) -> Path:
 def _effect_bars(trace: Any, path: Path) -> Path:
     from matplotlib.figure import Figure
 
-    effects = [float(s) - float(trace.low_score) for s in trace.scores]
+    effects = list(trace.effects)
     fig = Figure(figsize=(5, 2.6))
     ax = fig.subplots()
     ax.bar(range(len(effects)), effects, color="tab:green")
@@ -306,24 +308,25 @@ def _correlation_rows(summary: Mapping[str, Any]) -> list[list[str]]:
 
 
 def write_report(records: Sequence[EvalRecord], out_dir: str | Path, settings: Mapping[str, Any], *,
-                 traces: Mapping[str, Any] | None = None, error: str | None = None,
+                 traces: Sequence[Any] | None = None, error: str | None = None,
                  title: str = "rome-locate evaluation") -> dict[str, Path]:
     """Write report.md, report.html and results.json (and images/) for the records; returns their paths.
 
-    `traces` maps fact ids to their TraceResult, for the heatmaps. `error`, when
-    given, is shown at the top: the report then covers the facts that finished.
+    `traces` holds each record's TraceResult (or None), in the records' order, for
+    the heatmaps. `error`, when given, is shown at the top: the report then covers
+    the facts that finished.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
-    images: dict[str, Path | None] = {}
+    images: dict[int, Path | None] = {}
     image_errors: list[str] = []
-    for rec in records:
-        trace = (traces or {}).get(rec.fact_id)
+    for i, (rec, trace) in enumerate(zip(records, traces or ())):
         if trace is None:
             continue
         try:
-            images[rec.fact_id] = _heatmap_png(trace, out_dir, rec.fact_id)
+            # Position first: two facts may share an id.
+            images[i] = _heatmap_png(trace, out_dir, f"{i}_{safe_name(rec.fact_id)}")
         except (ValueError, RuntimeError, ImportError) as exc:  # a missing picture must not lose the report
             image_errors.append(f"heatmap of fact {rec.fact_id}: {exc}")
     plot = sweep_plot(records, out_dir / IMAGES / f"{SWEEP_PLOT}.png")
@@ -351,14 +354,16 @@ def _markdown(records, settings, summary, images, plot, out_dir: Path, error, im
                f"Rank correlation ({summary['correlation_measure']}):", "",
                _md_table(("scope", "Spearman ρ"), _correlation_rows(summary)), ""]
     md += ["## Facts", ""]
-    for rec in records:
+    for i, rec in enumerate(records):
         md += [f"### Fact {rec.fact_id}: {rec.prompt} → {rec.target_new} (was {rec.target_true})", "",
                f"Subject: `{rec.subject}`. {_layer_line(rec)}.", ""]
-        img = images.get(rec.fact_id)
+        img = images.get(i)
         if img is not None:
             md += [f"![causal trace of fact {rec.fact_id}]({img.relative_to(out_dir).as_posix()})", ""]
-        md += ["Generations:", "", _md_table(("prompt kind", "prompt", "before", "after"), _generation_rows(rec)), "",
-               "Metrics:", "", _md_table(("metric", "before", "after"), _metric_rows(rec)), ""]
+        if rec.generations:
+            md += ["Generations:", "", _md_table(("prompt kind", "prompt", "before", "after"), _generation_rows(rec)),
+                   ""]
+        md += ["Metrics:", "", _md_table(("metric", "before", "after"), _metric_rows(rec)), ""]
         if rec.sweep:
             md += ["Layer sweep:", "", _md_table(SWEEP_HEADER, _sweep_rows(rec)), ""]
     if image_errors:
@@ -384,15 +389,16 @@ def _html(records, settings, summary, images, plot, error, image_errors, title) 
               f"<p>Rank correlation ({e(summary['correlation_measure'])}):</p>",
               _html_table(("scope", "Spearman ρ"), _correlation_rows(summary))]
     h.append("<h2 id='facts'>Facts</h2>")
-    for rec in records:
-        h.append(f"<div class='card' id='fact-{e(safe_name(rec.fact_id))}'>")
+    for i, rec in enumerate(records):
+        h.append(f"<div class='card' id='fact-{i}-{e(safe_name(rec.fact_id))}'>")
         h.append(f"<h3>Fact {e(rec.fact_id)}: {e(rec.prompt)} → {e(rec.target_new)} (was {e(str(rec.target_true))})</h3>")
         h.append(f"<p>Subject: <code>{e(rec.subject)}</code>. {e(_layer_line(rec))}.</p>")
-        img = images.get(rec.fact_id)
+        img = images.get(i)
         if img is not None:
             h.append(f"<img alt='causal trace of fact {e(rec.fact_id)}' src='{_data_uri(img)}'>")
-        h += ["<h4>Generations</h4>", _html_table(("prompt kind", "prompt", "before", "after"), _generation_rows(rec)),
-              "<h4>Metrics</h4>", _html_table(("metric", "before", "after"), _metric_rows(rec))]
+        if rec.generations:
+            h += ["<h4>Generations</h4>", _html_table(("prompt kind", "prompt", "before", "after"), _generation_rows(rec))]
+        h += ["<h4>Metrics</h4>", _html_table(("metric", "before", "after"), _metric_rows(rec))]
         if rec.sweep:
             h += ["<h4>Layer sweep</h4>", _html_table(SWEEP_HEADER, _sweep_rows(rec))]
         h.append("</div>")
@@ -406,3 +412,41 @@ def load_results(path: str | Path) -> tuple[dict[str, Any], list[EvalRecord]]:
     """Read results.json back: (settings, records)."""
     obj = json.loads(Path(path).read_text(encoding="utf-8"))
     return obj["settings"], [EvalRecord.from_json(r) for r in obj["records"]]
+
+
+def print_summary(records: Sequence[EvalRecord], quiet: bool = False) -> None:
+    """A few lines per fact and the dataset summary, for the terminal."""
+    if quiet:
+        return
+
+    def f(v):
+        return "–" if v is None else f"{v:.2f}"
+
+    for r in records:
+        m = r.metrics
+        gen = next((g for g in r.generations if g.group == "edit"), None)
+        print(f"fact {r.fact_id}: {r.prompt!r} {r.target_true!r} -> {r.target_new!r}: layer {r.layer} ({r.layer_source})"
+              + (f", sweep best {r.best_layer}" if r.best_layer is not None else ""))
+        print(f"  efficacy {f(m.get('efficacy_score_pre'))} -> {f(m.get('efficacy_score'))}, "
+              f"paraphrase {f(m.get('paraphrase_score_pre'))} -> {f(m.get('paraphrase_score'))}, "
+              f"neighbourhood {f(m.get('neighborhood_score_pre'))} -> {f(m.get('neighborhood_score'))}, "
+              f"locality {f(m.get('locality'))}")
+        if gen is not None:
+            print(f"  before: {gen.prompt}{gen.before!r}\n  after:  {gen.prompt}{gen.after!r}")
+    s = summarize(records)
+    for name, row in s["strategies"].items():
+        print(f"{name:>10}: efficacy {f(row['efficacy_score'])} paraphrase {f(row['paraphrase_score'])} "
+              f"neighbourhood {f(row['neighborhood_score'])} rewrite score {f(row['rewrite_score'])} (n={row['n']})")
+    if s["spearman_pooled"] is not None:
+        print(f"Spearman(traced effect, edit success) pooled {f(s['spearman_pooled'])}, "
+              f"mean per fact {f(s['spearman_per_fact_mean'])}")
+
+
+def edit_summary_line(summary: Mapping[str, Any], editor: str, layers: str) -> str:
+    """The one line `rome-locate edit` prints: success rate and EasyEdit's post-edit accuracies."""
+    def opt(label, key):
+        return f", {label} {summary[key]:.3f}" if summary.get(key) is not None else ""
+
+    return (f"{summary['n_facts']} edits ({editor}, layers {layers}: {summary['layers']}): "
+            f"success {summary['success_rate']:.1%}" + opt("post rewrite_acc", "post_rewrite_acc")
+            + opt("rephrase_acc", "post_rephrase_acc") + opt("locality", "post_locality"))

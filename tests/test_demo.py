@@ -7,7 +7,8 @@ import json
 import pytest
 
 from conftest import build_tiny_model, params_hash
-from rome_locate.demo import run_pipeline
+from rome_locate.pipeline import run_pipeline
+from rome_locate.trace import TraceSettings
 from rome_locate.evaluate import EvaluationError
 from rome_locate.facts import Fact
 from rome_locate.locate import locate
@@ -25,15 +26,16 @@ def tiny(tiny_tokenizer):
 def test_pipeline_writes_report_and_keeps_weights(tiny, tmp_path):
     model, tok, facts = tiny
     before = params_hash(model)
-    located = locate(model, tok, facts[:2], samples=3, window=2, noise=0.5, full=True, progress=False)
+    located = locate(model, tok, facts[:2], TraceSettings(samples=3, window=2, noise=0.5, full=True), progress=False)
     records, paths = run_pipeline(model, tok, facts[:2], FakeHParams(layers=[1]), tmp_path, model_name="tiny",
                                   layers="traced", sweep=True, located=located, edit_context=bias_edit,
-                                  trace_settings={"samples": 3, "noise": 0.5, "seed": 0}, progress=False)
+                                  progress=False)
     assert params_hash(model) == before
     assert [r.fact_id for r in records] == ["f0", "f1"]
     obj = json.loads(paths["json"].read_text())
     assert obj["complete"] is True and len(obj["records"]) == 2
     assert obj["settings"]["trace"]["samples"] == 3 and obj["settings"]["wall_time_s"] > 0
+    assert obj["settings"]["model_fingerprint"]["model_type"] == "gpt2"
     page = paths["html"].read_text()
     assert page.count("src='data:image/png;base64,") == 3  # two heatmaps and the sweep plot
 
@@ -90,9 +92,29 @@ def test_cli_eval_end_to_end(tiny, tmp_path, capsys):
     assert "missing.json" in capsys.readouterr().err
 
 
+def test_cli_eval_checks_the_yaml_layer_before_any_work(tiny, tmp_path, capsys):
+    from rome_locate import cli
+    from rome_locate.hparams import generate_hparams, write_hparams
+
+    model, tok, facts = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "cf.json").write_text(json.dumps([_counterfact(f) for f in facts]))
+    big = build_tiny_model("gpt2", len(tok), n_layers=12)  # a YAML written for a deeper model
+    write_hparams(generate_hparams(big, None, 9, model_name=str(tmp_path / "model")), tmp_path / "hp.yaml")
+    out = tmp_path / "out"
+    for command in ("eval", "edit"):
+        rc = cli.main([command, "--model", str(tmp_path / "model"), "--device", "cpu", "--facts",
+                       str(tmp_path / "cf.json"), "--hparams", str(tmp_path / "hp.yaml"), "--layers", "traced",
+                       "--out", str(out)] + (["--no-progress"] if command == "eval" else ["--quiet"]))
+        assert rc == 2
+        assert "layer 9 out of range: the model has 4 layers (0..3)" in capsys.readouterr().err
+        assert not (out / "locate.jsonl").exists() and not (out / "results.json").exists()
+
+
 def test_demo_on_shipped_fact_model(tmp_path, capsys):
     from rome_locate.demo import run_demo
-    from rome_locate.fact_model import load_fact_model
+    from rome_locate.fact_models import load_fact_model
 
     model, tok = load_fact_model("gpt2")
     before = params_hash(model)

@@ -14,7 +14,7 @@ from rome_locate.hparams import generate_hparams, load_hparams, with_layer, writ
 from rome_locate.stats import compute_mom2, load_mom2
 
 try:
-    from rome_locate.edit import import_easyedit
+    from rome_locate.easyedit import import_easyedit
 
     import_easyedit()
 except ImportError as exc:

@@ -1,4 +1,5 @@
-"""Hand-off: the edited() context manager, edit_facts and its results.json, the CLI."""
+"""Hand-off: the edited() context manager, `edit` (the pipeline without generations and sweep), its results.json,
+layer choices matched by position, the CLI."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ import torch
 
 from conftest import SENTENCES, build_tiny_model
 from rome_locate.choose import LayerChoice
-from rome_locate.edit import EditOutcome, edit_facts, edited
+from rome_locate.arch import LayerRangeError
+from rome_locate.edit import edited
+from rome_locate.evaluate import EvalRecord
 from rome_locate.facts import Fact
+from rome_locate.pipeline import edit_facts
 from rome_locate.hooks import hook_count
 from rome_locate.hparams import generate_hparams
+from rome_locate.trace import TraceSettings
 
 FACTS = [
     Fact(prompt="The Space Needle is in the city of", subject="The Space Needle", target="Seattle",
@@ -56,35 +61,52 @@ def test_edit_facts_writes_results(gpt2, tmp_path):
     outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), out_dir=tmp_path / "run", progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     data = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [o["fact_id"] for o in data["outcomes"]] == ["needle", "miles"]
-    assert data["summary"]["n"] == 2 and data["hparams"]["layers"] == [2] and data["layers"] == "fixed"
-    o = EditOutcome.from_json(data["outcomes"][0])
+    assert [o["fact_id"] for o in data["records"]] == ["needle", "miles"]
+    assert data["summary"]["n_facts"] == 2 and data["settings"]["hparams"]["layers"] == [2]
+    assert data["settings"]["layers"] == "fixed" and data["complete"] is True
+    o = EvalRecord.from_json(data["records"][0])
     assert o == outcomes[0] and o.layer == 2 and o.layer_source == "fixed" and o.editor == "builtin"
-    assert 0.0 <= o.p_new_before <= 1.0 and 0.0 <= o.p_new_after <= 1.0 and o.p_true_before is not None
-    assert set(o.metrics["pre"]) == {"rewrite_acc", "rephrase_acc"}
-    assert set(o.metrics["post"]) == {"rewrite_acc", "rephrase_acc", "locality"}
-    assert 0.0 <= o.metrics["post"]["locality"] <= 1.0
-    assert outcomes[1].metrics["post"]["rephrase_acc"] is None  # no rephrase prompts
+    # Generations and the sweep are off in `edit`.
+    assert o.generations == () and o.sweep == ()
+    assert 0.0 <= o.metrics["p_new_pre"] <= 1.0 and 0.0 <= o.metrics["p_new"] <= 1.0 and o.metrics["p_true_pre"] is not None
+    assert {"rewrite_acc", "rewrite_acc_pre", "rephrase_acc", "rephrase_acc_pre", "locality", "success"} <= set(o.metrics)
+    assert 0.0 <= o.metrics["locality"] <= 1.0 and o.metrics["success"] in (0.0, 1.0)
+    assert outcomes[1].metrics["rephrase_acc"] is None  # no rephrase prompts
+    assert data["summary"]["success_rate"] == pytest.approx(sum(r.success for r in outcomes) / 2)
+    assert data["summary"]["post_rewrite_acc"] == pytest.approx(sum(r.metrics["rewrite_acc"] for r in outcomes) / 2)
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
 def test_traced_layers_from_choices(gpt2, tmp_path):
     model, tok = gpt2
     choices = [LayerChoice("needle", 0, "mlp", 0.1, 1, 0.05), LayerChoice("miles", 3, "mlp", 0.2, 2, 0.1)]
-    outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), layers="traced", choices=choices, progress=False)
+    outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), layers="traced", located=choices, progress=False)
     assert [(o.layer, o.layer_source) for o in outcomes] == [(0, "traced"), (3, "traced")]
-    outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), choices={"needle": 1, "miles": 1}, progress=False)
+    outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), located=[1, 1], progress=False)
     assert [(o.layer, o.layer_source) for o in outcomes] == [(1, "given"), (1, "given")]
     with pytest.raises(ValueError, match="2 layer choices for 1 facts"):
-        edit_facts(model, tok, FACTS[:1], _hp(model), layers="traced", choices=choices, progress=False)
-    with pytest.raises(ValueError, match="given for fact"):
-        edit_facts(model, tok, FACTS[::-1], _hp(model), layers="traced", choices=choices, progress=False)
+        edit_facts(model, tok, FACTS[:1], _hp(model), layers="traced", located=choices, progress=False)
+    # Ids only cross-check the position: a choice in the wrong place is an error naming both facts.
+    with pytest.raises(ValueError, match="for fact 'needle' but fact 0 is 'miles'"):
+        edit_facts(model, tok, FACTS[::-1], _hp(model), layers="traced", located=choices, progress=False)
+
+
+@pytest.mark.parametrize("fact_id", ["", "7"])
+def test_traced_layers_attach_by_position_without_unique_ids(gpt2, fact_id):
+    """Facts without ids (or with one case_id) traced 2, 2, 1, 1 are edited at 2, 2, 1, 1, not all at one layer."""
+    model, tok = gpt2
+    facts = [dataclasses.replace(FACTS[0], id=fact_id) for _ in range(4)]
+    choices = [LayerChoice(fact_id, layer, "mlp", 0.1, 0, 0.05) for layer in (2, 2, 1, 1)]
+    records = edit_facts(model, tok, facts, _hp(model), layers="traced", located=choices, progress=False)
+    assert [r.layer for r in records] == [2, 2, 1, 1]
 
 
 def test_traced_locates_when_no_choices(gpt2):
     model, tok = gpt2
-    outcomes = edit_facts(model, tok, FACTS[:1], _hp(model), layers="traced", progress=False)
+    outcomes = edit_facts(model, tok, FACTS[:1], _hp(model), layers="traced", progress=False,
+                          trace_settings=TraceSettings(samples=2, noise=0.5))
     assert outcomes[0].layer_source == "traced" and 0 <= outcomes[0].layer < 4
+    assert outcomes[0].layer == outcomes[0].traced_layer and outcomes[0].effects is not None
 
 
 def test_missing_mom2_is_computed_from_a_corpus(gpt2, tmp_path):
@@ -92,10 +114,10 @@ def test_missing_mom2_is_computed_from_a_corpus(gpt2, tmp_path):
     h = _hp(model, layer=2, mom2_adjustment=True, stats_dir=str(tmp_path / "none"), mom2_dataset="c",
             mom2_n_samples=10)
     with pytest.raises(FileNotFoundError, match="mom2 statistics missing for layers \\[1, 2\\]"):
-        edit_facts(model, tok, FACTS, h, choices=[1, 2], progress=False)
+        edit_facts(model, tok, FACTS, h, located=[1, 2], progress=False)
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(SENTENCES))
-    out = edit_facts(model, tok, FACTS, h, choices=[1, 2], progress=False, out_dir=tmp_path / "o", mom2_corpus=corpus)
+    out = edit_facts(model, tok, FACTS, h, located=[1, 2], progress=False, out_dir=tmp_path / "o", mom2_corpus=corpus)
     assert [o.layer for o in out] == [1, 2]
     assert len(list((tmp_path / "o" / "stats").rglob("*_float32_mom2_10.npz"))) == 2
 
@@ -106,8 +128,40 @@ def test_bad_inputs(gpt2):
         edit_facts(model, tok, [dataclasses.replace(FACTS[0], target_new=None)], _hp(model), progress=False)
     with pytest.raises(ValueError, match="layers must be"):
         edit_facts(model, tok, FACTS, _hp(model), layers="sweep", progress=False)
-    with pytest.raises(ValueError, match="out of range"):
-        edit_facts(model, tok, FACTS, _hp(model), choices=[7, 7], progress=False)
+    with pytest.raises(LayerRangeError, match="out of range"):
+        edit_facts(model, tok, FACTS, _hp(model), located=[7, 7], progress=False)
+    with pytest.raises(LayerRangeError, match="layer 9 out of range: the model has 4 layers"):
+        edit_facts(model, tok, FACTS, dataclasses.replace(_hp(model), layers=[9]), progress=False)
+
+
+def test_target_new_equal_to_the_true_answer_is_not_a_success(gpt2, tmp_path):
+    model, tok = gpt2
+    same = dataclasses.replace(FACTS[1], id="same", target_new="trumpet")
+    with pytest.raises(ValueError, match="fact 'same'.*target_new 'trumpet' is the true answer"):
+        edit_facts(model, tok, [FACTS[0], same], _hp(model), progress=False)
+    with pytest.warns(UserWarning, match="skipped: fact 'same'"):
+        records = edit_facts(model, tok, [FACTS[0], same], _hp(model), progress=False, skip_errors=True,
+                             located=[2, 1])
+    assert [(r.fact_id, r.layer) for r in records] == [("needle", 2)]
+
+
+def test_results_written_after_each_fact(gpt2, tmp_path):
+    """A failure on the second fact leaves the first one's record in results.json."""
+    from rome_locate.evaluate import EvaluationError
+
+    model, tok = gpt2
+    calls = []
+
+    def breaks_second(model, tok, fact, hparams, editor="builtin"):
+        calls.append(fact.id)
+        if len(calls) == 2:
+            raise RuntimeError("editor broke")
+        return edited(model, tok, fact, hparams, editor=editor)
+
+    with pytest.raises(EvaluationError, match="editor broke"):
+        edit_facts(model, tok, FACTS, _hp(model), out_dir=tmp_path, progress=False, edit_context=breaks_second)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["complete"] is False and [r["fact_id"] for r in data["records"]] == ["needle"]
 
 
 def test_cli_stats_hparams_edit(tiny_tokenizer, tmp_path):
@@ -133,7 +187,7 @@ def test_cli_stats_hparams_edit(tiny_tokenizer, tmp_path):
     assert main(["edit", "--model", str(mdir), "--device", "cpu", "--facts", str(facts), "--hparams", str(out),
                  "--out", str(tmp_path / "run"), "--quiet"]) == 0
     data = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert len(data["outcomes"]) == 2 and data["hparams"]["model_name"] == str(mdir)
+    assert len(data["records"]) == 2 and data["settings"]["hparams"]["model_name"] == str(mdir)
     assert main(["edit", "--model", str(mdir), "--device", "cpu", "--facts", str(facts), "--hparams",
                  str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "run2")]) == 2
 
@@ -142,7 +196,7 @@ def test_import_easyedit_stubs_only_during_the_import(tmp_path, monkeypatch):
     """A fake EasyEdit whose __init__ needs a missing package and a torchvision that raises on load."""
     import sys
 
-    from rome_locate import edit as edit_mod
+    from rome_locate import easyedit as edit_mod
 
     pkg = tmp_path / "clone" / "easyeditor"
     (pkg / "models" / "rome").mkdir(parents=True)
@@ -184,7 +238,7 @@ def test_import_easyedit_stubs_only_during_the_import(tmp_path, monkeypatch):
 
 
 def test_easyedit_request_format():
-    from rome_locate.edit import easyedit_request
+    from rome_locate.easyedit import easyedit_request
 
     r = easyedit_request(FACTS[0])
     assert r["prompt"] == FACTS[0].prompt and r["subject"] == "The Space Needle"

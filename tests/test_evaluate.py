@@ -232,6 +232,10 @@ def test_summary_strategies_and_correlation(gpt2):
         scores: tuple
         low_score: float
 
+        @property
+        def effects(self):
+            return tuple(s - self.low_score for s in self.scores)
+
     facts = [Fact(**{**FACT.to_json(), "id": f"f{i}"}) for i in range(2)]
     # Trace effects rise with the layer, like the double's push: rank correlation 1 per fact.
     located = [(Trace(scores=(0.1, 0.2, 0.3, 0.4), low_score=0.05), Choice(f.id, 2, 0.1)) for f in facts]

@@ -10,7 +10,7 @@ from conftest import build_tiny_model
 from rome_locate.evaluate import EvaluationError, evaluate
 from rome_locate.facts import Fact
 from rome_locate.report import load_results, run_settings, write_report
-from rome_locate.trace import trace_fact
+from rome_locate.trace import TraceSettings, trace_fact
 from test_evaluate import FACT, FakeHParams, bias_edit, failing_on
 
 
@@ -21,7 +21,7 @@ def evaluated(tiny_tokenizer):
     model = build_tiny_model("gpt2", len(tok), n_layers=4)
     facts = [FACT, Fact(**{**FACT.to_json(), "id": "f1", "prompt": "Alma Berridge speaks the language of",
                            "subject": "Alma Berridge"})]
-    traces = [trace_fact(model, tok, f, samples=3, window=2, noise=0.5, full=True) for f in facts]
+    traces = [trace_fact(model, tok, f, TraceSettings(samples=3, window=2, noise=0.5, full=True)) for f in facts]
 
     class Choice:  # what `choose_layer` returns, reduced to what the harness reads
         def __init__(self, fact_id, layer, margin):
@@ -30,9 +30,9 @@ def evaluated(tiny_tokenizer):
     located = [(t, Choice(t.fact_id, max(range(4), key=lambda i: t.scores[i]), 0.01)) for t in traces]
     records = evaluate(model, tok, facts, FakeHParams(layers=[1]), layers="traced", located=located, sweep=True,
                        edit_context=bias_edit, progress=False)
-    settings = run_settings(model="tiny-gpt2", trace_settings={"samples": 3, "noise": 0.5}, seed=0,
+    settings = run_settings(model="tiny-gpt2", trace_settings=TraceSettings(samples=3, noise=0.5), seed=0,
                             layers="traced", sweep=True, editor="test-double", wall_time_s=1.5)
-    return model, tok, facts, records, {t.fact_id: t for t in traces}, settings
+    return model, tok, facts, records, traces, settings
 
 
 def test_report_has_every_section(evaluated, tmp_path):

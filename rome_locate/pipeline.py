@@ -1,0 +1,144 @@
+"""The general pipeline: locate if needed → hyperparameters' statistics → edit → evaluate → report.
+
+`rome-locate edit`, `rome-locate eval` and the demo all run `run_pipeline`;
+`edit` is the pipeline with generations and the layer sweep switched off.
+results.json is rewritten after every fact, so a later failure loses nothing
+finished, and the report is written in `finally`.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .arch import Arch, arch_for, check_layer
+from .edit import EDITORS, edited, ensure_stats
+from .evaluate import (LAYER_MODES, EvalRecord, EvaluationError, GenerationSettings, check_editable, evaluate,
+                       place)
+from .facts import Fact
+from .locate import locate
+from .models import fingerprint
+from .report import run_settings, write_report, write_results_json
+from .trace import TraceSettings
+
+
+def editable(facts: Sequence[Fact], located: Sequence[Any] | None = None, *,
+             skip_errors: bool = False) -> tuple[list[Fact], list[Any] | None]:
+    """The facts that can be edited (and their layer choices, kept aligned); the others are an error, or skipped
+    with a warning under `skip_errors` (no target_new; target_new equal to the true answer)."""
+    facts = list(facts)
+    if not facts:
+        raise ValueError("no facts to edit")
+    if located is not None:
+        located = list(located)
+        if len(located) != len(facts):
+            raise ValueError(f"{len(located)} layer choices for {len(facts)} facts (they are matched by position)")
+    keep = []
+    for i, fact in enumerate(facts):
+        try:
+            check_editable(fact)
+        except ValueError as exc:
+            if not skip_errors:
+                raise
+            warnings.warn(f"skipped: {exc}", stacklevel=3)
+            continue
+        keep.append(i)
+    if not keep:
+        raise ValueError("no fact can be edited (every one was skipped)")
+    return [facts[i] for i in keep], None if located is None else [located[i] for i in keep]
+
+
+def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str | Path | None = None, *,
+                 model_name: str | None = None, layers: str = "fixed", sweep: bool | Sequence[int] = False,
+                 trace_settings: TraceSettings | None = None, located: Sequence[Any] | None = None,
+                 generation: GenerationSettings | None = GenerationSettings(), editor: str = "builtin",
+                 edit_context: Callable | None = None, seed: int = 0, mom2_corpus: str | Path | None = None,
+                 arch: Arch | str | Path | dict | None = None, facts_path: str | None = None,
+                 max_neighborhood: int | None = None, skip_errors: bool = False, progress: bool = True,
+                 extra_settings: dict[str, Any] | None = None,
+                 started: float | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
+    """Edit and evaluate every fact; with `out_dir`, results.json after every fact and the report at the end.
+
+    Layers: `layers="traced"` edits each fact at its traced layer, "fixed" at the
+    hyperparameters'. `located` (locate()'s pairs, LayerChoices or ints) is aligned
+    with `facts` by position; without it, the facts are traced with
+    `trace_settings` when the layers or the sweep need a trace (into
+    OUT/locate.jsonl, resumable). Every layer is checked against the model
+    before any work. `generation=None` and `sweep=False` is `rome-locate edit`.
+    `edit_context` replaces the editor (tests); the built-in editor is seeded
+    with `seed`. With mom2_adjustment on, statistics missing for a layer are
+    computed from `mom2_corpus` into OUT/stats. On a failure the report covers
+    the finished facts, names the error, and the `EvaluationError` is raised
+    again. `started` (a `time.perf_counter()` value) is where the wall time starts.
+    """
+    if layers not in LAYER_MODES:
+        raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
+    if editor not in EDITORS and edit_context is None:
+        raise ValueError(f"editor must be one of {EDITORS}, got {editor!r}")
+    t0 = time.perf_counter() if started is None else started
+    facts, located = editable(facts, located, skip_errors=skip_errors)
+    arch = arch_for(model, arch)
+    n_layers = arch.n_layers
+    sweep_layers = list(range(n_layers)) if sweep is True else [int(x) for x in (sweep or ())]
+    out = Path(out_dir) if out_dir is not None else None
+    # Every layer is checked before any tracing or editing.
+    placements = place(facts, hparams, "fixed" if located is None else layers, located, n_layers=n_layers)
+    for layer in sweep_layers:
+        check_layer(layer, n_layers, "sweep layer")
+    if located is None and (layers == "traced" or sweep_layers):
+        # The sweep compares edit success with the traced effect, so it traces too.
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+        located = locate(model, tok, facts, trace_settings or TraceSettings(), arch=arch, progress=progress,
+                         out=None if out is None else out / "locate.jsonl")
+        placements = place(facts, hparams, layers, located, n_layers=n_layers)
+    if trace_settings is None and located:
+        trace_settings = getattr(_trace_of(located[0]), "settings", None)
+    used = {p.layer for p in placements} | set(sweep_layers)
+    hparams = ensure_stats(model, tok, hparams, used, mom2_corpus, None if out is None else out / "stats")
+    if edit_context is None:
+        edit_context = functools.partial(edited, seed=seed)
+    model_id = fingerprint(model)
+
+    def settings() -> dict[str, Any]:
+        return run_settings(model=model_name, model_fingerprint=model_id, hparams=hparams,
+                            trace_settings=trace_settings, seed=seed, generation=generation, layers=layers,
+                            sweep=bool(sweep_layers), editor=editor, facts=facts_path,
+                            wall_time_s=time.perf_counter() - t0, **(extra_settings or {}))
+
+    records: list[EvalRecord] = []
+    error: str | None = None
+
+    def finished(recs: list[EvalRecord]) -> None:
+        records[:] = recs
+        if out is not None:
+            write_results_json(recs, out, settings(), complete=False)
+
+    paths: dict[str, Path] = {}
+    try:
+        evaluate(model, tok, facts, hparams, placements=placements, sweep=sweep_layers or False,
+                 generation=generation, editor=editor, edit_context=edit_context,
+                 max_neighborhood=max_neighborhood, progress=progress, on_record=finished)
+    except BaseException as exc:  # also Ctrl-C: the report still covers what finished
+        error = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if out is not None:
+            paths = write_report(records, out, settings(), traces=[p.trace for p in placements], error=error)
+    return list(records), paths
+
+
+def _trace_of(entry: Any) -> Any:
+    return entry[0] if isinstance(entry, tuple) else None
+
+
+def edit_facts(model, tok, facts: Sequence[Fact], hparams: Any, *, layers: str = "fixed",
+               located: Sequence[Any] | None = None, out_dir: str | Path | None = None,
+               **kwargs: Any) -> list[EvalRecord]:
+    """`rome-locate edit` from Python: the pipeline with generations and the sweep off; returns the records."""
+    records, _ = run_pipeline(model, tok, facts, hparams, out_dir, layers=layers, located=located,
+                              generation=None, sweep=False, **kwargs)
+    return records
