@@ -15,6 +15,7 @@ so their layer choices must be identical.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -34,8 +35,10 @@ from rome_locate.choose import choose_layer  # noqa: E402
 from rome_locate.facts import Fact  # noqa: E402
 from rome_locate.files import write_json  # noqa: E402
 from rome_locate.hooks import patched  # noqa: E402
+from rome_locate.models import input_device  # noqa: E402
 from rome_locate.tokens import find_subject_range  # noqa: E402
 from rome_locate.trace import (  # noqa: E402
+    TraceSettings,
     effective_window,
     noise_level,
     trace_fact,
@@ -53,7 +56,7 @@ def reference_full_table(model, tok, fact: Fact, noise: float, samples: int, win
     arch = arch_for(model)
     L = arch.n_layers
     (b, e), _, ids = find_subject_range(tok, fact.prompt, fact.subject)
-    device = next(model.parameters()).device
+    device = input_device(model)
     inp = torch.tensor([ids] * (samples + 1), device=device)
     with torch.no_grad():
         answer = int(model(inp[:1]).logits[0, -1].argmax())
@@ -92,13 +95,13 @@ def bench_model(name: str, model, tok, facts: list[Fact]) -> dict:
     arch = arch_for(model)
     level = noise_level(model, tok, facts, arch)
     w = effective_window(10, arch.n_layers, "mlp")
+    settings = TraceSettings(noise_draws="rome", samples=SAMPLES, window=10)
     ref_t, fast_t, full_t, same, diffs, tokens = [], [], [], [], [], []
     for fact in facts:
         (table, low, answer), t_ref = _timed(lambda: reference_full_table(model, tok, fact, level, SAMPLES, w))
-        fast, t_fast = _timed(lambda: trace_fact(model, tok, fact, arch=arch, noise=level, noise_draws="rome",
-                                                  samples=SAMPLES, window=10))
-        _, t_full = _timed(lambda: trace_fact(model, tok, fact, arch=arch, noise=level, noise_draws="rome",
-                                              samples=SAMPLES, window=10, full=True))
+        fast, t_fast = _timed(lambda: trace_fact(model, tok, fact, settings, arch=arch, noise_level=level))
+        _, t_full = _timed(lambda: trace_fact(model, tok, fact, dataclasses.replace(settings, full=True), arch=arch,
+                                              noise_level=level))
         assert fast.answer_id == answer
         e = fast.subject_range[1]
         row = table[e - 1]
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     if not args.no_fact_model:
         try:
-            from rome_locate.fact_model import facts_path, load_fact_model
+            from rome_locate.fact_models import facts_path, load_fact_model
             from rome_locate.facts import load_facts
 
             model, tok = load_fact_model("gpt2")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 from torch import nn
 
 from .hooks import get_module
+from .records import Record
 
 Kind = Literal["hidden", "mlp", "attn"]
 KINDS: tuple[Kind, ...] = ("hidden", "mlp", "attn")
@@ -19,17 +20,24 @@ class LayerRangeError(ValueError, IndexError):
     """A layer index outside the model's 0..L-1."""
 
 
-def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
-    """`layer` as an int when 0 <= layer < n_layers; otherwise a LayerRangeError that says the valid range."""
+def check_layer(layer: int, n_layers: int | None, what: str = "layer") -> int:
+    """`layer` as an int when 0 <= layer < n_layers; otherwise a LayerRangeError that says the valid range.
+
+    With `n_layers=None` (the depth is not known here) only `layer >= 0` is checked.
+    """
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise LayerRangeError(f"{what} must be an integer, got {layer!r}")
+    if n_layers is None:
+        if layer < 0:
+            raise LayerRangeError(f"{what} must be >= 0, got {layer}")
+        return layer
     if not 0 <= layer < n_layers:
         raise LayerRangeError(f"{what} {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     return layer
 
 
 @dataclass(frozen=True)
-class Arch:
+class Arch(Record):
     """Module names of one model; field names match ROMEHyperParams so hand-off is a plain copy."""
 
     embed: str
@@ -52,23 +60,14 @@ class Arch:
 
     def rewrite_module(self, layer: int) -> str:
         """Name of the MLP output projection ROME rewrites at `layer`."""
+        if self.n_layers:
+            check_layer(layer, self.n_layers)
         return self.rewrite_module_tmp.format(layer)
 
-    def to_json(self) -> dict:
-        """Plain-JSON form."""
-        return asdict(self)
-
     @classmethod
-    def from_json(cls, obj: dict) -> "Arch":
-        """Inverse of `to_json`; unknown keys are an error so typos are caught."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(obj) - names
-        if unknown:
-            raise ValueError(f"unknown architecture keys {sorted(unknown)}; expected {sorted(names)}")
-        missing = names - set(obj) - {"n_layers"}
-        if missing:
-            raise ValueError(f"architecture is missing keys {sorted(missing)}")
-        return cls(**obj)
+    def from_json(cls, obj: Mapping[str, Any], *, strict: bool = True) -> "Arch":
+        """Inverse of `to_json`; strict by default (an --arch file is written by hand, so typos are caught)."""
+        return super().from_json(obj, strict=strict)
 
 
 def _decoder(prefix: str, attn: str = "self_attn", mlp: str = "mlp", down: str = "down_proj",
@@ -180,10 +179,9 @@ def _how_to_pass() -> str:
             f"CLI: --arch FILE.json with keys {keys})")
 
 
-def _count_layers(model: nn.Module, arch: Arch) -> int:
-    container_name = arch.layer_module_tmp.split(".{}")[0]
-    container = get_module(model, container_name)
-    return len(container)
+def count_layers(model: nn.Module, layer_module_tmp: str) -> int:
+    """Number of blocks in the container that `layer_module_tmp` ("transformer.h.{}") indexes."""
+    return len(get_module(model, layer_module_tmp.split(".{}")[0]))
 
 
 def _check(model: nn.Module, arch: Arch) -> None:
@@ -203,10 +201,23 @@ def _check(model: nn.Module, arch: Arch) -> None:
         )
 
 
+def read_arch(path: str | Path) -> Arch:
+    """An architecture row from a hand-written JSON file; every error names the file."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"architecture file {path}: not valid JSON ({exc})") from None
+    try:
+        return Arch.from_json(obj)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"architecture file {path}: {exc}. {_how_to_pass()}") from None
+
+
 def arch_for(model: nn.Module, arch: Arch | str | Path | dict | None = None) -> Arch:
     """Resolve and check the module names of a loaded model; `arch` overrides the table."""
     if isinstance(arch, (str, Path)):
-        arch = Arch.from_json(json.loads(Path(arch).read_text()))
+        arch = read_arch(arch)
     elif isinstance(arch, dict):
         arch = Arch.from_json(arch)
     if arch is None:
@@ -218,7 +229,7 @@ def arch_for(model: nn.Module, arch: Arch | str | Path | dict | None = None) -> 
             )
         arch = ARCH[model_type]
     try:
-        n_layers = _count_layers(model, arch)
+        n_layers = count_layers(model, arch.layer_module_tmp)
     except (LookupError, TypeError):
         raise UnknownArchitectureError(
             f"{type(model).__name__}: no layer list at {arch.layer_module_tmp.split('.{}')[0]!r}; "

@@ -5,8 +5,10 @@ Pure Python: it reads traced scores and never touches a model.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from .records import Record
 
 
 class Traced(Protocol):
@@ -14,20 +16,15 @@ class Traced(Protocol):
 
     fact_id: str
     kind: str
-    low_score: float
-    scores: tuple[float, ...]
 
-
-def _from_json(cls, obj: dict[str, Any]):
-    names = {f.name for f in fields(cls)}
-    missing = names - set(obj)
-    if missing:
-        raise ValueError(f"{cls.__name__} record is missing keys {sorted(missing)}")
-    return cls(**{k: obj[k] for k in names})
+    @property
+    def effects(self) -> Sequence[float]:
+        """Indirect effect per layer at the last subject token."""
+        ...
 
 
 @dataclass(frozen=True)
-class LayerChoice:
+class LayerChoice(Record):
     """One fact's chosen layer: the largest indirect effect, with the runner-up and the margin."""
 
     fact_id: str
@@ -37,18 +34,9 @@ class LayerChoice:
     runner_up: int | None  # the second-best layer; None for a one-layer model
     margin: float  # effect(layer) - effect(runner_up); 0.0 without a runner-up
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "LayerChoice":
-        """Inverse of `to_json`; other keys (e.g. a TraceResult's) are ignored."""
-        return _from_json(cls, obj)
-
 
 @dataclass(frozen=True)
-class DatasetChoice:
+class DatasetChoice(Record):
     """One layer for a whole dataset: the highest mean indirect effect, and the per-fact histogram."""
 
     layer: int
@@ -57,24 +45,12 @@ class DatasetChoice:
     histogram: tuple[int, ...]  # number of facts whose own choice is each layer
     n_facts: int
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form."""
-        obj = asdict(self)
-        obj["mean_effects"] = list(self.mean_effects)
-        obj["histogram"] = list(self.histogram)
-        return obj
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "DatasetChoice":
-        """Inverse of `to_json`."""
-        out = _from_json(cls, obj)
-        return DatasetChoice(out.layer, out.kind, tuple(out.mean_effects), tuple(out.histogram), out.n_facts)
-
 
 def _effects(result: Traced) -> list[float]:
-    if not result.scores:
+    effects = list(result.effects)
+    if not effects:
         raise ValueError(f"fact {result.fact_id!r}: no scores to choose a layer from")
-    return [s - result.low_score for s in result.scores]
+    return effects
 
 
 def _argmax(values: Sequence[float], skip: int | None = None) -> int:
@@ -105,7 +81,7 @@ def choose_dataset_layer(results: Sequence[Traced]) -> DatasetChoice:
     kinds = {str(r.kind) for r in results}
     if len(kinds) > 1:
         raise ValueError(f"traces of different kinds {sorted(kinds)} cannot share a layer choice")
-    depths = {len(r.scores) for r in results}
+    depths = {len(r.effects) for r in results}
     if len(depths) > 1:
         raise ValueError(f"traces have different numbers of layers {sorted(depths)}: not one model")
     n_layers = depths.pop()

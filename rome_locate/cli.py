@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 # Stage modules are imported inside each command so that `--help` stays instant.
-
-
-def _device_default() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -35,41 +30,42 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """Load (model, tokenizer) from `--model` with from_pretrained, on `--device` in `--dtype`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer) of `--model` on `--device` in `--dtype` (models.load_model)."""
+    from .models import load_model as load
 
-    device = args.device or _device_default()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
-    dtype = getattr(torch, args.dtype)
-    try:
-        tok = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        where = "local directory" if Path(args.model).exists() else "local directory or reachable hub model"
-        raise FileNotFoundError(f"--model {args.model!r} is not a loadable {where}: {exc}") from None
-    return model.to(device).eval(), tok
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _trace_settings(args: argparse.Namespace, full: bool = False):
+    """The one TraceSettings of a command, from its trace flags (validated there: a bad value is a ValueError)."""
+    from .trace import TraceSettings
+
+    return TraceSettings(kind=args.kind, samples=args.samples, window=args.window, noise=args.noise,
+                         noise_draws=args.noise_draws, answer=args.answer, seed=args.seed, full=full)
 
 
 def _cmd_fact_model(args: argparse.Namespace) -> int:
-    from . import fact_model
+    from . import fact_models
 
     if args.train:
-        fact_model.train(args.family)
+        from .fact_models.train import train
+
+        train(args.family)
     if args.counterfact:
-        print(fact_model.counterfact_path(args.family))
+        print(fact_models.counterfact_path(args.family))
     elif args.facts:
-        print(fact_model.facts_path(args.family))
+        print(fact_models.facts_path(args.family))
     elif args.corpus:
-        print(fact_model.corpus_path(args.family))
+        print(fact_models.corpus_path(args.family))
     elif args.accuracy:
         import json
 
-        model, tok = fact_model.load_fact_model(args.family)
-        print(json.dumps(fact_model.accuracy(model, tok, args.family), indent=2))
+        from .fact_models.train import accuracy
+
+        model, tok = fact_models.load_fact_model(args.family)
+        print(json.dumps(accuracy(model, tok, args.family), indent=2))
     else:
-        print(fact_model.fact_model_dir(args.family))
+        print(fact_models.fact_model_dir(args.family))
     return 0
 
 
@@ -128,11 +124,6 @@ def _add_locate_parsers(sub) -> None:
     p.set_defaults(func=_cmd_locate)
 
 
-def _trace_kwargs(args: argparse.Namespace) -> dict:
-    return dict(samples=args.samples, window=args.window, noise_draws=args.noise_draws, answer=args.answer,
-                seed=args.seed)
-
-
 def _fmt_row(values) -> str:
     return " ".join(f"{v:.4f}" for v in values)
 
@@ -141,25 +132,22 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from .arch import KINDS, arch_for
     from .choose import choose_layer
     from .facts import Fact
-    from .locate import parse_noise
-    from .trace import noise_level, trace_fact
+    from .trace import trace_fact
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"--kinds must name some of {KINDS}, got {args.kinds!r}")
-    if args.noise_draws == "replace":
+    settings = _trace_settings(args, full=True)
+    if settings.noise_draws == "replace":
         raise ValueError("trace: --noise-draws replace needs other subjects; use `locate` on a facts file")
     model, tok = load_model(args)
     arch = arch_for(model, args.arch)
     fact = Fact(prompt=args.prompt, subject=args.subject, target=args.target, id="prompt")
-    level, factor = parse_noise(args.noise)
-    if level is None:
-        level = noise_level(model, tok, [fact], arch, factor=factor)
     results = {}
     for kind in kinds:
-        results[kind] = trace_fact(model, tok, fact, arch=arch, kind=kind, noise=level, full=True,
-                                   occurrence=args.occurrence, **_trace_kwargs(args))
+        results[kind] = trace_fact(model, tok, fact, dataclasses.replace(settings, kind=kind), arch=arch,
+                                   occurrence=args.occurrence)
     r = next(iter(results.values()))
     b, e = r.subject_range
     print(f"tokens: {list(r.tokens)}")
@@ -177,8 +165,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     runner = "" if c.runner_up is None else f", runner-up {c.runner_up} (margin {c.margin:.4f})"
     print(f"choice ({shown}): layer {c.layer}, indirect effect {c.effect:.4f}{runner}")
     if args.plots:
-        from pathlib import Path
-
         from .plots import heatmap
 
         for kind, res in results.items():
@@ -195,12 +181,12 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     from .facts import load_facts
     from .locate import locate, record
 
+    settings = _trace_settings(args)
     facts = load_facts(args.facts, limit=args.limit)
     model, tok = load_model(args)
     start = time.perf_counter()
-    pairs = locate(model, tok, facts, out=args.out, plots_dir=args.plots, progress=not args.quiet,
-                   arch=args.arch, noise=args.noise, skip_errors=args.skip_errors, kind=args.kind,
-                   **_trace_kwargs(args))
+    pairs = locate(model, tok, facts, settings, out=args.out, plots_dir=args.plots, progress=not args.quiet,
+                   arch=args.arch, skip_errors=args.skip_errors)
     wall = time.perf_counter() - start
     summary = sys.stdout if args.out else sys.stderr
     if not args.out:
@@ -274,7 +260,9 @@ def _add_edit_parsers(sub) -> None:
 def _hparams_device(args: argparse.Namespace):
     if args.hparams_device is not None:
         return int(args.hparams_device) if args.hparams_device.isdigit() else args.hparams_device
-    device = args.device or _device_default()
+    from .models import default_device
+
+    device = args.device or default_device()
     if device.startswith("cuda"):
         return int(device.partition(":")[2] or 0)  # EasyEdit's device field is a CUDA index
     return device
@@ -295,6 +283,7 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
+    settings = _trace_settings(args)
     facts = load_facts(args.facts, limit=args.limit)
     model, tok = load_model(args)
     arch = arch_for(model, args.arch)
@@ -302,16 +291,15 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
         layer = args.layer
         header = f"Written by `rome-locate hparams` with --layer {layer} (not traced).\nfacts: {args.facts}"
     else:
-        pairs = locate(model, tok, facts, progress=not args.quiet, arch=arch, noise=args.noise,
-                       kind=args.kind, **_trace_kwargs(args))
+        pairs = locate(model, tok, facts, settings, progress=not args.quiet, arch=arch)
         if not pairs:
-            raise RuntimeError(f"no fact of {args.facts} could be traced")
+            raise ValueError(f"no fact of {args.facts} could be traced")
         d = choose_dataset_layer([r for r, _ in pairs])
         layer = d.layer
-        settings = dict(kind=args.kind, samples=args.samples, window=pairs[0][0].window, noise=args.noise,
-                        noise_level=f"{pairs[0][0].noise:.4g}", noise_draws=args.noise_draws, answer=args.answer,
-                        seed=args.seed)
-        header = dataset_header(args.facts, d.n_facts, settings, d.mean_effects, d.histogram, layer, d.kind)
+        shown = dict(kind=settings.kind, samples=settings.samples, window=pairs[0][0].window, noise=settings.noise,
+                     noise_level=f"{pairs[0][0].noise:.4g}", noise_draws=settings.noise_draws,
+                     answer=settings.answer, seed=settings.seed)
+        header = dataset_header(args.facts, d.n_facts, shown, d.mean_effects, d.histogram, layer, d.kind)
         print("layer  facts  mean_IE")
         for i, (n, m) in enumerate(zip(d.histogram, d.mean_effects)):
             print(f"{i:5d}  {n:5d}  {m:+.4f}")
@@ -495,9 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, LookupError, RuntimeError) as exc:
+    except _user_errors() as exc:
+        # Bad input: one line naming it. Anything else (a bug, CUDA out of memory) keeps its traceback.
         print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean bad input: plain file and value errors and the package's own lookup errors."""
+    from .arch import UnknownArchitectureError
+    from .hooks import UnknownModuleError
+
+    return (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError, ValueError,
+            UnknownArchitectureError, UnknownModuleError)
 
 
 if __name__ == "__main__":

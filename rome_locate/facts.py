@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from .files import write_text
+from .records import Record
 
 
 @dataclass(frozen=True)
-class Fact:
+class Fact(Record):
     """One fact to trace or edit.
 
     `prompt` ends where the answer starts (no `{}`); targets are stored without
@@ -28,19 +29,10 @@ class Fact:
     relation_id: str | None = None
     id: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form (tuples become lists)."""
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "Fact":
-        """Inverse of `to_json`."""
-        names = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in obj.items() if k in names}
-        for k in ("rephrase_prompts", "locality_prompts", "locality_answers"):
-            if k in kw:
-                kw[k] = tuple(kw[k] or ())
-        return cls(**kw)
+    def __post_init__(self) -> None:
+        # JSON gives lists (or null) where the record keeps tuples.
+        for name in ("rephrase_prompts", "locality_prompts", "locality_answers"):
+            object.__setattr__(self, name, tuple(getattr(self, name) or ()))
 
 
 class FactFormatError(ValueError):

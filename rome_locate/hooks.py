@@ -1,24 +1,52 @@
-"""The only code that registers hooks: read or rewrite named modules' outputs, always cleaned up."""
+"""The only code that registers hooks: read or rewrite named modules' outputs, read their inputs, always cleaned up."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-# An edit receives the module's main output tensor (the first element when the
+# A rewrite receives the module's main output tensor (the first element when the
 # module returns a tuple, as attention and blocks do) and returns its replacement.
-Edit = Callable[[torch.Tensor], torch.Tensor]
+# ("Edit" means only ROME's weight edit; this changes activations for one forward.)
+Rewrite = Callable[[torch.Tensor], torch.Tensor]
+
+
+class UnknownModuleError(LookupError):
+    """The model has no module of the given name (a wrong architecture row or --arch file)."""
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass early, once everything wanted is captured (as baukit's nethook)."""
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:
-    """Return the submodule called `name`, or raise LookupError naming it."""
+    """Return the submodule called `name`, or raise UnknownModuleError (a LookupError) naming it."""
     try:
         return model.get_submodule(name)
     except AttributeError:
-        raise LookupError(f"model {type(model).__name__} has no module named {name!r}") from None
+        raise UnknownModuleError(f"model {type(model).__name__} has no module named {name!r}") from None
+
+
+@contextmanager
+def hooked(model: nn.Module, hooks: Mapping[str, Callable], *, pre: bool = False) -> Iterator[None]:
+    """Within the block, each named module runs its hook: a forward hook, or with `pre` a forward pre-hook.
+
+    Every module is looked up before the first hook is registered, and every hook
+    is removed in `finally`, so a bad name or a failing forward leaves nothing attached.
+    """
+    modules = {name: get_module(model, name) for name in hooks}
+    handles = []
+    try:
+        for name, fn in hooks.items():
+            register = modules[name].register_forward_pre_hook if pre else modules[name].register_forward_hook
+            handles.append(register(fn))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
 
 
 def _main(output):
@@ -38,72 +66,71 @@ def _per_token(t: torch.Tensor, tokens: tuple[int, int] | None) -> torch.Tensor:
     return t
 
 
-@contextmanager
-def patched(model: nn.Module, edits: Mapping[str, Edit], tokens: tuple[int, int] | None = None) -> Iterator[None]:
-    """Within the block, each named module's output is replaced by `edit(output)`.
+def _rewriting(rewrite: Rewrite, tokens: tuple[int, int] | None) -> Callable:
+    def hook(_mod, _inp, output):
+        main = _main(output)
+        return _replace_main(output, rewrite(_per_token(main, tokens)).reshape(main.shape))
 
-    With `tokens=(batch, seq)`, an output flattened over tokens is shown to `edit` as (batch, seq, d).
+    return hook
+
+
+@contextmanager
+def patched(model: nn.Module, rewrites: Mapping[str, Rewrite], tokens: tuple[int, int] | None = None
+            ) -> Iterator[None]:
+    """Within the block, each named module's output is replaced by `rewrite(output)`.
+
+    With `tokens=(batch, seq)`, an output flattened over tokens is shown to `rewrite` as (batch, seq, d).
     """
-    handles = []
-    try:
-        for name, edit in edits.items():
-            module = get_module(model, name)
-
-            def hook(_mod, _inp, output, edit=edit):
-                main = _main(output)
-                new = edit(_per_token(main, tokens)).reshape(main.shape)
-                return _replace_main(output, new)
-
-            handles.append(module.register_forward_hook(hook))
+    with hooked(model, {name: _rewriting(fn, tokens) for name, fn in rewrites.items()}):
         yield
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
 
 
 @contextmanager
-def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool = True,
+def captured(model: nn.Module, names: Sequence[str], detach: bool = True,
              tokens: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, the returned dict fills with each named module's main output.
 
     With `tokens=(batch, seq)`, an output flattened over tokens is stored as (batch, seq, d).
     """
     cache: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name in names:
-            module = get_module(model, name)
 
-            def hook(_mod, _inp, output, name=name):
-                out = _per_token(_main(output), tokens)
-                # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
-                cache[name] = out.detach().clone() if detach else out
+    def keeper(name: str) -> Callable:
+        def hook(_mod, _inp, output):
+            out = _per_token(_main(output), tokens)
+            # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
+            cache[name] = out.detach().clone() if detach else out
 
-            handles.append(module.register_forward_hook(hook))
+        return hook
+
+    with hooked(model, {name: keeper(name) for name in names}):
         yield cache
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
 
 
 @contextmanager
-def captured_inputs(model: nn.Module, names: list[str] | tuple[str, ...],
-                    tokens: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, the returned dict fills with each named module's first positional input."""
+def captured_inputs(model: nn.Module, names: Sequence[str], tokens: tuple[int, int] | None = None,
+                    stop: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the block, the returned dict fills with each named module's first positional input.
+
+    With `stop=True` the forward pass ends (StopForward, swallowed at the end of
+    the block) as soon as every named input is captured, so the rest of the
+    model and its head never run; the forward call must then be the block's last statement.
+    """
     cache: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        for name in names:
-            module = get_module(model, name)
+    wanted = set(names)
 
-            def hook(_mod, inputs, name=name):
-                cache[name] = _per_token(inputs[0].detach(), tokens).clone()
+    def keeper(name: str) -> Callable:
+        def hook(_mod, inputs):
+            cache[name] = _per_token(inputs[0].detach(), tokens).clone()
+            if stop and wanted <= cache.keys():
+                raise StopForward
 
-            handles.append(module.register_forward_pre_hook(hook))
-        yield cache
-    finally:
-        for handle in reversed(handles):
-            handle.remove()
+        return hook
+
+    with hooked(model, {name: keeper(name) for name in names}, pre=True):
+        try:
+            yield cache
+        except StopForward:
+            pass
 
 
 def hook_count(model: nn.Module) -> int:

@@ -6,13 +6,15 @@ import dataclasses
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import torch
 import yaml
 
-from .arch import Arch, arch_for
+from .arch import Arch, LayerRangeError, arch_for, check_layer
 from .files import write_text
+from .models import model_dtype
+from .records import Record
 
 # EasyEdit's ROMEHyperParams (easyeditor/models/rome/rome_hparams.py) field order,
 # so a written file reads like the YAMLs EasyEdit ships.
@@ -58,8 +60,34 @@ class HParamsError(ValueError):
     """A hyperparameter file or value that ROME cannot use; the message names it."""
 
 
+class RomeParams(Protocol):
+    """The ROME hyperparameters the code reads; EasyEdit's ROMEHyperParams and our RomeHParams both satisfy it."""
+
+    # What the edit is and where it writes (rome.apply_rome).
+    alg_name: str
+    layers: Sequence[int]
+    rewrite_module_tmp: str
+    mlp_module_tmp: str
+    layer_module_tmp: str
+    fact_token: str
+    context_template_length_params: Sequence[Sequence[int]]
+    # The optimisation of v* (rome.compute_value).
+    v_lr: float
+    v_num_grad_steps: int
+    v_weight_decay: float
+    kl_factor: float
+    clamp_norm_factor: float
+    # The mom2 statistics file (stats.mom2_for).
+    mom2_adjustment: bool
+    model_name: str
+    stats_dir: str
+    mom2_dataset: str
+    mom2_n_samples: int
+    mom2_dtype: str
+
+
 @dataclass(frozen=True)
-class RomeHParams:
+class RomeHParams(Record):
     """The fields of EasyEdit's ROMEHyperParams, loadable without EasyEdit installed."""
 
     layers: list[int]
@@ -156,8 +184,11 @@ def check_config(config: dict[str, Any], source: str = "hyperparameters", n_laye
     if (not isinstance(layers, list) or not layers
             or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layers)):
         raise HParamsError(f"{source}: layers must be a non-empty list of layer indices >= 0, got {config['layers']!r}")
-    if n_layers is not None and max(layers) >= n_layers:
-        raise HParamsError(f"{source}: layers {layers} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    for layer in layers:
+        try:
+            check_layer(layer, n_layers, what=f"layers {layers}: layer")
+        except LayerRangeError as exc:
+            raise HParamsError(f"{source}: {exc}") from None
     config["layers"] = list(layers)
     if config["fact_token"] not in FACT_TOKENS:
         raise HParamsError(f"{source}: fact_token must be one of {FACT_TOKENS}, got {config['fact_token']!r}")
@@ -184,7 +215,7 @@ def check_config(config: dict[str, Any], source: str = "hyperparameters", n_laye
     return config
 
 
-def to_dict(hparams: Any) -> dict[str, Any]:
+def to_dict(hparams: RomeParams) -> dict[str, Any]:
     """EasyEdit's or our hyperparameters as a plain dict in EasyEdit's field order."""
     data = dataclasses.asdict(hparams)
     ordered = {k: data[k] for k in FIELD_ORDER if k in data}
@@ -202,7 +233,7 @@ def easyedit_hparams_class() -> type | None:
     return getattr(module, "ROMEHyperParams", None)
 
 
-def load_hparams(path: str | Path, n_layers: int | None = None, easyedit: bool | None = None) -> Any:
+def load_hparams(path: str | Path, n_layers: int | None = None, easyedit: bool | None = None) -> RomeParams:
     """Load a ROME YAML as EasyEdit's ROMEHyperParams when EasyEdit is imported, else as RomeHParams.
 
     The file is checked by our rules first, so a bad file gives the same clear
@@ -217,23 +248,22 @@ def load_hparams(path: str | Path, n_layers: int | None = None, easyedit: bool |
     return cls(**config)
 
 
-def with_layer(hparams: Any, layer: int, n_layers: int | None = None) -> Any:
+def with_layer(hparams: RomeParams, layer: int, n_layers: int | None = None) -> RomeParams:
     """A copy of `hparams` (ours or EasyEdit's) with `layers: [layer]`; the caller's object is untouched."""
-    if isinstance(layer, bool) or not isinstance(layer, int):
+    if not isinstance(layer, (bool, int)):
         try:
-            if int(layer) != layer:
-                raise ValueError
-            layer = int(layer)
-        except (TypeError, ValueError):
-            raise HParamsError(f"layer must be an integer, got {layer!r}") from None
-    if layer < 0:
-        raise HParamsError(f"layer must be >= 0, got {layer}")
-    if n_layers is not None and layer >= n_layers:
-        raise HParamsError(f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            if int(layer) == layer:  # an integral float such as 3.0
+                layer = int(layer)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    try:
+        check_layer(layer, n_layers)
+    except LayerRangeError as exc:
+        raise HParamsError(str(exc)) from None
     return dataclasses.replace(hparams, layers=[layer])
 
 
-def bind_model(hparams: Any, model_path: str | Path) -> Any:
+def bind_model(hparams: RomeParams, model_path: str | Path) -> RomeParams:
     """A copy with `model_name` set to the real model path and a model-relative `stats_dir` resolved.
 
     A relative `stats_dir` is read from the working directory, as EasyEdit does;
@@ -251,7 +281,7 @@ def bind_model(hparams: Any, model_path: str | Path) -> Any:
     return dataclasses.replace(hparams, model_name=str(model_path), stats_dir=str(stats_dir))
 
 
-def _yaml_text(hparams: Any, header: str | None) -> str:
+def _yaml_text(hparams: RomeParams, header: str | None) -> str:
     lines = []
     if header:
         lines += [("# " + line).rstrip() for line in header.rstrip("\n").split("\n")]
@@ -259,7 +289,7 @@ def _yaml_text(hparams: Any, header: str | None) -> str:
     return "\n".join(lines + [body]) if lines else body
 
 
-def write_hparams(hparams: Any, path: str | Path, header: str | None = None) -> Path:
+def write_hparams(hparams: RomeParams, path: str | Path, header: str | None = None) -> Path:
     """Write `hparams` as an EasyEdit ROME YAML with a comment header; atomic (temp file, then os.replace)."""
     path = Path(path)
     check_config(to_dict(hparams), source=f"hyperparameters for {path}")
@@ -292,8 +322,7 @@ def generate_hparams(model: Any, arch: Arch | str | Path | dict | None, layer: i
     `v_loss_layer = L - 1`, the rest from `DEFAULTS`; `overrides` win over everything."""
     if not isinstance(arch, Arch) or not arch.n_layers:
         arch = arch_for(model, arch)
-    dtype = next(iter(model.parameters())).dtype
-    overrides.setdefault("fp16", dtype == torch.float16)
+    overrides.setdefault("fp16", model_dtype(model) == torch.float16)
     return hparams_from_arch(arch, layer, model_name, device=device, **overrides)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -69,3 +70,27 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
     model_type = str(getattr(config, "model_type", None) or type(model).__name__)
     return ModelFingerprint(model_type=model_type, n_params=n, dtype=str(model_dtype(model)).replace("torch.", ""),
                             digest=h.hexdigest())
+
+
+def default_device() -> str:
+    """"cuda" when torch sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name: str | Path, *, device: str | None = None, dtype: str = "float32"):
+    """(model in eval mode, tokenizer) from a local directory or hub name, on `device` (default: default_device())."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name))
+        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if Path(name).exists() else "local directory or reachable hub model"
+        raise FileNotFoundError(f"--model {str(name)!r} is not a loadable {where}: {exc}") from None
+    return model.to(device).eval(), tok

@@ -33,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arch import check_layer, count_layers
 from .facts import Fact
 from .hooks import captured, captured_inputs, get_module, patched
+from .hparams import RomeParams
+from .models import input_device
 from .stats import mom2_for
 from .tokens import continuation, find_subject_range, pad_id, right_pad
 
@@ -48,10 +51,6 @@ _TEMPLATE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyD
 
 class EditError(ValueError):
     """A fact or hyperparameters the editor cannot use; the message names it."""
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def lookup_index(tok: Any, text: str, subject: str, fact_token: str, search_from: int = 0) -> int:
@@ -78,7 +77,7 @@ def target_tokens(tok: Any, prompt: str, target: str) -> tuple[list[int], list[i
 @torch.no_grad()
 def _sample(model: nn.Module, tok: Any, prefix: str, n: int, max_len: int, gen: torch.Generator,
             top_k: int = 5) -> list[str]:
-    device = _device(model)
+    device = input_device(model)
     ids = torch.tensor([tok(prefix)["input_ids"]] * n, device=device)
     n_new = max(1, max_len - ids.shape[1])
     for _ in range(n_new):
@@ -104,7 +103,7 @@ def context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequen
     key = (tuple(tuple(int(x) for x in p) for p in length_params), int(seed))
     per_model = _TEMPLATE_CACHE.setdefault(model, {})
     if key not in per_model:
-        gen = torch.Generator(device=_device(model))
+        gen = torch.Generator(device=input_device(model))
         gen.manual_seed(int(seed))
         templates = ["{}"]
         for length, count in key[0]:
@@ -122,7 +121,7 @@ def _check_fact(fact: Fact) -> None:
         raise EditError(f"fact {fact.id!r}: subject {fact.subject!r} is not in prompt {fact.prompt!r}")
 
 
-def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: Any, layer: int,
+def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, layer: int,
                 templates: Sequence[str]) -> torch.Tensor:
     """k*: the rewrite module's input at the fact token, averaged over the templated prompts."""
     name = hparams.rewrite_module_tmp.format(layer)
@@ -130,17 +129,18 @@ def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: Any, layer: int
     rows = [tok(t)["input_ids"] for t in texts]
     idxs = [lookup_index(tok, t, fact.subject, hparams.fact_token, search_from=len(t) - len(fact.prompt))
             for t in texts]
-    ids, mask = right_pad(rows, pad_id(tok), _device(model))
-    with torch.no_grad(), captured_inputs(model, [name], tokens=tuple(ids.shape)) as cache:
+    ids, mask = right_pad(rows, pad_id(tok), input_device(model))
+    # stop: the key is the rewrite module's input; the layers above it and the head need not run.
+    with torch.no_grad(), captured_inputs(model, [name], tokens=tuple(ids.shape), stop=True) as cache:
         model(input_ids=ids, attention_mask=mask)
     keys = cache[name][torch.arange(len(rows)), torch.tensor(idxs)]
     return keys.float().mean(0)
 
 
-def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: Any, layer: int,
+def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, layer: int,
                   templates: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
     """v*: the MLP output at the subject's last token that makes the model predict target_new."""
-    device = _device(model)
+    device = input_device(model)
     mlp_name = hparams.mlp_module_tmp.format(layer)
     rows, lookups, target_pos, target_ids = [], [], [], []
     for template in templates:
@@ -214,7 +214,7 @@ def _solve(cov: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return torch.linalg.pinv(cov.double()) @ k.double()
 
 
-def rank_one_update(model: nn.Module, hparams: Any, layer: int, key: torch.Tensor, value: torch.Tensor,
+def rank_one_update(model: nn.Module, hparams: RomeParams, layer: int, key: torch.Tensor, value: torch.Tensor,
                     prompt_key: torch.Tensor | None = None) -> torch.Tensor:
     """ΔW (in the weight's own layout) with W' k0 = v*, along C^-1 k*; k0 = `prompt_key`, default k*."""
     name = hparams.rewrite_module_tmp.format(layer)
@@ -240,12 +240,15 @@ def rank_one_update(model: nn.Module, hparams: Any, layer: int, key: torch.Tenso
     return delta.to(module.weight.dtype)
 
 
-def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: Any, seed: int = 0,
+def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed: int = 0,
                info: dict | None = None) -> dict[str, torch.Tensor]:
     """Write `fact.target_new` into the model at each of `hparams.layers`; returns the original weights."""
     _check_fact(fact)
     if hparams.alg_name != "ROME":
         raise EditError(f"hyperparameters are for {hparams.alg_name!r}, not ROME")
+    n_layers = count_layers(model, hparams.layer_module_tmp)
+    for layer in hparams.layers:
+        check_layer(layer, n_layers, what="hyperparameters' layer")
     templates = context_templates(model, tok, hparams.context_template_length_params, seed=seed)
     originals: dict[str, torch.Tensor] = {}
     try:

@@ -32,9 +32,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Arch, arch_for
+from .arch import Arch, arch_for, check_layer
 from .files import atomic_path
 from .hooks import captured_inputs
+from .hparams import RomeParams
+from .models import input_device
 from .tokens import pad_id, right_pad
 
 # EasyEdit's SecondMoment lives in easyeditor.util.runningstats; its state_dict writes this.
@@ -87,7 +89,7 @@ def _max_len(model: nn.Module) -> int:
 def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts: Iterable[str],
                    batch_size: int = 32, progress: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
     """Sum of k k^T (float64) and the number of token positions, per named module's input."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     max_len = _max_len(model)
     texts = list(texts)
     pad = pad_id(tok)
@@ -101,7 +103,8 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
             continue
         # Padded positions are masked out below.
         input_ids, mask = right_pad(ids, pad, device)
-        with captured_inputs(model, list(layer_names), tokens=tuple(input_ids.shape)) as cache:
+        # stop: only the rewrite modules' inputs are needed, not the layers above them or the head.
+        with captured_inputs(model, list(layer_names), tokens=tuple(input_ids.shape), stop=True) as cache:
             model(input_ids=input_ids, attention_mask=mask)
         keep = mask.reshape(-1).bool()
         for name in layer_names:
@@ -133,8 +136,7 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
     if not layers:
         raise ValueError("no layers given")
     for layer in layers:
-        if not 0 <= layer < arch.n_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {arch.n_layers} layers (0..{arch.n_layers - 1})")
+        check_layer(layer, arch.n_layers)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     model_name = model_name or stats_model_name(model)
@@ -178,7 +180,7 @@ def load_mom2(path: str | Path, n_samples: int | None = None) -> torch.Tensor:
     return (total / count).float()
 
 
-def mom2_for(model: nn.Module, hparams: Any, layer: int) -> torch.Tensor:
+def mom2_for(model: nn.Module, hparams: RomeParams, layer: int) -> torch.Tensor:
     """The mom2 matrix the hyperparameters name for `layer` (stats_dir, dataset, sample size, dtype)."""
     # EasyEdit names the folder after config._name_or_path; a model built in memory has none.
     name = stats_model_name(model) or str(hparams.model_name).rstrip("/").rsplit("/")[-1]

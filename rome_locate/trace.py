@@ -15,7 +15,7 @@ import inspect
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ from torch import nn
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
 from .hooks import captured, get_module, patched
+from .models import ModelFingerprint, input_device, model_dtype
 from .records import Record
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
@@ -106,7 +107,7 @@ def _normalised_noise(noise: float | str) -> float | str:
 
 
 @dataclass(frozen=True)
-class TraceResult:
+class TraceResult(Record):
     """The outcome of tracing one fact for one kind; plain types only."""
 
     fact_id: str
@@ -126,15 +127,17 @@ class TraceResult:
     low_score: float  # p_corrupt(answer), averaged over the samples
     scores: tuple[float, ...]  # p_restored(answer) at the last subject token, one per layer
     table: tuple[tuple[float, ...], ...] | None  # [token][layer] p_restored, only for full traces
-    noise: float
-    samples: int
+    noise: float  # the level used (a "Ksigma" setting resolved to a number)
+    samples: int  # the samples used ("replace" may use fewer than asked)
     window: int  # the effective window (after clipping); 1 for kind "hidden"
     noise_draws: str
     target_logprob: float | None  # log p(whole target | prompt) under the clean model
+    settings: TraceSettings = TraceSettings()  # as asked (the fields above are what they resolved to)
+    model: ModelFingerprint | None = None  # the traced model; `locate` fills it in, once per run
 
     @property
     def effects(self) -> tuple[float, ...]:
-        """Indirect effects at the last subject token: p_restored - p_corrupt, one per layer."""
+        """Indirect effects at the last subject token, p_restored - p_corrupt, one per layer (the one definition)."""
         return tuple(s - self.low_score for s in self.scores)
 
     @property
@@ -142,37 +145,8 @@ class TraceResult:
         """Number of layers traced."""
         return len(self.scores)
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form (tuples become lists)."""
-        obj = asdict(self)
-        obj["tokens"] = list(self.tokens)
-        obj["subject_range"] = list(self.subject_range)
-        obj["scores"] = list(self.scores)
-        obj["table"] = None if self.table is None else [list(r) for r in self.table]
-        return obj
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "TraceResult":
-        """Inverse of `to_json`; keys that are not fields (e.g. a LayerChoice's) are ignored."""
-        names = {f.name for f in fields(cls)}
-        missing = names - set(obj)
-        if missing:
-            raise ValueError(f"trace record is missing keys {sorted(missing)}")
-        kw = {k: obj[k] for k in names}
-        kw["tokens"] = tuple(kw["tokens"])
-        kw["subject_range"] = tuple(kw["subject_range"])
-        kw["scores"] = tuple(float(x) for x in kw["scores"])
-        if kw["table"] is not None:
-            kw["table"] = tuple(tuple(float(x) for x in row) for row in kw["table"])
-        return cls(**kw)
-
 
 # ---- model plumbing ----------------------------------------------------------
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
 
 
 def _keeps_last_logits(model: nn.Module) -> bool:
@@ -214,7 +188,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> range:
 
 def _subject_embedding_values(model: nn.Module, tok, subjects: Iterable[str], arch: Arch) -> torch.Tensor:
     embed = get_module(model, arch.embed)
-    device, _ = _device_dtype(model)
+    device = input_device(model)
     rows = []
     with torch.no_grad():
         for s in subjects:
@@ -232,6 +206,10 @@ def noise_level(model: nn.Module, tok, facts: Sequence[Fact] | Sequence[str], ar
     """`factor` × the standard deviation of the subjects' token embeddings, all elements pooled."""
     arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
     subjects = [f if isinstance(f, str) else f.subject for f in facts]
+    return _sigma_level(model, tok, subjects, arch, factor)
+
+
+def _sigma_level(model: nn.Module, tok, subjects: Iterable[str], arch: Arch, factor: float) -> float:
     return float(factor * _subject_embedding_values(model, tok, subjects, arch).std().item())
 
 
@@ -316,7 +294,7 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
         )
     gen = torch.Generator(device="cpu").manual_seed(seed)
     order = torch.randperm(len(fits), generator=gen).tolist()[:samples]
-    device, _ = _device_dtype(model)
+    device = input_device(model)
     embed = get_module(model, arch.embed)
     with torch.no_grad():
         vals = embed(torch.tensor([fits[i] for i in order], device=device))
@@ -388,18 +366,18 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
     return out
 
 
-def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, kind: Kind = "mlp",
-               samples: int = 10, window: int = 10, noise: float | None = None, noise_draws: NoiseDraws = "torch",
-               answer: AnswerSource = "top1", full: bool = False, seed: int = 0,
+def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = TraceSettings(), *,
+               arch: Arch | None = None, noise_level: float | None = None,
                replacements: Sequence[str] | None = None, occurrence: int = 0,
                max_batch: int | None = None, reuse_prefix: bool = True) -> TraceResult:
-    """Trace one fact: p_clean, p_corrupt and p_restored at the last subject token (or every token if `full`).
+    """Trace one fact: p_clean, p_corrupt and p_restored at the last subject token (or every token if `settings.full`).
 
-    `noise=None` uses 3 × the std of this fact's subject embeddings (`locate`
-    passes one level for the whole dataset). `noise_draws`: "torch" (seeded
+    `noise_level` is the level to add (`locate` computes the dataset's once);
+    None uses `settings.noise`: its fixed level, or K × the std of this fact's
+    subject embeddings for "Ksigma". `settings.noise_draws`: "torch" (seeded
     Gaussian), "rome" (ROME's numpy RandomState(1) draws, comparable number for
     number with its code) or "replace" (subject token replacement from
-    `replacements`; `samples` becomes the number of replacements used).
+    `replacements`; the samples become the number of replacements used).
     The fast path (`full=False`) computes only the last-subject-token row;
     `full=True` computes the whole tokens × layers table, T times the work.
     `max_batch` bounds the rows of one forward (default 64 on CPU, 1024 on an
@@ -407,20 +385,16 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
     positions before the restored token once per forward, from a key/value
     cache (models without one fall back to whole-prompt runs).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if noise_draws not in NOISE_DRAWS:
-        raise ValueError(f"noise_draws must be one of {NOISE_DRAWS}, got {noise_draws!r}")
-    if answer not in ("top1", "target"):
-        raise ValueError(f"answer must be 'top1' or 'target', got {answer!r}")
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+    if not isinstance(settings, TraceSettings):
+        raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
+    kind, samples, window, seed = settings.kind, settings.samples, settings.window, settings.seed
+    noise_draws, answer, full = settings.noise_draws, settings.answer, settings.full
     if fact.prompt != fact.prompt.rstrip():
         warnings.warn(f"prompt {fact.prompt!r} ends with whitespace: byte-level BPE models see it as its own "
                       f"token, which wrecks the next-token prediction", stacklevel=2)
     arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
     L = arch.n_layers
-    device, dtype = _device_dtype(model)
+    device, dtype = input_device(model), model_dtype(model)
     if max_batch is None:
         max_batch = CPU_MAX_BATCH if device.type == "cpu" else ACCELERATOR_MAX_BATCH
     (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence)
@@ -455,7 +429,10 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
                                                      replacements, samples, seed)
                 level = 0.0
             else:
-                level = float(noise) if noise is not None else noise_level(model, tok, [fact.subject], arch)
+                level = noise_level if noise_level is not None else settings.fixed_noise
+                if level is None:
+                    level = _sigma_level(model, tok, [fact.subject], arch, settings.noise_factor)
+                level = float(level)
                 hidden = get_module(model, arch.embed)(input_ids[:, :1]).shape[-1]
                 corruption = _noise_corruption(b, e, hidden, samples, level, noise_draws, seed, device, dtype)
             S = corruption.samples
@@ -481,12 +458,13 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
         top1=tok.decode([top1_id]), target=fact.target, known=known,
         high_score=float(p_clean[answer_id]), low_score=p_corrupt, scores=tuple(scores), table=table,
         noise=level, samples=S, window=w, noise_draws=noise_draws, target_logprob=target_logprob,
+        settings=settings,
     )
 
 
 def _sequence_logprob(model: nn.Module, ids: list[int], positions: list[int]) -> float:
     """log p(the tokens at `positions` | what precedes them) under the clean model, in float32."""
-    device, _ = _device_dtype(model)
+    device = input_device(model)
     logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)
     pos = torch.tensor(positions, device=device)

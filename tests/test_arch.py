@@ -12,7 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from rome_locate.arch import ARCH, KINDS, Arch, UnknownArchitectureError, arch_for
-from rome_locate.hooks import captured, get_module, hook_count, patched
+from rome_locate.hooks import (UnknownModuleError, captured, captured_inputs, get_module, hook_count, hooked,
+                               patched)
 
 HIDDEN, VOCAB, N_LAYERS, BATCH, SEQ = 32, 128, 2, 2, 5
 
@@ -155,6 +156,42 @@ def test_flattened_mlp_is_seen_per_token_and_patched_back():
     # Only the last position changes: the per-token view lined tokens up correctly.
     torch.testing.assert_close(edited[:, :-1], clean[:, :-1], rtol=0, atol=0)
     assert not torch.allclose(edited[:, -1], clean[:, -1])
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "opt"])
+def test_captured_inputs_can_stop_the_forward_pass(model_type):
+    model = tiny(model_type)
+    arch = arch_for(model)
+    names = [arch.rewrite_module(0), arch.rewrite_module(1)]
+    with torch.no_grad():
+        with captured_inputs(model, names, tokens=(BATCH, SEQ)) as whole:
+            model(_ids())
+        ran = []
+        with captured(model, [arch.lm_head_module]) as head:
+            with captured_inputs(model, names, tokens=(BATCH, SEQ), stop=True) as stopped:
+                model(_ids())
+                ran.append("after the forward")  # never reached: the forward stopped
+    assert ran == [] and head == {}  # the head never ran
+    for name in names:
+        torch.testing.assert_close(stopped[name], whole[name], rtol=0, atol=0)
+    assert hook_count(model) == 0
+
+
+def test_registrar_leaves_nothing_on_a_bad_name_or_a_failing_forward():
+    model = tiny("llama")
+    arch = arch_for(model)
+    with pytest.raises(UnknownModuleError, match="'model.nope'"):
+        with hooked(model, {arch.module("mlp", 0): lambda *a: None, "model.nope": lambda *a: None}):
+            pass
+    assert hook_count(model) == 0
+
+    def boom(_t):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with patched(model, {arch.module("mlp", 0): boom}):
+            model(_ids())
     assert hook_count(model) == 0
 
 

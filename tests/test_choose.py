@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 from rome_locate.choose import DatasetChoice, LayerChoice, choose_dataset_layer, choose_layer
+from rome_locate.trace import TraceResult
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class Scores:
     low_score: float
     scores: tuple[float, ...]
     kind: str = "mlp"
+    effects = TraceResult.effects  # the one definition of the indirect effect
 
 
 def test_choose_layer_picks_argmax_with_runner_up_and_margin():

@@ -11,8 +11,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from rome_locate import fact_model as FM  # noqa: E402
-from rome_locate import world as W  # noqa: E402
+from rome_locate import fact_models as FM  # noqa: E402
+from rome_locate.fact_models import train as FT  # noqa: E402
+from rome_locate.fact_models import world as W  # noqa: E402
 from rome_locate.facts import load_facts  # noqa: E402
 
 SAMPLE_EVERY = 7  # accuracy on every 7th prompt: ~1100 train and ~370 paraphrase prompts per model
@@ -57,7 +58,7 @@ def test_loads_offline_float32(loaded):
 
 def test_accuracy(loaded):
     family, model, tok = loaded
-    acc = FM.accuracy(model, tok, family, every=SAMPLE_EVERY)
+    acc = FT.accuracy(model, tok, family, every=SAMPLE_EVERY)
     assert acc["n_train"] > 500 and acc["n_paraphrase"] > 200
     assert acc["train_acc"] >= 0.95, acc
     assert acc["paraphrase_acc"] >= 0.90, acc
@@ -66,7 +67,7 @@ def test_accuracy(loaded):
 def test_known_facts_are_known(loaded):
     family, model, tok = loaded
     facts = load_facts(FM.facts_path(family))[::10]
-    acc = FM.top1_accuracy(model, tok, [(f.prompt, f.target) for f in facts])
+    acc = FT.top1_accuracy(model, tok, [(f.prompt, f.target) for f in facts])
     assert acc >= 0.95
 
 

@@ -144,7 +144,7 @@ def test_bind_model_resolves_stats_next_to_the_model(tmp_path, monkeypatch):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_fact_yaml_and_demo_share_the_fact_model_settings(family):
     # The demo generates its hyperparameters from ROME_OVERRIDES; the shipped YAML must say the same.
-    from rome_locate.fact_model import ROME_OVERRIDES
+    from rome_locate.fact_models import ROME_OVERRIDES
 
     h = dataclasses.asdict(RomeHParams.from_hparams(ROOT / "hparams" / "ROME" / f"fact-{family}.yaml"))
     assert {k: h[k] for k in ROME_OVERRIDES} == ROME_OVERRIDES

@@ -135,7 +135,7 @@ def test_bad_facts_and_hparams(tiny_tokenizer):
 
 
 def test_edit_on_the_shipped_fact_model_succeeds_and_restores():
-    from rome_locate.fact_model import counterfact_path, fact_model_dir, load_fact_model
+    from rome_locate.fact_models import counterfact_path, fact_model_dir, load_fact_model
     from rome_locate.facts import load_facts
     from rome_locate.hparams import bind_model, load_hparams
     from rome_locate.stats import load_mom2, mom2_path

@@ -17,6 +17,7 @@ from rome_locate.hooks import hook_count, patched
 from rome_locate.tokens import find_subject_range
 from rome_locate.trace import (
     TraceResult,
+    TraceSettings,
     effective_window,
     noise_level,
     trace_fact,
@@ -56,7 +57,7 @@ def sharp_model(request, tiny_tokenizer):
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
 def test_zero_noise_corrupt_equals_clean(tiny_model, kind):
     model, tok = tiny_model
-    r = trace_fact(model, tok, FACT, kind=kind, noise=0.0, samples=3)
+    r = trace_fact(model, tok, FACT, TraceSettings(kind=kind, noise=0.0, samples=3))
     assert r.noise == 0.0
     assert r.low_score == pytest.approx(r.high_score, abs=1e-6)
     # Nothing was corrupted, so restoring anything changes nothing either.
@@ -65,7 +66,7 @@ def test_zero_noise_corrupt_equals_clean(tiny_model, kind):
 
 def test_restoring_last_hidden_state_gives_clean(tiny_model):
     model, tok = tiny_model
-    r = trace_fact(model, tok, SHORT, kind="hidden", full=True, samples=4, noise=5.0)
+    r = trace_fact(model, tok, SHORT, TraceSettings(kind="hidden", full=True, samples=4, noise=5.0))
     assert r.high_score - r.low_score != 0.0  # the noise did something
     last_token, last_layer = len(r.tokens) - 1, r.n_layers - 1
     assert r.table[last_token][last_layer] == pytest.approx(r.high_score, abs=1e-6)
@@ -74,8 +75,8 @@ def test_restoring_last_hidden_state_gives_clean(tiny_model):
 @pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
 def test_fast_row_equals_full_row(sharp_model, kind):
     model, tok = sharp_model
-    fast = trace_fact(model, tok, SHORT, kind=kind, samples=4)
-    full = trace_fact(model, tok, SHORT, kind=kind, samples=4, full=True)
+    fast = trace_fact(model, tok, SHORT, TraceSettings(kind=kind, samples=4))
+    full = trace_fact(model, tok, SHORT, TraceSettings(kind=kind, samples=4, full=True))
     b, e = full.subject_range
     assert fast.table is None and len(full.table) == len(full.tokens)
     assert len(fast.scores) == model.config.num_hidden_layers
@@ -88,16 +89,16 @@ def test_fast_row_equals_full_row(sharp_model, kind):
 
 def test_chunking_does_not_change_scores(tiny_model):
     model, tok = tiny_model
-    one = trace_fact(model, tok, SHORT, samples=3, noise=2.0, full=True, max_batch=3)
-    big = trace_fact(model, tok, SHORT, samples=3, noise=2.0, full=True, max_batch=1000)
+    one = trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0, full=True), max_batch=3)
+    big = trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0, full=True), max_batch=1000)
     np.testing.assert_allclose(np.array(one.table), np.array(big.table), atol=1e-5, rtol=0)
 
 
 def test_prefix_reuse_matches_whole_prompt_runs(sharp_model):
     model, tok = sharp_model
     for kind in ("hidden", "mlp"):
-        cached = trace_fact(model, tok, FACT, kind=kind, samples=3, full=True, max_batch=12)
-        whole = trace_fact(model, tok, FACT, kind=kind, samples=3, full=True, reuse_prefix=False)
+        cached = trace_fact(model, tok, FACT, TraceSettings(kind=kind, samples=3, full=True), max_batch=12)
+        whole = trace_fact(model, tok, FACT, TraceSettings(kind=kind, samples=3, full=True), reuse_prefix=False)
         np.testing.assert_allclose(np.array(cached.table), np.array(whole.table), atol=1e-5, rtol=0)
         assert max(abs(x - whole.low_score) for row in whole.table for x in row) > 1e-4
 
@@ -107,7 +108,7 @@ def test_rome_draws_match_rome_batch_layout(sharp_model):
     model, tok = sharp_model
     arch = arch_for(model)
     S, level, kind = 5, 0.1, "mlp"
-    r = trace_fact(model, tok, SHORT, kind=kind, samples=S, noise=level, noise_draws="rome", window=2)
+    r = trace_fact(model, tok, SHORT, TraceSettings(kind=kind, samples=S, noise=level, noise_draws="rome", window=2))
     b, e = r.subject_range
     ids = tok(SHORT.prompt)["input_ids"]
     inp = torch.tensor([ids] * (S + 1))
@@ -139,9 +140,9 @@ def test_rome_draws_match_rome_batch_layout(sharp_model):
 
 def test_torch_draws_are_seeded(tiny_model):
     model, tok = tiny_model
-    a = trace_fact(model, tok, SHORT, samples=3, noise=2.0, seed=1)
-    b = trace_fact(model, tok, SHORT, samples=3, noise=2.0, seed=1)
-    c = trace_fact(model, tok, SHORT, samples=3, noise=2.0, seed=2)
+    a = trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0, seed=1))
+    b = trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0, seed=1))
+    c = trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0, seed=2))
     assert a.scores == b.scores and a.low_score == b.low_score
     assert a.low_score != c.low_score
 
@@ -155,7 +156,7 @@ def test_noise_level_is_three_sigma_of_subject_embeddings(tiny_model):
     assert noise_level(model, tok, facts) == pytest.approx(expected, rel=1e-5)
     assert noise_level(model, tok, facts, factor=1.0) == pytest.approx(expected / 3, rel=1e-5)
     # The default per-fact level is this fact's own 3 sigma.
-    r = trace_fact(model, tok, SHORT, samples=2)
+    r = trace_fact(model, tok, SHORT, TraceSettings(samples=2))
     assert r.noise == pytest.approx(noise_level(model, tok, [SHORT]), rel=1e-6)
 
 
@@ -163,8 +164,8 @@ def test_replacement_swaps_subject_embeddings(tiny_model):
     model, tok = tiny_model
     fact = Fact(prompt="Paris is in the city of", subject="Paris", target="Paris", id="r")
     # In the tiny tokenizer "Paris" and "Lind" are two tokens each; "Rome" and "Miles" are not.
-    r = trace_fact(model, tok, fact, noise_draws="replace", replacements=["Rome", "Lind", "Paris", "Lind", "Miles"],
-                   samples=10)
+    r = trace_fact(model, tok, fact, TraceSettings(noise_draws="replace", samples=10),
+                   replacements=["Rome", "Lind", "Paris", "Lind", "Miles"])
     assert r.noise_draws == "replace" and r.noise == 0.0
     assert r.samples == 1  # the subject itself, the duplicate and other lengths are not replacements
     # Swapping every subject embedding is exactly running the prompt with the other subject.
@@ -174,9 +175,9 @@ def test_replacement_swaps_subject_embeddings(tiny_model):
     assert r.low_score == pytest.approx(float(p), abs=1e-6)
     assert r.low_score != pytest.approx(r.high_score, abs=1e-9)
     with pytest.raises(ValueError, match="same token length"):
-        trace_fact(model, tok, FACT, noise_draws="replace", replacements=["Rome"])
+        trace_fact(model, tok, FACT, TraceSettings(noise_draws="replace"), replacements=["Rome"])
     with pytest.raises(ValueError, match="replacement subjects"):
-        trace_fact(model, tok, FACT, noise_draws="replace")
+        trace_fact(model, tok, FACT, TraceSettings(noise_draws="replace"))
 
 
 # ---- subject, tokens, answers ---------------------------------------------------------
@@ -202,7 +203,7 @@ def test_subject_range_with_bos(tiny_tokenizer):
 def test_trace_with_bos_tokenizer(tiny_tokenizer):
     tok = _bos_tokenizer(tiny_tokenizer)
     model = build_tiny_model("llama", len(tok))
-    r = trace_fact(model, tok, SHORT, samples=2, noise=1.0, answer="target")
+    r = trace_fact(model, tok, SHORT, TraceSettings(samples=2, noise=1.0, answer="target"))
     assert r.tokens[0] == "<s>" and r.subject_range[0] == 1
     first = tok(" trumpet", add_special_tokens=False)["input_ids"][0]
     assert r.answer_id == first
@@ -223,8 +224,8 @@ def test_repeated_subject_occurrence(tiny_tokenizer):
 def test_trace_records_occurrence(tiny_model):
     model, tok = tiny_model
     fact = Fact(prompt="Paris is in France and Paris is", subject="Paris", id="p")
-    first = trace_fact(model, tok, fact, samples=2, noise=1.0)
-    last = trace_fact(model, tok, fact, samples=2, noise=1.0, occurrence=-1)
+    first = trace_fact(model, tok, fact, TraceSettings(samples=2, noise=1.0))
+    last = trace_fact(model, tok, fact, TraceSettings(samples=2, noise=1.0), occurrence=-1)
     assert (first.subject_occurrence, last.subject_occurrence) == (0, 1)
     assert first.subject_range != last.subject_range
 
@@ -233,7 +234,7 @@ def test_missing_subject_names_subject_and_prompt(tiny_model):
     model, tok = tiny_model
     bad = Fact(prompt="The Space Needle is in", subject="Eiffel Tower")
     with pytest.raises(ValueError, match="Eiffel Tower") as info:
-        trace_fact(model, tok, bad, samples=2)
+        trace_fact(model, tok, bad, TraceSettings(samples=2))
     assert "The Space Needle is in" in str(info.value)
     assert hook_count(model) == 0
 
@@ -242,10 +243,10 @@ def test_trailing_whitespace_warns(tiny_model):
     model, tok = tiny_model
     fact = Fact(prompt="Miles Davis plays the ", subject="Miles Davis")
     with pytest.warns(UserWarning, match="whitespace"):
-        trace_fact(model, tok, fact, samples=2, noise=1.0)
+        trace_fact(model, tok, fact, TraceSettings(samples=2, noise=1.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trace_fact(model, tok, SHORT, samples=2, noise=1.0)
+        trace_fact(model, tok, SHORT, TraceSettings(samples=2, noise=1.0))
 
 
 def test_answers_top1_and_target(tiny_model):
@@ -255,26 +256,26 @@ def test_answers_top1_and_target(tiny_model):
         logits = model(torch.tensor([ids])).logits[0].float()
     top1 = int(logits[-1].argmax())
     t_ids = tok(SHORT.prompt + " " + SHORT.target)["input_ids"][len(ids):]
-    r = trace_fact(model, tok, SHORT, samples=2, noise=1.0)
+    r = trace_fact(model, tok, SHORT, TraceSettings(samples=2, noise=1.0))
     assert r.answer_source == "top1" and r.answer_id == top1
     assert r.high_score == pytest.approx(float(torch.softmax(logits[-1], -1)[top1]), abs=1e-6)
     assert r.known == (top1 == t_ids[0])
-    rt = trace_fact(model, tok, SHORT, samples=2, noise=1.0, answer="target")
+    rt = trace_fact(model, tok, SHORT, TraceSettings(samples=2, noise=1.0, answer="target"))
     assert rt.answer_source == "target" and rt.answer_id == t_ids[0] and rt.top1 == r.top1
     with torch.no_grad():
         full = model(torch.tensor([ids + t_ids])).logits[0].float().log_softmax(-1)
     expected = sum(float(full[len(ids) - 1 + k, t]) for k, t in enumerate(t_ids))
     assert rt.target_logprob == pytest.approx(expected, abs=1e-4)
     no_target = Fact(prompt=SHORT.prompt, subject=SHORT.subject)
-    r0 = trace_fact(model, tok, no_target, samples=2, noise=1.0)
+    r0 = trace_fact(model, tok, no_target, TraceSettings(samples=2, noise=1.0))
     assert r0.known is None and r0.target_logprob is None
     with pytest.raises(ValueError, match="no target"):
-        trace_fact(model, tok, no_target, samples=2, answer="target")
+        trace_fact(model, tok, no_target, TraceSettings(samples=2, answer="target"))
 
 
 def test_result_json_round_trip(tiny_model):
     model, tok = tiny_model
-    r = trace_fact(model, tok, SHORT, samples=2, noise=1.0, full=True)
+    r = trace_fact(model, tok, SHORT, TraceSettings(samples=2, noise=1.0, full=True))
     back = TraceResult.from_json(json.loads(json.dumps(r.to_json())))
     assert back == r
     assert back.effects == tuple(s - r.low_score for s in r.scores)
@@ -282,7 +283,7 @@ def test_result_json_round_trip(tiny_model):
 
 def test_low_precision_model_gives_float_probabilities(tiny_tokenizer):
     model = build_tiny_model("gpt2", len(tiny_tokenizer)).to(torch.bfloat16)
-    r = trace_fact(model, tiny_tokenizer, SHORT, samples=2, noise=1.0)
+    r = trace_fact(model, tiny_tokenizer, SHORT, TraceSettings(samples=2, noise=1.0))
     assert all(isinstance(s, float) and 0.0 <= s <= 1.0 for s in r.scores)
     assert next(model.parameters()).dtype == torch.bfloat16
 
@@ -324,7 +325,7 @@ def test_exception_inside_traced_run_leaves_no_hooks(tiny_model, monkeypatch):
 
     monkeypatch.setattr(trace_mod, "_last_probs", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        trace_fact(model, tok, SHORT, samples=3, noise=2.0)
+        trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0))
     assert calls["n"] == 2
     assert hook_count(model) == 0
     with torch.no_grad():
@@ -350,7 +351,7 @@ def test_module_that_raises_leaves_no_hooks(tiny_model, monkeypatch):
 
     monkeypatch.setattr(mlp, "forward", forward)
     with pytest.raises(RuntimeError, match="mlp failed"):
-        trace_fact(model, tok, SHORT, samples=3, noise=2.0)
+        trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0))
     monkeypatch.undo()
     assert hook_count(model) == 0
     with torch.no_grad():
@@ -361,8 +362,8 @@ def test_tracing_changes_no_parameter(tiny_model):
     model, tok = tiny_model
     before = params_hash(model)
     for kind in ("hidden", "mlp", "attn"):
-        trace_fact(model, tok, SHORT, kind=kind, samples=2, full=True)
-    trace_fact(model, tok, SHORT, samples=2, noise_draws="rome")
+        trace_fact(model, tok, SHORT, TraceSettings(kind=kind, samples=2, full=True))
+    trace_fact(model, tok, SHORT, TraceSettings(samples=2, noise_draws="rome"))
     assert params_hash(model) == before
     assert hook_count(model) == 0
     assert not model.training
@@ -379,9 +380,9 @@ def test_opt_traces_through_its_flattened_mlp(tiny_tokenizer):
     model = OPTForCausalLM(cfg).eval()
     out = model.get_output_embeddings()
     out.weight = torch.nn.Parameter(out.weight.detach().clone() * 30)
-    zero = trace_fact(model, tiny_tokenizer, SHORT, kind="mlp", noise=0.0, samples=2)
+    zero = trace_fact(model, tiny_tokenizer, SHORT, TraceSettings(kind="mlp", noise=0.0, samples=2))
     assert zero.low_score == pytest.approx(zero.high_score, abs=1e-6)
-    fast = trace_fact(model, tiny_tokenizer, SHORT, kind="mlp", samples=3)
-    full = trace_fact(model, tiny_tokenizer, SHORT, kind="mlp", samples=3, full=True)
+    fast = trace_fact(model, tiny_tokenizer, SHORT, TraceSettings(kind="mlp", samples=3))
+    full = trace_fact(model, tiny_tokenizer, SHORT, TraceSettings(kind="mlp", samples=3, full=True))
     np.testing.assert_allclose(fast.scores, full.table[full.subject_range[1] - 1], atol=1e-5, rtol=0)
     assert hook_count(model) == 0

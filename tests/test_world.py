@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from rome_locate import world as W
+from rome_locate.fact_models import world as W
 from rome_locate.facts import load_facts
 
 
@@ -84,9 +84,10 @@ def test_first_names_belong_to_one_group(world):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_names_are_four_chunk_tokens_with_a_fresh_tokenizer(seed):
-    # The tokenizer `fact_model.train` builds from this world's corpus splits every name at its chunks.
+    # The tokenizer `fact_models.train.train` builds from this world's corpus splits every name at its chunks.
     pytest.importorskip("tokenizers")
-    from rome_locate.fact_model import FAMILIES, build_tokenizer
+    from rome_locate.fact_models import FAMILIES
+    from rome_locate.fact_models.train import build_tokenizer
 
     world = W.build_world(seed)
     lines = W.corpus_lines(world)
@@ -102,7 +103,7 @@ def test_names_are_four_chunk_tokens_with_a_fresh_tokenizer(seed):
 
 
 def test_names_are_four_tokens_with_shipped_tokenizer():
-    from rome_locate.fact_model import FAMILIES, fact_model_dir
+    from rome_locate.fact_models import FAMILIES, fact_model_dir
 
     from transformers import AutoTokenizer
 
@@ -170,7 +171,7 @@ def test_exports_load(world, tmp_path):
 
 
 def test_shipped_exports_match_world():
-    from rome_locate.fact_model import FAMILIES, corpus_path, counterfact_path, facts_path
+    from rome_locate.fact_models import FAMILIES, corpus_path, counterfact_path, facts_path
 
     world = W.build_world(0)
     for family in FAMILIES:

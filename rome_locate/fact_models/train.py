@@ -1,11 +1,11 @@
-"""Tiny fact models: GPT-2 and LLaMA architectures trained on the synthetic world of `rome_locate.world`.
+"""Training the tiny fact models: GPT-2 and LLaMA architectures on the synthetic world of `world.py` beside it.
 
 The shipped artefacts live in `rome_locate/fact_models/<family>/`; rebuild one with
 
-    python -m rome_locate.fact_model train gpt2
-    python -m rome_locate.fact_model train llama
+    python -m rome_locate.fact_models.train train gpt2
+    python -m rome_locate.fact_models.train train llama
 
-and print its accuracy with `python -m rome_locate.fact_model accuracy gpt2`.
+and print its accuracy with `python -m rome_locate.fact_models.train accuracy gpt2`.
 Everything (world, tokenizer, weights) is built locally and deterministically
 from the seed; nothing is downloaded.
 """
@@ -18,10 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import FAMILIES, _check_family, fact_model_dir, load_fact_model, world_path
 from . import world as W
-
-FAMILIES = ("gpt2", "llama")
-ROOT = Path(__file__).resolve().parent / "fact_models"
 
 SEED = 0
 VOCAB_SIZE = 2000
@@ -51,50 +49,6 @@ LR = 3e-3
 WARMUP = 150
 WEIGHT_DECAY = 0.01
 OBJECT_WEIGHT = 3.0  # loss weight of the object's first token
-
-# ROME settings that edit these tiny models (hparams/ROME/fact-*.yaml carry the same values). ROME's own
-# v_weight_decay 0.5 and clamp_norm_factor 4 are relative to GPT-2 XL's large MLP outputs and stop the
-# optimisation here, and the models never saw multi-sentence text, so no sampled context templates.
-ROME_OVERRIDES = {
-    "v_lr": 1.0,
-    "v_num_grad_steps": 100,
-    "v_weight_decay": 0.0,
-    "clamp_norm_factor": 100.0,
-    "context_template_length_params": [],
-    "mom2_adjustment": True,
-    "mom2_dataset": "corpus",
-}
-
-
-def _check_family(family: str) -> str:
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    return family
-
-
-def fact_model_dir(family: str) -> Path:
-    """The shipped directory of one family (save_pretrained output plus the world's exports)."""
-    return ROOT / _check_family(family)
-
-
-def facts_path(family: str) -> Path:
-    """known_1000-format facts of the world the model was trained on."""
-    return fact_model_dir(family) / "facts_known.json"
-
-
-def counterfact_path(family: str) -> Path:
-    """CounterFact-format edit cases of the world the model was trained on."""
-    return fact_model_dir(family) / "counterfact.json"
-
-
-def corpus_path(family: str) -> Path:
-    """The plain-text training corpus, one sentence a line."""
-    return fact_model_dir(family) / "corpus.txt"
-
-
-def world_path(family: str) -> Path:
-    return fact_model_dir(family) / "world.json"
-
 
 # --- tokenizer ----------------------------------------------------------------
 
@@ -300,18 +254,6 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
 # --- loading and evaluation ---------------------------------------------------
 
 
-def load_fact_model(family: str, device: str = "cpu"):
-    """(model, tokenizer) of the shipped model of `family`, loaded with from_pretrained (offline)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d = fact_model_dir(family)
-    tok = AutoTokenizer.from_pretrained(d)
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).to(device)
-    model.eval()
-    return model, tok
-
-
 def _load_world(family: str) -> W.World:
     p = world_path(family)
     if p.is_file():
@@ -324,9 +266,11 @@ def top1_accuracy(model, tok, items: list[tuple[str, str]], batch_size: int = 25
     """Share of (prompt, object) whose object's first token is the model's top-1 after the prompt."""
     import torch
 
+    from ..models import input_device
+
     if not items:
         return float("nan")
-    device = next(model.parameters()).device
+    device = input_device(model)
     hits = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -369,7 +313,7 @@ def accuracy(model, tok, family: str, every: int = 1, hard: bool = False) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rome_locate.fact_model", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m rome_locate.fact_models.train", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="rebuild the shipped directory of a family")
     t.add_argument("family", choices=FAMILIES)

@@ -17,7 +17,7 @@ distinct letters, so a BPE merge across a chunk boundary would identify one
 (A, B) or (C, D) combination.  Each (A, B) first name belongs to one group only
 (`SIBLINGS` subjects) and each (C, D) last name to at most `_MAX_LAST_COMBO`
 subjects; both stay below the merge threshold of the tokenizer trainer of
-`rome_locate.fact_model`, while every chunk is far above it.
+`rome_locate.fact_models.train`, while every chunk is far above it.
 
 No torch import here: this module is plain Python.
 """
@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..records import Record
 
 # --- name pools ---------------------------------------------------------------
 # First-name openings (distinct final letters), first-name endings (distinct
@@ -44,7 +46,7 @@ _MAX_LAST_COMBO = 3  # at most this many subjects share one last name (C+D)
 
 
 @dataclass(frozen=True)
-class Relation:
+class Relation(Record):
     """One relation: Wikidata-style id, a name, its objects and its templates."""
 
     relation_id: str
@@ -137,7 +139,7 @@ FILLER = (
 
 
 @dataclass(frozen=True)
-class World:
+class World(Record):
     """The generated world: subjects, relations and the true object of every (subject, relation)."""
 
     seed: int
@@ -156,17 +158,6 @@ class World:
     def obj(self, subject: str, relation_id: str) -> str:
         return self.objects[relation_id][subject]
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "subjects": list(self.subjects),
-            "name_parts": {s: list(p) for s, p in self.name_parts.items()},
-            "relations": [
-                {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items()} for r in self.relations
-            ],
-            "objects": self.objects,
-            "filler": list(self.filler),
-        }
 
 
 def _template_text() -> str:
