@@ -5,6 +5,7 @@ Pure Python: it reads traced scores and never touches a model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -50,6 +51,10 @@ def _effects(result: Traced) -> list[float]:
     effects = list(result.effects)
     if not effects:
         raise ValueError(f"fact {result.fact_id!r}: no scores to choose a layer from")
+    if not all(math.isfinite(v) for v in effects):
+        # NaN compares false with everything: an argmax over it would be an arbitrary layer.
+        raise ValueError(f"fact {result.fact_id!r}: non-finite indirect effects {effects}; no layer is chosen from "
+                         f"NaN (check the model's weights and dtype)")
     return effects
 
 

@@ -124,6 +124,13 @@ def _add_locate_parsers(sub) -> None:
     p.set_defaults(func=_cmd_locate)
 
 
+def _arch_file(args: argparse.Namespace):
+    """The --arch file read and checked now (before the model loads), or None."""
+    from .arch import read_arch
+
+    return read_arch(args.arch) if args.arch else None
+
+
 def _fmt_row(values) -> str:
     return " ".join(f"{v:.4f}" for v in values)
 
@@ -132,6 +139,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from .arch import KINDS, arch_for
     from .choose import choose_layer
     from .facts import Fact
+    from .files import check_output_dir
     from .trace import trace_fact
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -141,8 +149,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     settings = _trace_settings(args, full=True)
     if settings.noise_draws == "replace":
         raise ValueError("trace: --noise-draws replace needs other subjects; use `locate` on a facts file")
+    if args.plots:
+        check_output_dir(args.plots, "--plots")
+    arch_file = _arch_file(args)
     model, tok = load_model(args)
-    arch = arch_for(model, args.arch)
+    arch = arch_for(model, arch_file)
     fact = Fact(prompt=args.prompt, subject=args.subject, target=args.target, id="prompt")
     results = {}
     for kind in kinds:
@@ -178,20 +189,27 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     import time
 
     from .choose import choose_dataset_layer
-    from .facts import load_facts
-    from .locate import locate, record
+    from .facts import check_limit, load_facts
+    from .files import check_output_dir
+    from .locate import check_out, locate, record, record_line
 
     settings = _trace_settings(args)
-    facts = load_facts(args.facts, limit=args.limit)
+    facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
+    # Every input and output is checked before the model is loaded and long before any tracing.
+    if args.out:
+        check_out(args.out)
+    if args.plots:
+        check_output_dir(args.plots, "--plots")
+    arch = _arch_file(args)
     model, tok = load_model(args)
     start = time.perf_counter()
     pairs = locate(model, tok, facts, settings, out=args.out, plots_dir=args.plots, progress=not args.quiet,
-                   arch=args.arch, skip_errors=args.skip_errors)
+                   arch=arch, skip_errors=args.skip_errors)
     wall = time.perf_counter() - start
     summary = sys.stdout if args.out else sys.stderr
     if not args.out:
         for result, choice in pairs:
-            print(json.dumps(record(result, choice)))
+            print(record_line(record(result, choice)))
     if not pairs:
         print("no fact could be traced", file=summary)
         return 1
@@ -273,8 +291,8 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
 
     from .arch import arch_for
     from .choose import choose_dataset_layer
-    from .facts import load_facts
-    from .hparams import dataset_header, generate_hparams, write_hparams
+    from .facts import check_limit, load_facts
+    from .hparams import check_hparams_output, dataset_header, generate_hparams, write_hparams
     from .locate import locate
 
     overrides = {}
@@ -282,11 +300,18 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"--set {item!r}: the value of {key} is not a plain YAML value ({problem}); "
+                             f"quote it or write it as e.g. {key}=0.1 or {key}=[5,10]") from None
     settings = _trace_settings(args)
-    facts = load_facts(args.facts, limit=args.limit)
+    check_hparams_output(args.output)
+    facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
+    arch_file = _arch_file(args)
     model, tok = load_model(args)
-    arch = arch_for(model, args.arch)
+    arch = arch_for(model, arch_file)
     if args.layer is not None:
         layer = args.layer
         header = f"Written by `rome-locate hparams` with --layer {layer} (not traced).\nfacts: {args.facts}"
@@ -313,11 +338,22 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import compute_mom2
+    from .files import check_output_dir
+    from .stats import check_n_samples, compute_mom2, folder_name
 
+    if args.model_name is not None:
+        model_name = folder_name(args.model_name, "--model-name")
+    else:
+        model_name = folder_name(args.model.rstrip("/").rsplit("/")[-1],
+                                 "the last component of --model (it names the folder; pass --model-name)")
+    folder_name(args.mom2_dataset, "--mom2-dataset")
+    check_n_samples(args.n_samples, "--n-samples")
+    check_output_dir(args.stats_dir, "--stats-dir")
+    if not Path(args.corpus).is_file():
+        raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
+    arch = _arch_file(args)
     model, tok = load_model(args)
-    paths = compute_mom2(model, tok, args.arch, args.layers, args.corpus, args.stats_dir,
-                         model_name=args.model_name or args.model.rstrip("/").rsplit("/")[-1],
+    paths = compute_mom2(model, tok, arch, args.layers, args.corpus, args.stats_dir, model_name=model_name,
                          mom2_dataset=args.mom2_dataset, n_samples=args.n_samples, dtype=args.mom2_dtype,
                          progress=True)
     for path in paths:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 from .files import write_text
 from .records import Record
@@ -141,28 +141,62 @@ def fact_from_record(rec: dict[str, Any], idx: int = 0) -> Fact:
     )
 
 
-def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
-    """Load facts from a JSON array or JSON Lines file in any supported format."""
+def _records(path: Path, fh: IO[str]) -> Iterator[tuple[str, Any]]:
+    """(where, record) of a JSON array (read whole) or a JSON Lines file (read line by line); `where` names the
+    file and, for JSON Lines, the line, so an error points at it."""
+    head = ""
+    while True:
+        ch = fh.read(1)
+        if not ch or not ch.isspace():
+            head = ch
+            break
+    if head == "[":
+        try:
+            records = json.loads(head + fh.read())
+        except json.JSONDecodeError as exc:
+            raise FactFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        for rec in records:
+            yield str(path), rec
+        return
+    fh.seek(0)
+    for n, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FactFormatError(f"{path}:{n}: not valid JSON ({exc.msg}, column {exc.colno}); a JSON Lines file "
+                                  f"holds one JSON object per line") from None
+        yield f"{path}:{n}", rec
+
+
+def check_limit(limit: int | None, flag: str = "limit") -> int | None:
+    """`limit` when it is None or an integer >= 1; otherwise a ValueError naming `flag`."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{flag} must be >= 1 (the number of facts to use), got {limit!r}")
+    return limit
+
+
+def iter_facts(path: str | Path, limit: int | None = None) -> Iterator[Fact]:
+    """Facts of a JSON array or JSON Lines file in any supported format; JSON Lines is read only as far as needed."""
+    check_limit(limit)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"facts file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    try:
-        if stripped.startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise FactFormatError(f"{path}: not JSON or JSON Lines ({exc})") from None
-    if limit is not None:
-        records = records[:limit]
-    out = []
-    for i, rec in enumerate(records):
-        try:
-            out.append(fact_from_record(rec, i))
-        except FactFormatError as exc:
-            raise FactFormatError(f"{path}: {exc}") from None
+    with path.open(encoding="utf-8") as fh:
+        for i, (where, rec) in enumerate(_records(path, fh)):
+            try:
+                fact = fact_from_record(rec, i)
+            except FactFormatError as exc:
+                raise FactFormatError(f"{where}: {exc}") from None
+            yield fact
+            if limit is not None and i + 1 >= limit:
+                return  # nothing after the last fact asked for is read
+
+
+def load_facts(path: str | Path, limit: int | None = None) -> list[Fact]:
+    """Load facts from a JSON array or JSON Lines file in any supported format (`limit`: only the first N)."""
+    out = list(iter_facts(path, limit))
     if not out:
         raise FactFormatError(f"{path}: no facts in file")
     return out

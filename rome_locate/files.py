@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,5 +53,72 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
 
 
 def safe_name(text: str, limit: int = 60) -> str:
-    """`text` (e.g. a fact id) as a file-name part: runs of other characters become '_'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text))[:limit] or "fact"
+    """`text` (e.g. a fact id) as a file-name part, one name per text.
+
+    A text that is already a safe name of at most `limit` characters is kept;
+    otherwise runs of other characters become '_', the result is cut to
+    `limit`, and "~" and 8 hex digits of the original's hash are appended, so
+    two ids ("x/1" and "x_1") never share a file ("~" is never in a kept name).
+    """
+    text = str(text)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:limit]
+    if name == text and not name.startswith("."):
+        return name
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{name.lstrip('.') or 'fact'}~{digest}"
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """Fail now, before any work, when `path` cannot be written as a file; the message names `flag`."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a directory; give a file path")
+    check_output_dir(path.parent, flag, of=path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"{flag} {path}: cannot write this file (permission denied); choose another path")
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str, of: Path | None = None) -> Path:
+    """Fail now when `path` cannot be (created and) written as a directory; the message names `flag`."""
+    path = Path(path)
+    what = f"{flag} {of if of is not None else path}"
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{what}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what}: cannot write in {existing} (permission denied); choose another path")
+    return path
+
+
+@contextmanager
+def output_lock(path: str | Path, flag: str) -> Iterator[Path]:
+    """Hold `path`.lock while writing `path`: a second writer gets a clear error instead of interleaved records.
+
+    The lock is created atomically (O_EXCL), so this is also the first real
+    write in the output's directory; it is removed when the block ends.
+    """
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    check_output_dir(path.parent, flag, of=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise FileExistsError(f"{flag} {path} is being written by another rome-locate run (lock file {lock}); "
+                              f"if no other run is going, the lock is stale: delete {lock} and rerun") from None
+    except OSError as exc:
+        raise PermissionError(f"{flag} {path}: cannot write in {path.parent} ({exc.strerror}); "
+                              f"choose another path") from None
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from .arch import Arch, LayerRangeError, arch_for, check_layer
-from .files import write_text
+from .files import check_output_file, write_text
 from .models import model_dtype
 from .records import Record
 
@@ -287,6 +287,20 @@ def _yaml_text(hparams: RomeParams, header: str | None) -> str:
         lines += [("# " + line).rstrip() for line in header.rstrip("\n").split("\n")]
     body = yaml.safe_dump(to_dict(hparams), default_flow_style=None, sort_keys=False, width=1000)
     return "\n".join(lines + [body]) if lines else body
+
+
+def check_hparams_output(path: str | Path, flag: str = "-o") -> Path:
+    """Fail before any work when `path` cannot be written, or holds a file `rome-locate hparams` did not write."""
+    path = check_output_file(path, flag)
+    if path.exists():
+        try:
+            first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+        except UnicodeDecodeError:
+            first = ""
+        if not (first.startswith("# ") and "`rome-locate hparams`" in first):
+            raise FileExistsError(f"{flag} {path} exists and was not written by rome-locate (its first line is not "
+                                  f"a rome-locate header); rome-locate never writes over it: choose another path")
+    return path
 
 
 def write_hparams(hparams: RomeParams, path: str | Path, header: str | None = None) -> Path:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -15,9 +17,10 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .choose import LayerChoice, choose_layer
 from .facts import Fact
-from .files import safe_name, write_text
+from .files import check_output_dir, check_output_file, output_lock, safe_name, write_text
 from .models import ModelFingerprint, fingerprint
 from .plots import average_effect_plot, heatmap
+from .records import non_finite
 from .trace import TraceResult, TraceSettings, noise_level, trace_fact
 
 
@@ -25,26 +28,71 @@ def _key(fact_id: Any, prompt: str) -> tuple[str, str]:
     return str(fact_id), prompt
 
 
-def _read_done(path: Path) -> dict[tuple[str, str], tuple[int, dict[str, Any]]]:
-    """Records already in `path` with their line numbers; a torn last line (an interrupted write) is dropped."""
+# A locate line is json.dumps of a record, whose first field is the fact id.
+_RECORD_START = '{"fact_id": '
+_RECORD_KEYS = {"fact_id", "prompt", "scores", "low_score", "layer"}
+
+
+def _not_ours(path: Path, n: int) -> ValueError:
+    return ValueError(f"{path}:{n}: not a locate output (this line is not a rome-locate record), and rome-locate never "
+                      f"writes over a file it did not write; pass another --out")
+
+
+def _read_done(path: Path, repair: bool = True) -> dict[tuple[str, str], tuple[int, dict[str, Any]]]:
+    """Records already in the locate output `path`, with their line numbers.
+
+    Every complete line must be a locate record; otherwise the file is someone
+    else's and is refused, untouched. A last line without its newline is an
+    interrupted write: with `repair` it is cut off, but only when it starts as
+    a locate record does.
+    """
     if not path.exists():
         return {}
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        keep = text[: text.rfind("\n") + 1]
-        write_text(path, keep)
-        text = keep
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a directory; give a file path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise _not_ours(path, 1) from None
+    *complete, torn = text.split("\n")
     done = {}
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(complete, 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            done[_key(obj["fact_id"], obj["prompt"])] = (n, obj)
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}:{n}: not a locate record ({exc}); use another --out or remove the file") \
-                from None
+        except json.JSONDecodeError:
+            raise _not_ours(path, n) from None
+        if not isinstance(obj, dict) or not _RECORD_KEYS <= set(obj):
+            raise _not_ours(path, n)
+        done[_key(obj["fact_id"], obj["prompt"])] = (n, obj)
+    if torn:
+        if not torn.startswith(_RECORD_START):
+            raise _not_ours(path, len(complete) + 1)
+        if repair:
+            write_text(path, text[: len(text) - len(torn)])
     return done
+
+
+def check_out(out: str | Path) -> Path:
+    """Fail before any work when `out` cannot serve as a locate output: not writable, another writer's, or a
+    file rome-locate did not write. Reads only."""
+    path = check_output_file(out, "--out")
+    lock = path.with_name(path.name + ".lock")
+    if lock.exists():
+        raise FileExistsError(f"--out {path} is being written by another rome-locate run (lock file {lock}); "
+                              f"if no other run is going, the lock is stale: delete {lock} and rerun")
+    _read_done(path, repair=False)
+    return path
+
+
+def record_line(obj: dict[str, Any]) -> str:
+    """One JSON line of a locate record; a NaN or infinite number is an error naming the fact, never written."""
+    bad = non_finite(obj)
+    if bad:
+        raise ValueError(f"fact {obj.get('fact_id')!r}: non-finite numbers (NaN or inf) in {', '.join(bad[:5])}; "
+                         f"not written (check the model's weights and dtype)")
+    return json.dumps(obj, allow_nan=False)
 
 
 def _serves(stored: TraceSettings, asked: TraceSettings) -> bool:
@@ -90,16 +138,26 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     average-effect plot is drawn at the end. Every record carries the settings
     and the model's fingerprint; a rerun with the same `out` reuses the records
     already there (matched by id and prompt) only when both match, and refuses
-    otherwise. `skip_errors` warns and goes on when a fact cannot be traced.
+    otherwise. `out` is written by one run at a time (`out`.lock beside it) and
+    only if rome-locate wrote it. `skip_errors` warns and goes on when a fact
+    cannot be traced (a ValueError: subject not in the prompt, prompt too long,
+    NaN in the model).
     """
+    out_path = check_out(out) if out is not None else None
+    plots = check_output_dir(plots_dir, "--plots") if plots_dir is not None else None
     facts = list(facts)
     arch = arch_for(model, arch)
-    plots = Path(plots_dir) if plots_dir is not None else None
     if plots is not None:
         settings = dataclasses.replace(settings, full=True)
-    model_id = fingerprint(model)
+    with contextlib.ExitStack() as stack:
+        if out_path is not None:
+            stack.enter_context(output_lock(out_path, "--out"))
+        return _locate(model, tok, facts, settings, out_path, plots, progress, arch, skip_errors)
 
-    out_path = Path(out) if out is not None else None
+
+def _locate(model: nn.Module, tok, facts: list[Fact], settings: TraceSettings, out_path: Path | None,
+            plots: Path | None, progress: bool, arch: Arch, skip_errors: bool) -> list[tuple[TraceResult, LayerChoice]]:
+    model_id = fingerprint(model)
     done: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
     if out_path is not None:
         done = _read_done(out_path)
@@ -115,10 +173,11 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
         replacements = [f.subject for f in facts]
     elif settings.fixed_noise is None:
         level = noise_level(model, tok, facts, arch, factor=settings.noise_factor)
+        if not math.isfinite(level):
+            raise ValueError(f"the noise level ({settings.noise} of the subjects' embeddings) is {level}: the "
+                             f"model's embedding weights hold NaN or inf (check the model file and --dtype)")
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
-    if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
 
     results: list[tuple[TraceResult, LayerChoice]] = []
     fh = out_path.open("a", encoding="utf-8") if out_path is not None else None
@@ -133,16 +192,18 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
                 try:
                     result = trace_fact(model, tok, fact, settings, arch=arch, noise_level=level,
                                         replacements=replacements)
+                    result = dataclasses.replace(result, model=model_id)
+                    choice = choose_layer(result)
+                    obj = record(result, choice)
+                    line = record_line(obj)
                 except ValueError as exc:
+                    message = str(exc) if str(exc).startswith("fact ") else f"fact {fact.id!r}: {exc}"
                     if not skip_errors:
-                        raise ValueError(f"fact {fact.id!r}: {exc}") from None
-                    warnings.warn(f"skipped fact {fact.id!r}: {exc}", stacklevel=2)
+                        raise ValueError(message) from None
+                    warnings.warn(f"skipped {message}", stacklevel=3)
                     continue
-                result = dataclasses.replace(result, model=model_id)
-                choice = choose_layer(result)
-                obj = record(result, choice)
                 if fh is not None:
-                    fh.write(json.dumps(obj) + "\n")
+                    fh.write(line + "\n")
                     fh.flush()
                     os.fsync(fh.fileno())
                 done[key] = (0, obj)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +76,45 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
                             digest=h.hexdigest())
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model was built for (n_positions, max_position_embeddings, ...); None if unknown."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def default_device() -> str:
     """"cuda" when torch sees a GPU, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+def _hub_unreachable(name: str) -> str | None:
+    """Why the hub model `name` cannot be fetched now (offline and not cached, or no route); None if it may be."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return None  # in the local cache: loads offline
+    except ValueError:  # not a valid repo id
+        return "it is not a hub model name like 'org/name'"
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in _TRUE:
+            return f"{var} is set, so the hub cannot be reached, and the model is not in the local cache"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urllib.parse.urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        # One quick probe instead of the hub client's retries (about a minute on a machine without a route).
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as exc:
+        return f"the hub ({host}) cannot be reached from this machine ({exc.strerror or exc})"
+    return None
 
 
 def load_model(name: str | Path, *, device: str | None = None, dtype: str = "float32"):
@@ -87,10 +127,19 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    text = str(name)
+    local = Path(text).expanduser()
+    if not local.exists():
+        if text.startswith((".", "/", "~")) or not _HUB_ID.match(text):
+            raise FileNotFoundError(f"--model {text!r}: no such directory (nor a hub model name like 'org/name')")
+        why = _hub_unreachable(text)
+        if why is not None:
+            raise FileNotFoundError(f"--model {text!r} is not a local directory, and {why}; pass the directory of a "
+                                    f"downloaded model (save_pretrained output)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(name))
-        model = AutoModelForCausalLM.from_pretrained(str(name), dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else text)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else text, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
-        where = "local directory" if Path(name).exists() else "local directory or reachable hub model"
-        raise FileNotFoundError(f"--model {str(name)!r} is not a loadable {where}: {exc}") from None
+        where = "local directory" if local.exists() else "local directory or reachable hub model"
+        raise FileNotFoundError(f"--model {text!r} is not a loadable {where}: {exc}") from None
     return model.to(device).eval(), tok

@@ -36,7 +36,7 @@ from .arch import Arch, arch_for, check_layer
 from .files import atomic_path
 from .hooks import captured_inputs
 from .hparams import RomeParams
-from .models import input_device
+from .models import context_length, input_device
 from .tokens import pad_id, right_pad
 
 # EasyEdit's SecondMoment lives in easyeditor.util.runningstats; its state_dict writes this.
@@ -54,6 +54,21 @@ def stats_model_name(model: nn.Module) -> str:
     return name.rsplit("/")[-1]
 
 
+def folder_name(value: str, what: str) -> str:
+    """`value` when it is one plain folder name, so a path built from it stays inside its parent; else a ValueError."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise ValueError(f"{what} {value!r} must be one folder name (no '/', not '.' or '..'), so the statistics "
+                         f"stay inside the stats directory")
+    return value
+
+
+def check_n_samples(n_samples: int | None, what: str = "n_samples") -> int | None:
+    """`n_samples` when it is None or an integer >= 1; else a ValueError naming `what`."""
+    if n_samples is not None and (isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1):
+        raise ValueError(f"{what} must be >= 1 (the number of corpus lines), got {n_samples!r}")
+    return n_samples
+
+
 def mom2_path(stats_dir: str | Path, model_name: str, layer_name: str, mom2_dataset: str,
               n_samples: int | None, dtype: str) -> Path:
     """The npz path EasyEdit's layer_stats reads for these settings."""
@@ -61,6 +76,9 @@ def mom2_path(stats_dir: str | Path, model_name: str, layer_name: str, mom2_data
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not model_name:
         raise ValueError("model_name is empty: the model has no config._name_or_path; pass model_name explicitly")
+    folder_name(model_name, "model_name")
+    folder_name(mom2_dataset, "mom2_dataset")
+    folder_name(layer_name, "layer name")
     suffix = "" if n_samples is None else f"_{n_samples}"
     return Path(stats_dir) / model_name / f"{mom2_dataset}_stats" / f"{layer_name}_{dtype}_mom2{suffix}.npz"
 
@@ -76,13 +94,6 @@ def read_corpus(path: str | Path, n_samples: int | None = None) -> list[str]:
     return texts if n_samples is None else texts[:n_samples]
 
 
-def _max_len(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    for key in ("n_positions", "max_position_embeddings", "max_sequence_length", "seq_length"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 512
 
 
 @torch.no_grad()
@@ -90,7 +101,7 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
                    batch_size: int = 32, progress: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
     """Sum of k k^T (float64) and the number of token positions, per named module's input."""
     device = input_device(model)
-    max_len = _max_len(model)
+    max_len = context_length(model) or 512
     texts = list(texts)
     pad = pad_id(tok)
     sums: dict[str, torch.Tensor] = {}
@@ -139,6 +150,7 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
         check_layer(layer, arch.n_layers)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    check_n_samples(n_samples)
     model_name = model_name or stats_model_name(model)
     texts = read_corpus(corpus_path, n_samples)
     names = [arch.rewrite_module(layer) for layer in layers]

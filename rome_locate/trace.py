@@ -25,8 +25,8 @@ from torch import nn
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
 from .hooks import captured, get_module, patched
-from .models import ModelFingerprint, input_device, model_dtype
-from .records import Record
+from .models import ModelFingerprint, context_length, input_device, model_dtype
+from .records import Record, non_finite
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]
@@ -398,6 +398,7 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
     if max_batch is None:
         max_batch = CPU_MAX_BATCH if device.type == "cpu" else ACCELERATOR_MAX_BATCH
     (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence)
+    _check_context(model, fact, len(ids), "prompt")
     input_ids = torch.tensor([ids], device=device)
     keep_last = _keeps_last_logits(model)
     names = [arch.module(kind, layer) for layer in range(L)]
@@ -414,6 +415,7 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
             target_first = None
             if fact.target:
                 t_full, t_pos = continuation(tok, fact.prompt, fact.target)
+                _check_context(model, fact, len(t_full), "prompt + target")
                 target_first = t_full[t_pos[0]]
                 known = top1_id == target_first
                 target_logprob = _sequence_logprob(model, t_full, t_pos)
@@ -451,6 +453,11 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
     grid = [tuple(flat[i * L:(i + 1) * L]) for i in range(len(rows))]
     table = tuple(grid) if full else None
     scores = grid[e - 1] if full else grid[0]
+    bad = non_finite({"p_clean": float(p_clean[answer_id]), "p_corrupt": p_corrupt, "scores": scores,
+                      "table": table, "target_logprob": target_logprob, "noise": level})
+    if bad:
+        raise ValueError(f"the model gives non-finite numbers (NaN or inf) for prompt {fact.prompt!r}: "
+                         f"{', '.join(bad[:5])}; check its weights and --dtype")
     return TraceResult(
         fact_id=str(fact.id), prompt=fact.prompt, subject=fact.subject, kind=kind,
         tokens=tuple(tok.decode([t]) for t in ids), subject_range=(b, e), subject_occurrence=used,
@@ -460,6 +467,13 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
         noise=level, samples=S, window=w, noise_draws=noise_draws, target_logprob=target_logprob,
         settings=settings,
     )
+
+
+def _check_context(model: nn.Module, fact: Fact, n_tokens: int, what: str) -> None:
+    limit = context_length(model)
+    if limit is not None and n_tokens > limit:
+        raise ValueError(f"{what} {fact.prompt!r} is {n_tokens} tokens, longer than the model's context of {limit} "
+                         f"positions; shorten it or leave the fact out (--skip-errors skips it)")
 
 
 def _sequence_logprob(model: nn.Module, ids: list[int], positions: list[int]) -> float:
