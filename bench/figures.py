@@ -1,0 +1,186 @@
+"""Regenerate the figures quoted in the docs: `python bench/figures.py [NAME ...]` recomputes and rewrites them.
+
+Every table or number the README, a fact model's NOTES.md or integration/README.md
+quotes sits between two markers,
+
+    <!-- figure: NAME -->
+    ...
+    <!-- /figure -->
+
+and the text beside it names `python bench/figures.py NAME`. Nothing between the
+markers is written by hand: this script recomputes it and replaces the block in
+every doc that holds it. `--list` names the figures; `--check` recomputes and
+fails (exit 1) when a doc differs from what the code gives now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "integration/README.md", "rome_locate/fact_models/gpt2/NOTES.md",
+        "rome_locate/fact_models/llama/NOTES.md")
+_BLOCK = re.compile(r"(<!-- figure: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /figure -->)", re.DOTALL)
+
+FIGURES: dict[str, Callable[[], str]] = {}
+
+
+def figure(name: str):
+    """Register a function that returns the Markdown of the figure `name`."""
+    def register(fn: Callable[[], str]) -> Callable[[], str]:
+        FIGURES[name] = fn
+        return fn
+    return register
+
+
+def blocks(text: str) -> list[str]:
+    """Names of the figure blocks in a doc, in order."""
+    return [m.group("name") for m in _BLOCK.finditer(text)]
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """`text` with the block `name` holding `body` (which ends with a newline)."""
+    body = body if body.endswith("\n") else body + "\n"
+    return _BLOCK.sub(lambda m: m.group(1) + body + m.group(4) if m.group("name") == name else m.group(0), text)
+
+
+def _setup_torch() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _table(header, rows) -> str:
+    return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in rows]) + "\n"
+
+
+# ---- the fact models (NOTES.md) ------------------------------------------------------
+
+def _fact_accuracy(family: str) -> str:
+    from rome_locate.fact_models import load_fact_model
+    from rome_locate.fact_models.train import accuracy
+
+    model, tok = load_fact_model(family)
+    acc = accuracy(model, tok, family, hard=True)
+    return (f"- training templates: {acc['train_acc']:.4f} ({acc['n_train']} prompts)\n"
+            f"- held-out paraphrase templates (never trained on): {acc['paraphrase_acc']:.4f} "
+            f"({acc['n_paraphrase']} prompts)\n"
+            f"- `world.HARD_PARAPHRASES` (novel relation cue after the subject, e.g. \"{{}} is employed as a\"; "
+            f"not a target): {acc['hard_paraphrase_acc']:.4f} ({acc['n_hard_paraphrase']} prompts)\n")
+
+
+TRACE_FACTS = 40  # the first facts of facts_known.json traced for the NOTES tables
+
+
+def _fact_trace(family: str) -> str:
+    import numpy as np
+
+    from rome_locate.choose import choose_dataset_layer
+    from rome_locate.fact_models import facts_path, load_fact_model
+    from rome_locate.facts import load_facts
+    from rome_locate.locate import locate
+    from rome_locate.trace import TraceSettings
+
+    model, tok = load_fact_model(family)
+    settings = TraceSettings(full=True)
+    results = [r for r, _ in locate(model, tok, load_facts(facts_path(family), limit=TRACE_FACTS), settings,
+                                    progress=False)]
+    d = choose_dataset_layer(results)
+    L = results[0].n_layers
+    r0 = results[0]
+    lines = [f"Settings: `{settings.to_json()}` (effective window {r0.window}, noise level {r0.noise:.3f}); "
+             f"{len(results)} facts; mean p(clean) {np.mean([r.high_score for r in results]):.3f}, "
+             f"mean p(corrupted) {np.mean([r.low_score for r in results]):.3f}.", "",
+             "Mean indirect effect at the last subject token (window centre l):", ""]
+    lines.append(_table([f"L{i}" for i in range(L)], [[f"{m:+.3f}" for m in d.mean_effects]]))
+    lines.append(f"**Dataset layer: {d.layer}**. Per-fact choices (histogram over layers 0-{L - 1}): "
+                 f"{list(d.histogram)}. Mean of each fact's largest effect: "
+                 f"{np.mean([max(r.effects) for r in results]):.3f}.\n")
+    # Positions relative to the subject: its tokens, the first token after it, the last prompt token.
+    names = ["subj tok 1", "subj tok 2", "subj tok 3", "LAST subj tok", "first after", "last prompt tok"]
+    sums = {n: np.zeros(L) for n in names}
+    counts = {n: 0 for n in names}
+    best_token: dict[str, int] = {}
+    for r in results:
+        b, e = r.subject_range
+        table = np.array(r.table) - r.low_score
+        subject_rows = list(range(b, e))
+        picks = {"LAST subj tok": e - 1, "first after": e if e < len(r.tokens) - 1 else None,
+                 "last prompt tok": len(r.tokens) - 1}
+        for i, t in enumerate(subject_rows[:-1][:3]):
+            picks[f"subj tok {i + 1}"] = t
+        for n, t in picks.items():
+            if t is not None:
+                sums[n] += table[t]
+                counts[n] += 1
+        top = max(subject_rows, key=lambda t: table[t].max())
+        label = "LAST subj tok" if top == e - 1 else f"subj tok {top - b + 1}"
+        best_token[label] = best_token.get(label, 0) + 1
+    rows = [[n] + [f"{v:+.3f}" for v in sums[n] / counts[n]] for n in names if counts[n]]
+    lines += ["Mean indirect effect per position (full traces of the same facts, window centre 0-"
+              f"{L - 1}):", "", _table(["position"] + [f"L{i}" for i in range(L)], rows)]
+    lines.append(f"Subject token with the largest effect, per fact: {dict(sorted(best_token.items()))}.\n")
+    return "\n".join(lines)
+
+
+for _family in ("gpt2", "llama"):
+    figure(f"fact-accuracy-{_family}")(lambda family=_family: _fact_accuracy(family))
+    figure(f"fact-trace-{_family}")(lambda family=_family: _fact_trace(family))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Recompute the named figures (all by default) and rewrite them in every doc that holds them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="figures to regenerate (default: all)")
+    parser.add_argument("--list", action="store_true", help="name the figures and the docs that hold them")
+    parser.add_argument("--check", action="store_true", help="fail when a doc differs from the recomputed figure")
+    args = parser.parse_args(argv)
+    docs = {d: (ROOT / d).read_text(encoding="utf-8") for d in DOCS if (ROOT / d).exists()}
+    used = {name: [d for d, text in docs.items() if name in blocks(text)] for name in FIGURES}
+    unknown = sorted({n for text in docs.values() for n in blocks(text)} - set(FIGURES))
+    if unknown:
+        print(f"docs hold figure blocks no function makes: {unknown}", file=sys.stderr)
+        return 2
+    if args.list:
+        for name, where in used.items():
+            print(f"{name:24s} {', '.join(where) or '(in no doc)'}")
+        return 0
+    names = args.names or list(FIGURES)
+    bad = [n for n in names if n not in FIGURES]
+    if bad:
+        print(f"unknown figure(s) {bad}; known: {sorted(FIGURES)}", file=sys.stderr)
+        return 2
+    _setup_torch()
+    differs = []
+    for name in names:
+        print(f"[figure] {name} ...", flush=True)
+        body = FIGURES[name]()
+        for d in used[name]:
+            new = replace_block(docs[d], name, body)
+            if new != docs[d]:
+                differs.append(f"{d}: {name}")
+                docs[d] = new
+                if not args.check:
+                    from rome_locate.files import write_text
+
+                    write_text(ROOT / d, new)
+    for line in differs:
+        print(("differs: " if args.check else "rewrote: ") + line)
+    return 1 if args.check and differs else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
