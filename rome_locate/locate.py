@@ -109,13 +109,14 @@ def _mismatch(obj: dict[str, Any], settings: TraceSettings, model: ModelFingerpr
         stored, stored_model = TraceSettings.from_json(raw), ModelFingerprint.from_json(obj["model"])
     except (TypeError, ValueError) as exc:
         return f"its settings or model cannot be read ({exc})"
+    why = []
     if not _serves(stored, settings):
         diff = [f"{f.name}={getattr(stored, f.name)!r} there, {f.name}={getattr(settings, f.name)!r} asked"
                 for f in dataclasses.fields(TraceSettings) if getattr(stored, f.name) != getattr(settings, f.name)]
-        return "it was traced with other settings: " + "; ".join(diff)
+        why.append("it was traced with other settings: " + "; ".join(diff))
     if stored_model != model:
-        return f"it was traced on another model ({stored_model.short()}; this one is {model.short()})"
-    return None
+        why.append(f"it was traced on another model ({stored_model.short()}; this one is {model.short()})")
+    return ", and ".join(why) or None
 
 
 def record(result: TraceResult, choice: LayerChoice) -> dict[str, Any]:

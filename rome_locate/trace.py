@@ -472,7 +472,8 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
 def _check_context(model: nn.Module, fact: Fact, n_tokens: int, what: str) -> None:
     limit = context_length(model)
     if limit is not None and n_tokens > limit:
-        raise ValueError(f"{what} {fact.prompt!r} is {n_tokens} tokens, longer than the model's context of {limit} "
+        shown = fact.prompt if len(fact.prompt) <= 60 else fact.prompt[:57] + "..."
+        raise ValueError(f"{what} {shown!r} is {n_tokens} tokens, longer than the model's context of {limit} "
                          f"positions; shorten it or leave the fact out (--skip-errors skips it)")
 
 
