@@ -367,6 +367,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from .report import edit_summary_line
 
     facts = load_facts(args.facts, limit=args.limit)
+    _hide_unloadable()
     model, tok = load_model(args)
     # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
     hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
@@ -375,7 +376,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         "edit", model, tok, facts, hparams, args.out, model_name=args.model, layers=args.layers,
         sweep=False, generation=None, trace_settings=_trace_settings(args), editor=args.editor, seed=args.seed,
         mom2_corpus=args.corpus, arch=args.arch, facts_path=args.facts, skip_errors=args.skip_errors,
-        progress=not args.quiet)
+        sequential=args.sequential, progress=not args.quiet)
     if records is None:
         return 2
     from .evaluate import summarize
@@ -383,6 +384,16 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     print(edit_summary_line(summarize(records), args.editor, args.layers))
     print(f"wrote {paths['json']}")
     return 0
+
+
+def _hide_unloadable() -> None:
+    """A torchvision that cannot load (EasyEdit's requirements on a CPU torch) would stop transformers loading any
+    model: hide it first (rome_locate.easyedit.hide_unloadable)."""
+    from .easyedit import hide_unloadable
+
+    why = hide_unloadable("torchvision")
+    if why:
+        print(f"note: torchvision is installed but cannot be imported ({why}); treated as absent", file=sys.stderr)
 
 
 def _pipeline(command: str, model, tok, facts, hparams, out: str, **kwargs):
@@ -418,6 +429,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-errors", action="store_true",
                    help="warn and skip a fact that cannot be an edit (no target_new, or target_new equal to the "
                         "true answer) instead of stopping")
+    p.add_argument("--sequential", action="store_true",
+                   help="keep every edit (each fact at its own layer) instead of restoring the weights in between; "
+                        "reports retention of earlier edits, paraphrase and locality after the last edit, and "
+                        "efficacy after 1, 10 and all edits")
     _add_trace_args(p)
 
 
@@ -471,6 +486,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     generation = _generation_settings(args)
+    _hide_unloadable()
     model, tok = load_model(args)
     facts = load_facts(args.facts, limit=args.limit)
     hparams = load_hparams(args.hparams)
@@ -483,7 +499,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         "eval", model, tok, facts, hparams, args.out, model_name=args.model, layers=args.layers,
         sweep=args.sweep, trace_settings=trace, generation=generation, editor=args.editor, seed=args.seed,
         arch=args.arch, facts_path=args.facts, max_neighborhood=args.max_neighborhood,
-        skip_errors=args.skip_errors, progress=not args.no_progress)
+        skip_errors=args.skip_errors, sequential=args.sequential, progress=not args.no_progress)
     if records is None:
         return 2
     print_summary(records)

@@ -1,4 +1,5 @@
-"""Hand-off to an editor: apply ROME at a chosen layer (built-in or EasyEdit's) and restore the weights afterwards.
+"""Hand-off to an editor: apply ROME at a chosen layer (built-in, or EasyEdit's through its BaseEditor) and restore
+the weights afterwards.
 
 EasyEdit itself is reached only through `rome_locate.easyedit`.
 """
@@ -25,18 +26,28 @@ EDITORS = ("builtin", "easyedit")
 
 @contextmanager
 def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, editor: Editor = "builtin",
-           seed: int = 0, info: dict | None = None) -> Iterator[nn.Module]:
-    """Apply ROME at `hparams.layers` for `fact.target_new`, yield the model, restore bit-identically (always)."""
+           seed: int = 0, info: dict | None = None) -> Iterator[Any]:
+    """Apply ROME at `hparams.layers` for `fact.target_new`, yield, restore bit-identically (always).
+
+    The built-in editor yields the model; EasyEdit's (a one-off session of its
+    BaseEditor, see `rome_locate.easyedit.EasyEditSession`) yields EasyEdit's own
+    metrics of the edit.
+    """
     if editor not in EDITORS:
         raise ValueError(f"editor must be one of {EDITORS}, got {editor!r}")
+    if editor == "easyedit":
+        import tempfile
+
+        from .easyedit import EasyEditSession
+
+        with tempfile.TemporaryDirectory() as workdir:
+            session = EasyEditSession(model, tok, hparams, str(getattr(hparams, "model_name", "model")), workdir)
+            with session.edited(model, tok, fact, hparams) as metrics:
+                yield metrics
+        return
     originals: dict[str, torch.Tensor] = {}
     try:
-        if editor == "builtin":
-            originals = apply_rome(model, tok, fact, hparams, seed=seed, info=info)
-        else:
-            from .easyedit import apply_easyedit_rome
-
-            originals = apply_easyedit_rome(model, tok, fact, hparams)
+        originals = apply_rome(model, tok, fact, hparams, seed=seed, info=info)
         yield model
     finally:
         restore(model, originals)

@@ -32,9 +32,10 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import ExitStack, nullcontext
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +133,13 @@ class EvalRecord(Record):
     margin: float | None = None  # traced effect of the chosen layer minus the runner-up's
     effects: tuple[float, ...] | None = None  # traced indirect effect per layer
     seconds: float = 0.0
+    # The editor's own report of the edit: EasyEdit's returned pre/post rewrite_acc, rephrase_acc, locality and
+    # the layer it edited at (`rome_locate.easyedit.easyedit_metrics`); None for the built-in editor.
+    editor_metrics: dict[str, Any] | None = None
+    # Sequential editing: the metrics of this fact after the LAST edit, against the unedited model, and, at the
+    # checkpoints (1, 2, 5, 10, ... edits and the last), the means over every edit so far, measured after this one.
+    final_metrics: dict[str, float | None] | None = None
+    after_n_edits: dict[str, float | None] | None = None
 
     @property
     def best_layer(self) -> int | None:
@@ -444,13 +452,16 @@ def place(facts: Sequence[Fact], hparams, layers: str = "fixed", located: Sequen
 def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | None = None,
                   sweep: bool | Sequence[int] = False, generation: GenerationSettings | None = GenerationSettings(),
                   editor: str = "builtin", edit_context: Callable | None = None, max_neighborhood: int | None = None,
-                  sweep_progress: Callable[[int], None] | None = None) -> EvalRecord:
+                  sweep_progress: Callable[[int], None] | None = None, keep: ExitStack | None = None) -> EvalRecord:
     """Edit one fact at one layer, measure before and after, restore; optionally generate and sweep layers.
 
     `placement` defaults to the hyperparameters' own layer; `generation=None`
     switches generations off. `edit_context(model, tok, fact, hparams, editor=...)`
-    is `edit.edited` unless a test double is given.
+    is `edit.edited` unless a test double is given. With `keep` (sequential
+    editing) the edit stays in place until that stack closes.
     """
+    if keep is not None and sweep:
+        raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
     check_editable(fact)
     if edit_context is None:
         from .edit import edited as edit_context
@@ -464,7 +475,10 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
     texts = [p for _, p in gen_prompts]
     before = _state_scores(model, tok, fact, full=True)
     gens_before = generate(model, tok, texts, generation) if texts else []
-    with edit_context(model, tok, fact, with_layer(hparams, layer), editor=editor):
+    context = edit_context(model, tok, fact, with_layer(hparams, layer), editor=editor)
+    with context if keep is None else nullcontext() as handle:
+        if keep is not None:
+            handle = keep.enter_context(context)
         after = _state_scores(model, tok, fact, full=True)
         gens_after = generate(model, tok, texts, generation) if texts else []
     metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
@@ -498,8 +512,13 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
         metrics=metrics, sweep=tuple(scores),
         traced_layer=None if choice is None else int(choice.layer), fixed_layer=fixed,
         margin=None if choice is None else float(choice.margin), effects=effects,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, editor_metrics=_editor_report(handle),
     )
+
+
+def _editor_report(handle: Any) -> dict[str, Any] | None:
+    # An edit context may yield the editor's own metrics (a mapping); the built-in editor yields the model.
+    return dict(handle) if isinstance(handle, Mapping) else None
 
 
 def check_editable(fact: Fact) -> None:
@@ -548,6 +567,94 @@ def evaluate(model, tok, facts: Sequence[Fact], hparams, *, layers: str = "fixed
     finally:
         bar.close()
     return records
+
+
+def checkpoints(n: int) -> list[int]:
+    """Edit counts at which sequential editing re-measures every earlier edit: 1, 2, 5, 10, 20, 50, ... and n."""
+    marks, base = {n}, 1
+    while base <= n:
+        marks |= {base * m for m in (1, 2, 5) if base * m <= n}
+        base *= 10
+    return sorted(marks)
+
+
+SEQUENTIAL_FIELDS = ("success", "efficacy_score", "paraphrase_score", "rephrase_acc", "neighborhood_score",
+                     "locality")
+
+
+def evaluate_sequential(model, tok, facts: Sequence[Fact], hparams, *, placements: Sequence[Placement],
+                        generation: GenerationSettings | None = None, editor: str = "builtin",
+                        edit_context: Callable | None = None, max_neighborhood: int | None = None,
+                        on_record: Callable[[list[EvalRecord]], None] | None = None,
+                        progress: bool = True) -> list[EvalRecord]:
+    """Edit the facts one after another, keeping every edit; the model is restored when all are measured.
+
+    Each record holds its own edit's metrics (before/after that edit), at the
+    checkpoints (`checkpoints`) `after_n_edits`, the means over every edit so far
+    measured on the model at that moment, and after the last edit `final_metrics`,
+    the fact's metrics on the final model against the unedited one.
+    """
+    if edit_context is None:
+        from .edit import edited as edit_context
+    from tqdm.auto import tqdm
+
+    marks = set(checkpoints(len(facts)))
+    unedited = [_state_scores(model, tok, f, full=True) for f in facts]
+    records: list[EvalRecord] = []
+    bar = tqdm(total=len(facts), desc=f"sequential edit ({editor})", unit="fact", disable=not progress)
+    try:
+        with ExitStack() as kept:
+            for i, (fact, placement) in enumerate(zip(facts, placements)):
+                try:
+                    rec = evaluate_fact(model, tok, fact, hparams, placement=placement, generation=generation,
+                                        editor=editor, edit_context=edit_context, max_neighborhood=max_neighborhood,
+                                        keep=kept)
+                    now: list[dict[str, float | None]] = []
+                    if i + 1 in marks:
+                        now = [metrics_between(b, _state_scores(model, tok, f, full=True))
+                               for b, f in zip(unedited, facts[:i + 1])]
+                        rec = replace(rec, after_n_edits={"n_edits": float(i + 1), **{
+                            k: _mean(m.get(k) for m in now) for k in SEQUENTIAL_FIELDS}})
+                except Exception as exc:
+                    raise EvaluationError(fact.id, exc, list(records)) from exc
+                records.append(rec)
+                bar.update(1)
+                if on_record is not None and i + 1 < len(facts):
+                    on_record(list(records))
+            # The last edit is always a checkpoint: `now` holds every fact on the final model.
+            records = [replace(r, final_metrics=m) for r, m in zip(records, now)]
+    finally:
+        bar.close()
+    if on_record is not None:
+        on_record(list(records))
+    return records
+
+
+def _editor_means(records: Sequence[EvalRecord]) -> dict[str, dict[str, float | None]]:
+    # The editor's own figures (EasyEdit's pre/post accuracies), averaged over the facts that have them.
+    rows = [r.editor_metrics for r in records if r.editor_metrics]
+    return {stage: {k: _mean(row.get(stage, {}).get(k) for row in rows)
+                    for k in sorted({k for row in rows for k in row.get(stage, {})})}
+            for stage in ("pre", "post") if rows}
+
+
+def sequential_summary(records: Sequence[EvalRecord]) -> dict[str, Any] | None:
+    """Retention, paraphrase and locality after the last edit, and efficacy after 1, 10 and all edits."""
+    if not records or records[-1].final_metrics is None:
+        return None
+    earlier = [r for r in records[:-1] if r.metrics.get("success")]
+    final = {k: _mean((r.final_metrics or {}).get(k) for r in records) for k in SEQUENTIAL_FIELDS}
+    curve = [r.after_n_edits for r in records if r.after_n_edits]
+    return {
+        "n_edits": len(records),
+        # Of the earlier edits that worked right after they were made, the share that still works after the last.
+        "retention": _mean((r.final_metrics or {}).get("success") for r in earlier) if earlier else None,
+        "retention_of": len(earlier),
+        "final": final,
+        "efficacy_after": {str(int(p["n_edits"])): p.get("success") for p in curve
+                           if int(p["n_edits"]) in (1, 10, len(records))},
+        "curve": curve,
+    }
 
 
 # ---- dataset summary ---------------------------------------------------------------
@@ -604,6 +711,8 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
             xs += [p[0] for p in pts]
             ys += [p[1] for p in pts]
     pooled = spearman(xs, ys) if xs else None
+    sequential = sequential_summary(records)
+    editor_means = _editor_means(records)
     traced_is_best = [r.traced_layer == r.best_layer for r in swept if r.traced_layer is not None]
     return {
         "n_facts": len(records),
@@ -621,4 +730,6 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
         "spearman_pooled": pooled,
         "traced_is_best_share": _mean(float(v) for v in traced_is_best) if traced_is_best else None,
         "correlation_measure": "Spearman rank correlation of traced indirect effect vs rewrite_score per layer",
+        **({"sequential": sequential, "retention": sequential["retention"]} if sequential else {}),
+        **({"editor_metrics": editor_means} if editor_means else {}),
     }

@@ -9,6 +9,7 @@ finished, and the report is written in `finally`.
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 from .arch import Arch, arch_for, check_layer
 from .edit import EDITORS, edited, ensure_stats
 from .evaluate import (LAYER_MODES, EvalRecord, EvaluationError, GenerationSettings, check_editable, evaluate,
-                       place)
+                       evaluate_sequential, place)
 from .facts import Fact
 from .locate import locate
 from .models import fingerprint
@@ -57,8 +58,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                  generation: GenerationSettings | None = GenerationSettings(), editor: str = "builtin",
                  edit_context: Callable | None = None, seed: int = 0, mom2_corpus: str | Path | None = None,
                  arch: Arch | str | Path | dict | None = None, facts_path: str | None = None,
-                 max_neighborhood: int | None = None, skip_errors: bool = False, progress: bool = True,
-                 extra_settings: dict[str, Any] | None = None,
+                 max_neighborhood: int | None = None, skip_errors: bool = False, sequential: bool = False,
+                 progress: bool = True, extra_settings: dict[str, Any] | None = None,
                  started: float | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
     """Edit and evaluate every fact; with `out_dir`, results.json after every fact and the report at the end.
 
@@ -69,7 +70,10 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     OUT/locate.jsonl, resumable). Every layer is checked against the model
     before any work. `generation=None` and `sweep=False` is `rome-locate edit`.
     `edit_context` replaces the editor (tests); the built-in editor is seeded
-    with `seed`. With mom2_adjustment on, statistics missing for a layer are
+    with `seed`; EasyEdit's runs through one BaseEditor over the loaded model
+    (`rome_locate.easyedit.EasyEditSession`, its logs in OUT/easyedit). With
+    `sequential`, edits accumulate (each fact still at its own layer) and the
+    summary reports retention; the model is restored at the end. With mom2_adjustment on, statistics missing for a layer are
     computed from `mom2_corpus` into OUT/stats. On a failure the report covers
     the finished facts, names the error, and the `EvaluationError` is raised
     again. `started` (a `time.perf_counter()` value) is where the wall time starts.
@@ -78,6 +82,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
         raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
     if editor not in EDITORS and edit_context is None:
         raise ValueError(f"editor must be one of {EDITORS}, got {editor!r}")
+    if sequential and sweep:
+        raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
     t0 = time.perf_counter() if started is None else started
     facts, located = editable(facts, located, skip_errors=skip_errors)
     arch = arch_for(model, arch)
@@ -99,14 +105,20 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
         trace_settings = getattr(_trace_of(located[0]), "settings", None)
     used = {p.layer for p in placements} | set(sweep_layers)
     hparams = ensure_stats(model, tok, hparams, used, mom2_corpus, None if out is None else out / "stats")
-    if edit_context is None:
+    if edit_context is None and editor == "easyedit":
+        from .easyedit import EasyEditSession
+
+        workdir = Path(out or tempfile.mkdtemp(prefix="rome-locate-easyedit-")) / "easyedit"
+        edit_context = EasyEditSession(model, tok, hparams, str(model_name or getattr(hparams, "model_name", "model")),
+                                       workdir).edited
+    elif edit_context is None:
         edit_context = functools.partial(edited, seed=seed)
     model_id = fingerprint(model)
 
     def settings() -> dict[str, Any]:
         return run_settings(model=model_name, model_fingerprint=model_id, hparams=hparams,
                             trace_settings=trace_settings, seed=seed, generation=generation, layers=layers,
-                            sweep=bool(sweep_layers), editor=editor, facts=facts_path,
+                            sweep=bool(sweep_layers), sequential=sequential, editor=editor, facts=facts_path,
                             wall_time_s=time.perf_counter() - t0, **(extra_settings or {}))
 
     records: list[EvalRecord] = []
@@ -119,9 +131,14 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
 
     paths: dict[str, Path] = {}
     try:
-        evaluate(model, tok, facts, hparams, placements=placements, sweep=sweep_layers or False,
-                 generation=generation, editor=editor, edit_context=edit_context,
-                 max_neighborhood=max_neighborhood, progress=progress, on_record=finished)
+        if sequential:
+            evaluate_sequential(model, tok, facts, hparams, placements=placements, generation=generation,
+                                editor=editor, edit_context=edit_context, max_neighborhood=max_neighborhood,
+                                progress=progress, on_record=finished)
+        else:
+            evaluate(model, tok, facts, hparams, placements=placements, sweep=sweep_layers or False,
+                     generation=generation, editor=editor, edit_context=edit_context,
+                     max_neighborhood=max_neighborhood, progress=progress, on_record=finished)
     except BaseException as exc:  # also Ctrl-C: the report still covers what finished
         error = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
         raise

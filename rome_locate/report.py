@@ -16,6 +16,7 @@ from .files import safe_name, write_text
 
 IMAGES = "images"
 SWEEP_PLOT = "layer_effect_vs_success"
+SEQUENTIAL_PLOT = "sequential_edits"
 
 # Metrics shown on each card: (label, key); the "_pre" twin, when there is one, is the "before" column.
 CARD_METRICS = (
@@ -192,6 +193,47 @@ def sweep_plot(records: Sequence[EvalRecord], path: Path) -> Path | None:
     return _save_png(fig, path)
 
 
+SEQUENTIAL_HEADER = ("edits so far", "success", "efficacy", "paraphrase", "rephrase_acc", "neighbourhood",
+                     "locality")
+
+
+def _sequential_rows(seq: Mapping[str, Any]) -> list[list[str]]:
+    from .evaluate import SEQUENTIAL_FIELDS
+
+    return [[str(int(p["n_edits"]))] + [_fmt(p.get(k)) for k in SEQUENTIAL_FIELDS] for p in seq["curve"]]
+
+
+def _sequential_text(seq: Mapping[str, Any]) -> str:
+    retention = "–" if seq["retention"] is None else f"{seq['retention']:.1%}"
+    return (f"{seq['n_edits']} edits kept one after another. Retention (share of the {seq['retention_of']} earlier "
+            f"edits that worked when made and still work after the last edit): {retention}. Each row: means over "
+            f"every edit so far, measured after that many edits (locality against the unedited model).")
+
+
+def sequential_plot(summary: Mapping[str, Any], path: Path) -> Path | None:
+    """Success, paraphrase and locality of the edits so far against the number of edits (sequential editing)."""
+    seq = summary.get("sequential")
+    if not seq or not seq["curve"]:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    xs = [p["n_edits"] for p in seq["curve"]]
+    for key, label in (("success", "efficacy (target_new top-1)"), ("rephrase_acc", "rephrase_acc"),
+                       ("locality", "locality")):
+        ys = [p.get(key) for p in seq["curve"]]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("number of edits")
+    ax.set_ylabel("mean over the edits so far")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -319,7 +361,7 @@ def write_report(records: Sequence[EvalRecord], out_dir: str | Path, settings: M
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
-    images: dict[int, Path | None] = {}
+    images: dict[int | str, Path | None] = {}  # by record position; "sequential" for its plot
     image_errors: list[str] = []
     for i, (rec, trace) in enumerate(zip(records, traces or ())):
         if trace is None:
@@ -330,6 +372,8 @@ def write_report(records: Sequence[EvalRecord], out_dir: str | Path, settings: M
         except (ValueError, RuntimeError, ImportError) as exc:  # a missing picture must not lose the report
             image_errors.append(f"heatmap of fact {rec.fact_id}: {exc}")
     plot = sweep_plot(records, out_dir / IMAGES / f"{SWEEP_PLOT}.png")
+    seq_plot = sequential_plot(summary, out_dir / IMAGES / f"{SEQUENTIAL_PLOT}.png")
+    images["sequential"] = seq_plot
 
     paths = {"json": write_results_json(records, out_dir, settings, error=error, complete=error is None)}
     paths["md"] = write_text(out_dir / "report.md",
@@ -353,6 +397,11 @@ def _markdown(records, settings, summary, images, plot, out_dir: Path, error, im
         md += ["### Layer effect vs edit success", "", f"![layer effect vs edit success]({plot.relative_to(out_dir).as_posix()})", "",
                f"Rank correlation ({summary['correlation_measure']}):", "",
                _md_table(("scope", "Spearman ρ"), _correlation_rows(summary)), ""]
+    if summary.get("sequential"):
+        md += ["## Sequential editing", "", _sequential_text(summary["sequential"]), "",
+               _md_table(SEQUENTIAL_HEADER, _sequential_rows(summary["sequential"])), ""]
+        if images.get("sequential") is not None:
+            md += [f"![metrics against the number of edits]({images['sequential'].relative_to(out_dir).as_posix()})", ""]
     md += ["## Facts", ""]
     for i, rec in enumerate(records):
         md += [f"### Fact {rec.fact_id}: {rec.prompt} → {rec.target_new} (was {rec.target_true})", "",
@@ -388,6 +437,11 @@ def _html(records, settings, summary, images, plot, error, image_errors, title) 
         h += ["<h3>Layer effect vs edit success</h3>", f"<img alt='layer effect vs edit success' src='{_data_uri(plot)}'>",
               f"<p>Rank correlation ({e(summary['correlation_measure'])}):</p>",
               _html_table(("scope", "Spearman ρ"), _correlation_rows(summary))]
+    if summary.get("sequential"):
+        h += ["<h2 id='sequential'>Sequential editing</h2>", f"<p>{e(_sequential_text(summary['sequential']))}</p>",
+              _html_table(SEQUENTIAL_HEADER, _sequential_rows(summary["sequential"]))]
+        if images.get("sequential") is not None:
+            h.append(f"<img alt='metrics against the number of edits' src='{_data_uri(images['sequential'])}'>")
     h.append("<h2 id='facts'>Facts</h2>")
     for i, rec in enumerate(records):
         h.append(f"<div class='card' id='fact-{i}-{e(safe_name(rec.fact_id))}'>")
@@ -447,6 +501,19 @@ def edit_summary_line(summary: Mapping[str, Any], editor: str, layers: str) -> s
     def opt(label, key):
         return f", {label} {summary[key]:.3f}" if summary.get(key) is not None else ""
 
-    return (f"{summary['n_facts']} edits ({editor}, layers {layers}: {summary['layers']}): "
+    line = (f"{summary['n_facts']} edits ({editor}, layers {layers}: {summary['layers']}): "
             f"success {summary['success_rate']:.1%}" + opt("post rewrite_acc", "post_rewrite_acc")
             + opt("rephrase_acc", "post_rephrase_acc") + opt("locality", "post_locality"))
+    ee = (summary.get("editor_metrics") or {}).get("post")
+    if ee:
+        line += "\nEasyEdit's own metrics (post): " + ", ".join(f"{k} {v:.3f}" for k, v in ee.items() if v is not None)
+    seq = summary.get("sequential")
+    if seq:
+        final = seq["final"]
+        line += (f"\nsequential, after the last of {seq['n_edits']} edits: retention "
+                 + ("–" if seq["retention"] is None else f"{seq['retention']:.1%} of {seq['retention_of']}")
+                 + "".join(f", {k} {final[k]:.3f}" for k in ("success", "rephrase_acc", "locality")
+                           if final.get(k) is not None)
+                 + "; efficacy (success) after " + ", ".join(
+                     f"{n}: {v:.1%}" for n, v in seq["efficacy_after"].items() if v is not None))
+    return line

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The EasyEdit snapshot the EasyEdit tests run against (../shared/vendor/EasyEdit from the repository root, see
+# its VENDORED.md), unless EASYEDIT_PATH names another clone. In CI (CI=true) a missing one fails those tests.
+VENDORED_EASYEDIT = Path(__file__).resolve().parent.parent.parent / "shared" / "vendor" / "EasyEdit"
+if not os.environ.get("EASYEDIT_PATH") and VENDORED_EASYEDIT.is_dir():
+    os.environ["EASYEDIT_PATH"] = str(VENDORED_EASYEDIT)
 
 import pytest
 import torch

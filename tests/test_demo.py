@@ -112,6 +112,29 @@ def test_cli_eval_checks_the_yaml_layer_before_any_work(tiny, tmp_path, capsys):
         assert not (out / "locate.jsonl").exists() and not (out / "results.json").exists()
 
 
+def test_cli_eval_and_edit_sequential(tiny, tmp_path, capsys):
+    from rome_locate import cli
+    from rome_locate.hparams import generate_hparams, write_hparams
+
+    model, tok, facts = tiny
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "cf.json").write_text(json.dumps([_counterfact(f) for f in facts]))
+    write_hparams(generate_hparams(model, None, 1, model_name=str(tmp_path / "model"), v_num_grad_steps=3,
+                                   context_template_length_params=[[5, 5]]), tmp_path / "hp.yaml")
+    common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--facts", str(tmp_path / "cf.json"),
+              "--hparams", str(tmp_path / "hp.yaml"), "--sequential"]
+    assert cli.main(["eval", *common, "--max-new-tokens", "3", "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    obj = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert obj["settings"]["sequential"] is True and obj["summary"]["sequential"]["n_edits"] == 3
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "Sequential editing" in page and "alt='metrics against the number of edits'" in page
+    assert (tmp_path / "eval" / "images" / "sequential_edits.png").is_file()
+    capsys.readouterr()
+    assert cli.main(["edit", *common, "--out", str(tmp_path / "edit"), "--quiet"]) == 0
+    assert "sequential, after the last of 3 edits: retention" in capsys.readouterr().out
+
+
 def test_demo_on_shipped_fact_model(tmp_path, capsys):
     from rome_locate.demo import run_demo
     from rome_locate.fact_models import load_fact_model

@@ -1,8 +1,15 @@
-"""Against EasyEdit itself; runs only where EasyEdit imports (a clone named by EASYEDIT_PATH, or installed)."""
+"""Against EasyEdit itself: the snapshot in ../shared/vendor/EasyEdit (conftest.py points EASYEDIT_PATH at it) or
+the clone EASYEDIT_PATH names. Outside CI a machine without either skips this file; in CI (CI=true) it fails.
+Each test names the EasyEdit behaviour it covers."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,6 +25,8 @@ try:
 
     import_easyedit()
 except ImportError as exc:
+    if os.environ.get("CI"):
+        raise  # CI must run these tests against the snapshot
     pytest.skip(f"EasyEdit is not importable (set EASYEDIT_PATH to a clone of zjunlp/EasyEdit): {exc}",
                 allow_module_level=True)
 
@@ -82,3 +91,254 @@ def test_easyedit_rome_through_edited_restores(tiny_tokenizer):
         assert not torch.equal(model.get_parameter("transformer.h.1.mlp.c_proj.weight"),
                                before["transformer.h.1.mlp.c_proj.weight"])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ---- rome-locate's hand-off through EasyEdit's BaseEditor ----------------------------------------------------------
+
+FACT_MODEL = ROOT / "rome_locate" / "fact_models" / "gpt2"  # its path contains "gpt"
+
+
+def _spy_rome(monkeypatch) -> list[int]:
+    """Record the layer of every edit EasyEdit's own apply_rome_to_model makes."""
+    from easyeditor.models.rome import rome_main
+
+    layers: list[int] = []
+    real = rome_main.apply_rome_to_model
+
+    def spy(model, tok, requests, hparams, *args, **kwargs):
+        layers.extend(hparams.layers)
+        return real(model, tok, requests, hparams, *args, **kwargs)
+
+    monkeypatch.setattr(rome_main, "apply_rome_to_model", spy)
+    return layers
+
+
+def _spy_base_editor(monkeypatch) -> list[dict]:
+    """Record every call of EasyEdit's BaseEditor.edit_requests."""
+    from easyeditor.editors.editor import BaseEditor
+
+    calls: list[dict] = []
+    real = BaseEditor.edit_requests
+
+    def spy(self, requests, sequential_edit=False, *args, **kwargs):
+        calls.append({"n": len(requests), "sequential_edit": sequential_edit, "model": self.model})
+        return real(self, requests, sequential_edit, *args, **kwargs)
+
+    monkeypatch.setattr(BaseEditor, "edit_requests", spy)
+    return calls
+
+
+def _tiny_model_dir(tiny_tokenizer, tmp_path, name="tiny-gpt2"):
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    model.save_pretrained(tmp_path / name)
+    tiny_tokenizer.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_cli_edit_easyedit_traced_goes_through_base_editor(monkeypatch, tmp_path, capsys):
+    """EasyEdit: BaseEditor.edit_requests with a preloaded (model, tokenizer); ROME's layer from `layers`."""
+    from rome_locate.cli import main
+
+    layers = _spy_rome(monkeypatch)
+    calls = _spy_base_editor(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["edit", "--model", str(FACT_MODEL), "--device", "cpu", "--facts", str(FACT_MODEL / "counterfact.json"),
+                 "--hparams", str(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml"), "--limit", "4", "--layers", "traced",
+                 "--editor", "easyedit", "--samples", "3", "--out", str(out), "--quiet"]) == 0
+    data = json.loads((out / "results.json").read_text())
+    reported = [r["layer"] for r in data["records"]]
+    traced = [json.loads(line)["layer"] for line in (out / "locate.jsonl").read_text().splitlines()]
+    # EasyEdit edited each fact at the layer results.json reports, which is its traced layer.
+    assert layers == reported == traced
+    assert len(calls) == 4 and all(c["n"] == 1 for c in calls)
+    assert len({id(c["model"]) for c in calls}) == 1  # one BaseEditor over the model rome-locate loaded
+    for r in data["records"]:
+        ee = r["editor_metrics"]
+        assert ee["layer"] == r["layer"] and r["layer_source"] == "traced"
+        assert set(ee["post"]) >= {"rewrite_acc", "rephrase_acc", "locality"} and "rewrite_acc" in ee["pre"]
+    s = data["summary"]
+    assert s["editor_metrics"]["post"]["rewrite_acc"] is not None and s["post_rewrite_acc"] is not None
+    assert "EasyEdit's own metrics" in capsys.readouterr().out
+    assert (out / "easyedit" / "logs" / "results.json").is_file()  # EasyEdit's own files stay in OUT
+
+
+def test_base_editor_sequential_keeps_per_fact_layers(tiny_tokenizer, tmp_path, monkeypatch):
+    """EasyEdit: edit_requests(sequential_edit=True) keeps every edit; each request at its own "layer"."""
+    monkeypatch.chdir(tmp_path)  # EasyEdit writes logs/ into the working directory
+    from rome_locate.easyedit import BaseEditor, easyedit_request, located_hparams
+
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    h = located_hparams(generate_hparams(model, None, 0, "tiny", context_template_length_params=[[5, 5]],
+                                         v_num_grad_steps=2), model_name=(model, tiny_tokenizer))
+    editor = BaseEditor.from_hparams(h)
+    assert editor.model_name == "tiny" or isinstance(editor.model_name, str)
+    other = Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", target_new="nurse")
+    requests = [{**easyedit_request(FACT), "layer": 1}, {**easyedit_request(other), "layer": 3}]
+    metrics, _, _ = editor.edit_requests(requests, sequential_edit=True, verbose=False)
+    assert [m["requested_rewrite"]["layer"] for m in metrics] == [1, 3]
+    changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    assert changed == ["transformer.h.1.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.weight"]
+
+
+def test_model_path_containing_gpt_keeps_its_own_tokenizer(tmp_path, monkeypatch):
+    """EasyEdit: BaseEditor loads GPT2Tokenizer for any model path containing "gpt"; ours uses AutoTokenizer."""
+    monkeypatch.chdir(tmp_path)  # EasyEdit writes logs/ into the working directory
+    from transformers import AutoTokenizer, GPT2Tokenizer
+
+    from rome_locate.easyedit import BaseEditor, located_hparams
+    from rome_locate.hparams import bind_model, load_hparams
+
+    h = bind_model(load_hparams(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml", easyedit=False), FACT_MODEL)
+    editor = BaseEditor.from_hparams(located_hparams(h))
+    own = AutoTokenizer.from_pretrained(FACT_MODEL)
+    assert type(editor.tok) is type(own) and not isinstance(editor.tok, GPT2Tokenizer)
+    text = "The hometown of Dorzor Poxaster is London"
+    assert editor.tok(text)["input_ids"] == own(text)["input_ids"]
+    assert editor.model_name == str(FACT_MODEL)
+
+
+USER_SCRIPT = """
+import json, sys
+{preamble}
+{import_line}
+
+hparams = ROMEHyperParams.from_hparams(sys.argv[1])
+editor = BaseEditor.from_hparams(hparams)
+facts = json.load(open(sys.argv[2]))[:2]
+rw = [f["requested_rewrite"] for f in facts]
+metrics, _, _ = editor.edit(prompts=[r["prompt"].format(r["subject"]) for r in rw],
+                            ground_truth=[r["target_true"]["str"] for r in rw],
+                            target_new=[r["target_new"]["str"] for r in rw],
+                            subject=[r["subject"] for r in rw],
+                            rephrase_prompts=[f["paraphrase_prompts"][0] for f in facts],
+                            sequential_edit=False)
+print("RESULT " + json.dumps({{"layers": [m["requested_rewrite"].get("layer") for m in metrics],
+                              "tokenizer": type(editor.tok).__name__,
+                              "rephrase_acc": [m["post"]["rephrase_acc"] for m in metrics]}}, default=float))
+"""
+
+
+# Without EasyEdit's optional extras installed, `import easyeditor` needs the plugin's stand-ins first; a user with
+# them installed has no such line.
+PREAMBLE = "from rome_locate.easyedit import import_easyedit; import_easyedit()"
+
+
+def _run_user_script(import_line: str, hparams_path: Path, cwd: Path, preamble: str = "") -> dict:
+    script = cwd / "edit.py"
+    script.write_text(USER_SCRIPT.format(import_line=import_line, preamble=preamble))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ["EASYEDIT_PATH"]]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(hparams_path), str(FACT_MODEL / "counterfact.json")],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_one_line_change_edits_each_request_at_its_traced_layer(tmp_path):
+    """EasyEdit: a user's ROME script (ROMEHyperParams.from_hparams, BaseEditor.from_hparams, editor.edit) runs
+    unchanged but for its import line, and each request is edited at its traced layer."""
+    from rome_locate.facts import load_facts
+    from rome_locate.hparams import bind_model
+    from rome_locate.locate import locate
+    from rome_locate.models import load_model
+    from rome_locate.trace import TraceSettings
+
+    # Absolute paths: the script runs in another folder.
+    h = bind_model(load_hparams(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml", easyedit=False), FACT_MODEL)
+    path = write_hparams(dataclasses.replace(h, stats_dir=str(Path(h.stats_dir).resolve()), v_num_grad_steps=5),
+                         tmp_path / "rome.yaml")
+    before = _run_user_script("from easyeditor import BaseEditor, ROMEHyperParams", path, tmp_path, PREAMBLE)
+    after = _run_user_script("from rome_locate.easyedit import BaseEditor, ROMEHyperParams", path, tmp_path)
+    model, tok = load_model(FACT_MODEL, device="cpu")
+    facts = load_facts(FACT_MODEL / "counterfact.json", limit=2)
+    traced = [locate(model, tok, [f], TraceSettings(), progress=False)[0][1].layer for f in facts]
+    assert before["layers"] == [None, None]  # EasyEdit's ROME: every request at the YAML's layer
+    assert after["layers"] == traced
+    # EasyEdit's own loader picks GPT2Tokenizer for this "gpt" path; the plugin keeps the model's own.
+    assert before["tokenizer"] == "GPT2Tokenizer" and after["tokenizer"] != "GPT2Tokenizer"
+
+
+def _run_import_probe(extra_path: Path, tmp_path: Path) -> dict:
+    probe = textwrap.dedent(f"""
+        import json, sys
+        from rome_locate.easyedit import BaseEditor, hidden_modules, import_easyedit, stubbed_modules
+        import_easyedit()
+        from rome_locate.models import load_model
+        model, tok = load_model({str(FACT_MODEL)!r}, device="cpu")
+        later = {{}}
+        for name in ("torchvision", "timm"):
+            try:
+                __import__(name)
+                later[name] = "imported"
+            except Exception as exc:
+                later[name] = type(exc).__name__ + ": " + str(exc)
+        print("RESULT " + json.dumps({{"stubbed": stubbed_modules(), "hidden": hidden_modules(), "later": later,
+                                       "editor": BaseEditor.__mro__[1].__module__, "model": type(model).__name__}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(extra_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    return json.loads(line[len("RESULT "):])
+
+
+def _package(root: Path, name: str, version: str, files: dict[str, str]) -> None:
+    """A stand-in installed package: modules plus the dist-info transformers' availability checks read."""
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    info = root / f"{name}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+
+
+def test_import_and_model_load_with_a_torchvision_that_cannot_load(tmp_path):
+    """EasyEdit's requirements next to a CPU torch bring a CUDA torchvision whose import raises
+    `operator torchvision::nms does not exist`; transformers then cannot load a model, EasyEdit cannot import."""
+    site = tmp_path / "site"
+    _package(site, "torchvision", "0.28.0", {
+        "torchvision/__init__.py": "raise RuntimeError('operator torchvision::nms does not exist')\n"})
+    r = _run_import_probe(site, tmp_path)
+    assert r["model"] == "GPT2LMHeadModel" and r["editor"] == "easyeditor.editors.editor"
+    assert r["hidden"] == {"torchvision": "RuntimeError: operator torchvision::nms does not exist"}
+    assert "torchvision" in r["stubbed"]
+    # What stays changed for the process: torchvision counts as not installed.
+    assert r["later"]["torchvision"].startswith("ModuleNotFoundError")
+
+
+def test_import_and_model_load_with_timm_without_torchvision(tmp_path):
+    """timm installed, torchvision not: EasyEdit imports timm, whose `InterpolationMode.NEAREST` (from torchvision)
+    failed on a plain stand-in (`type object 'InterpolationMode' has no attribute 'NEAREST'`)."""
+    site = tmp_path / "site"
+    _package(site, "timm", "1.0.22", {
+        "timm/__init__.py": "from .data import transforms\nfrom . import layers, models\n",
+        "timm/data/__init__.py": "from . import transforms\n",
+        "timm/data/transforms.py": ("from torchvision.transforms import InterpolationMode\n"
+                                    "_PIL = {InterpolationMode.NEAREST: 'nearest', InterpolationMode.BICUBIC: 'bicubic'}\n"),
+        "timm/layers/__init__.py": "def drop_path(*a, **k): pass\ndef to_2tuple(x): return (x, x)\n"
+                                   "def trunc_normal_(*a, **k): pass\n",
+        "timm/models/__init__.py": "from . import hub\n",
+        "timm/models/hub.py": "def download_cached_file(*a, **k): pass\n"})
+    r = _run_import_probe(site, tmp_path)
+    assert r["model"] == "GPT2LMHeadModel" and r["editor"] == "easyeditor.editors.editor"
+    assert "torchvision" in r["stubbed"] and "timm" not in r["stubbed"] and r["hidden"] == {}
+    # timm took the stand-in torchvision during EasyEdit's import only: a later import fails as without EasyEdit.
+    assert r["later"]["timm"] == "ModuleNotFoundError: No module named 'torchvision'"
+    assert r["later"]["torchvision"] == "ModuleNotFoundError: No module named 'torchvision'"
+
+
+def test_import_with_none_of_the_extras_installed():
+    """This machine has none of EasyEdit's extras (no torchvision, timm, peft, ...): this test process imported
+    EasyEdit with stand-ins, which are gone afterwards, and models still load."""
+    import importlib.util
+
+    from rome_locate.easyedit import hidden_modules, stubbed_modules
+    from rome_locate.models import load_model
+
+    assert {"torchvision", "timm", "peft"} <= set(stubbed_modules()) and hidden_modules() == {}
+    assert importlib.util.find_spec("torchvision") is None and "timm" not in sys.modules
+    model, _ = load_model(FACT_MODEL, device="cpu")
+    assert type(model).__name__ == "GPT2LMHeadModel"

@@ -211,6 +211,7 @@ def test_import_easyedit_stubs_only_during_the_import(tmp_path, monkeypatch):
     (fake_tv / "torchvision").mkdir(parents=True)
     (fake_tv / "torchvision" / "__init__.py").write_text(
         "raise RuntimeError('operator torchvision::nms does not exist')\n")
+    monkeypatch.setattr(edit_mod, "_HIDDEN", {})  # what this test hides is forgotten afterwards
     saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("easyeditor", "torchvision")}
     for name in saved:
         monkeypatch.delitem(sys.modules, name)
@@ -223,10 +224,14 @@ def test_import_easyedit_stubs_only_during_the_import(tmp_path, monkeypatch):
         module = edit_mod.import_easyedit(tmp_path / "clone")
         assert module.VALUE == 42
         assert edit_mod.stubbed_modules() == ["some_multimodal_extra", "torchvision"]
-        # The stand-ins are gone once EasyEdit is imported.
-        assert "some_multimodal_extra" not in sys.modules and "torchvision" not in sys.modules
+        # The stand-ins are gone once EasyEdit is imported; the torchvision that cannot load stays hidden
+        # (transformers must see it as absent to load models).
+        assert "some_multimodal_extra" not in sys.modules and sys.modules["torchvision"] is None
+        assert edit_mod.hidden_modules() == {"torchvision": "RuntimeError: operator torchvision::nms does not exist"}
         with pytest.raises(ModuleNotFoundError):
             __import__("some_multimodal_extra")
+        with pytest.raises(ModuleNotFoundError):
+            __import__("torchvision")
         for name in [k for k in sys.modules if k.startswith("easyeditor")]:
             del sys.modules[name]
         with pytest.raises(ImportError, match="no easyeditor"):
@@ -248,3 +253,42 @@ def test_easyedit_request_format():
     assert r["locality"] == {"neighborhood": {"prompt": ["Alma Berridge speaks the language of"],
                                               "ground_truth": ["French"]}}
     assert "rephrase_prompt" not in easyedit_request(FACTS[1]) and easyedit_request(FACTS[1])["locality"] == {}
+
+
+def test_sequential_edits_accumulate_and_report_retention(gpt2, tmp_path):
+    model, tok = gpt2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen: list[set[str]] = []
+
+    def watching(model, tok, fact, hparams, editor="builtin"):
+        # Which layers differ from the unedited model when this edit starts: the earlier edits are still in.
+        seen.append({n for n, p in model.named_parameters() if not torch.equal(p, before[n])})
+        return edited(model, tok, fact, hparams, editor=editor)
+
+    facts = FACTS + [dataclasses.replace(FACTS[0], id="needle2", target_new="Rome")]
+    records = edit_facts(model, tok, facts, _hp(model), located=[1, 3, 2], sequential=True, out_dir=tmp_path,
+                         progress=False, edit_context=watching)
+    assert seen == [set(), {"transformer.h.1.mlp.c_proj.weight"},
+                    {"transformer.h.1.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.weight"}]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored after the last
+    assert [r.layer for r in records] == [1, 3, 2] and all(r.final_metrics is not None for r in records)
+    assert [r.after_n_edits is not None for r in records] == [True, True, True]  # checkpoints 1, 2 and 3 (the last)
+    s = json.loads((tmp_path / "results.json").read_text())["summary"]
+    seq = s["sequential"]
+    earlier = [r for r in records[:-1] if r.metrics["success"]]
+    assert seq["retention_of"] == len(earlier) and s["retention"] == seq["retention"]
+    assert seq["efficacy_after"]["1"] == records[0].metrics["success"]
+    assert set(seq["efficacy_after"]) == {"1", "3"} and seq["final"]["locality"] is not None
+    assert seq["final"]["success"] == pytest.approx(sum(r.final_metrics["success"] for r in records) / 3)
+    assert "Sequential editing" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="sequential"):
+        from rome_locate.pipeline import run_pipeline
+
+        run_pipeline(model, tok, FACTS, _hp(model), sweep=True, sequential=True, progress=False)
+
+
+def test_checkpoints():
+    from rome_locate.evaluate import checkpoints
+
+    assert checkpoints(1) == [1] and checkpoints(3) == [1, 2, 3]
+    assert checkpoints(25) == [1, 2, 5, 10, 20, 25] and checkpoints(100) == [1, 2, 5, 10, 20, 50, 100]
