@@ -329,6 +329,10 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
         for i, (n, m) in enumerate(zip(d.histogram, d.mean_effects)):
             print(f"{i:5d}  {n:5d}  {m:+.4f}")
     h = generate_hparams(model, arch, layer, args.model_name or args.model, device=_hparams_device(args), **overrides)
+    if args.model_name is None:  # an absolute model_name and stats_dir: the YAML works from any folder
+        from .hparams import bind_model
+
+        h = bind_model(h, args.model)
     header += f"\nmodel: {args.model} ({arch.n_layers} layers)"
     if overrides:
         header += "\nset by hand (--set): " + " ".join(args.set)

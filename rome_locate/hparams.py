@@ -264,7 +264,7 @@ def with_layer(hparams: RomeParams, layer: int, n_layers: int | None = None) -> 
 
 
 def bind_model(hparams: RomeParams, model_path: str | Path) -> RomeParams:
-    """A copy with `model_name` set to the real model path and a model-relative `stats_dir` resolved.
+    """A copy with `model_name` the absolute model path (a hub name as given) and `stats_dir` absolute.
 
     A relative `stats_dir` is read from the working directory, as EasyEdit does;
     when it does not exist there, `model_path/stats_dir` and then `model_path/stats`
@@ -278,7 +278,10 @@ def bind_model(hparams: RomeParams, model_path: str | Path) -> RomeParams:
         elif (model_path / "stats").is_dir():
             # The shipped fact models keep their statistics in stats/ next to the weights.
             stats_dir = model_path / "stats"
-    return dataclasses.replace(hparams, model_name=str(model_path), stats_dir=str(stats_dir))
+    # Absolute, so that the file means the same from any working directory (EasyEdit reads both relative to its
+    # own); a hub name is not a path and stays as given.
+    name = str(model_path.resolve()) if model_path.exists() else str(model_path)
+    return dataclasses.replace(hparams, model_name=name, stats_dir=str(stats_dir.resolve()))
 
 
 def _yaml_text(hparams: RomeParams, header: str | None) -> str:

@@ -342,3 +342,30 @@ def test_import_with_none_of_the_extras_installed():
     assert importlib.util.find_spec("torchvision") is None and "timm" not in sys.modules
     model, _ = load_model(FACT_MODEL, device="cpu")
     assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_generated_yaml_paths_resolve_from_any_folder(tmp_path, monkeypatch):
+    """EasyEdit: reads model_name and stats_dir relative to its working directory; `rome-locate hparams` writes them
+    absolute for a local model (a hub name stays as given), and EasyEdit finds the statistics from another folder."""
+    from easyeditor.models.rome import layer_stats as ls
+
+    from rome_locate.cli import main
+    from rome_locate.models import load_model
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "h.yaml"
+    assert main(["hparams", "--model", "rome_locate/fact_models/gpt2", "--device", "cpu", "--facts",
+                 str(FACT_MODEL / "counterfact.json"), "--layer", "3", "-o", str(out),
+                 "--set", "mom2_dataset=corpus"]) == 0
+    h = ROMEHyperParams.from_hparams(str(out))
+    assert h.model_name == str(FACT_MODEL) and Path(h.stats_dir) == FACT_MODEL / "stats"
+    monkeypatch.chdir(tmp_path)  # another folder: EasyEdit must still find the model and its statistics
+
+    def no_download(*_a, **_k):
+        raise AssertionError("EasyEdit did not find the statistics file and tried to load a dataset")
+
+    monkeypatch.setattr(ls, "load_dataset", no_download)
+    model, tok = load_model(h.model_name, device="cpu")
+    stat = ls.layer_stats(model, tok, h.rewrite_module_tmp.format(3), h.stats_dir, h.mom2_dataset,
+                          to_collect=["mom2"], sample_size=h.mom2_n_samples, precision=h.mom2_dtype, hparams=h)
+    assert stat.mom2.moment().ndim == 2

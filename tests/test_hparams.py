@@ -138,7 +138,8 @@ def test_bind_model_resolves_stats_next_to_the_model(tmp_path, monkeypatch):
     assert bound.model_name == str(tmp_path / "m") and bound.stats_dir == str(tmp_path / "m" / "stats")
     assert h.stats_dir == "stats"
     (tmp_path / "stats").mkdir()
-    assert bind_model(h, tmp_path / "m").stats_dir == "stats"  # the working directory wins, as in EasyEdit
+    # The working directory wins, as in EasyEdit, written absolute so the YAML means the same from anywhere.
+    assert bind_model(h, tmp_path / "m").stats_dir == str(tmp_path / "stats")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
