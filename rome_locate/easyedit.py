@@ -267,7 +267,7 @@ def easyedit_request(fact: Fact) -> dict[str, Any]:
 # choices; a request without it is located when it is edited. It is left in the request, so EasyEdit's
 # returned metrics ("requested_rewrite") show the layer each edit was made at.
 LAYER_KEY = "layer"
-# EasyEdit writes logs/run.log and logs/results.json into the working directory on every edit_requests.
+# The names a user's EasyEdit script imports, served lazily (importing EasyEdit has side effects).
 _EXPORTS = {"BaseEditor": "_editor_class", "ROMEHyperParams": "_located_class"}
 
 

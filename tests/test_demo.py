@@ -62,8 +62,9 @@ def _counterfact(fact: Fact) -> dict:
         "paraphrase_prompts": list(fact.rephrase_prompts), "neighborhood_prompts": list(fact.locality_prompts)}
 
 
-def test_cli_eval_end_to_end(tiny, tmp_path, capsys):
-    from rome_locate import cli
+@pytest.fixture
+def saved(tiny, tmp_path):
+    """The tiny model saved as a model directory, its facts as CounterFact JSON and hyperparameters at layer 1."""
     from rome_locate.hparams import generate_hparams, write_hparams
 
     model, tok, facts = tiny
@@ -72,6 +73,12 @@ def test_cli_eval_end_to_end(tiny, tmp_path, capsys):
     (tmp_path / "cf.json").write_text(json.dumps([_counterfact(f) for f in facts]))
     write_hparams(generate_hparams(model, None, 1, model_name=str(tmp_path / "model"), v_num_grad_steps=3,
                                    context_template_length_params=[[5, 5]]), tmp_path / "hp.yaml")
+    return tmp_path
+
+
+def test_cli_eval_end_to_end(saved, tmp_path, capsys):
+    from rome_locate import cli
+
     out = tmp_path / "out"
     rc = cli.main(["eval", "--model", str(tmp_path / "model"), "--device", "cpu", "--facts", str(tmp_path / "cf.json"),
                    "--hparams", str(tmp_path / "hp.yaml"), "--layers", "traced", "--sweep", "--limit", "2",
@@ -112,16 +119,9 @@ def test_cli_eval_checks_the_yaml_layer_before_any_work(tiny, tmp_path, capsys):
         assert not (out / "locate.jsonl").exists() and not (out / "results.json").exists()
 
 
-def test_cli_eval_and_edit_sequential(tiny, tmp_path, capsys):
+def test_cli_eval_and_edit_sequential(saved, tmp_path, capsys):
     from rome_locate import cli
-    from rome_locate.hparams import generate_hparams, write_hparams
 
-    model, tok, facts = tiny
-    model.save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    (tmp_path / "cf.json").write_text(json.dumps([_counterfact(f) for f in facts]))
-    write_hparams(generate_hparams(model, None, 1, model_name=str(tmp_path / "model"), v_num_grad_steps=3,
-                                   context_template_length_params=[[5, 5]]), tmp_path / "hp.yaml")
     common = ["--model", str(tmp_path / "model"), "--device", "cpu", "--facts", str(tmp_path / "cf.json"),
               "--hparams", str(tmp_path / "hp.yaml"), "--sequential"]
     assert cli.main(["eval", *common, "--max-new-tokens", "3", "--out", str(tmp_path / "eval"), "--no-progress"]) == 0

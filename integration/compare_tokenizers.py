@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""EasyEdit's own model loader against the plugin's BaseEditor on the shipped GPT-2 fact model.
+
+EasyEdit's BaseEditor loads GPT2Tokenizer for any model path containing "gpt"; the plugin's loads the model's own
+tokenizer (AutoTokenizer). Same YAML (hparams/ROME/fact-gpt2.yaml, layer 2), same first N CounterFact facts, one
+rephrasing each, EasyEdit's own post-edit metrics:
+
+    EASYEDIT_PATH=/path/to/EasyEdit python integration/compare_tokenizers.py [N]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(n: int = 10) -> int:
+    from rome_locate.easyedit import BaseEditor, import_easyedit
+    from rome_locate.hparams import bind_model, load_hparams, write_hparams
+
+    import_easyedit()
+    from easyeditor import BaseEditor as EasyEditBaseEditor, ROMEHyperParams
+
+    model_dir = ROOT / "rome_locate" / "fact_models" / "gpt2"
+    h = bind_model(load_hparams(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml", easyedit=False), model_dir)
+    os.chdir(tempfile.mkdtemp(prefix="compare-tokenizers-"))  # EasyEdit writes logs/ here
+    path = write_hparams(h, Path("rome.yaml"))
+    facts = json.loads((model_dir / "counterfact.json").read_text())[:n]
+    rw = [f["requested_rewrite"] for f in facts]
+    request = dict(prompts=[r["prompt"].format(r["subject"]) for r in rw],
+                   ground_truth=[r["target_true"]["str"] for r in rw], target_new=[r["target_new"]["str"] for r in rw],
+                   subject=[r["subject"] for r in rw], rephrase_prompts=[f["paraphrase_prompts"][0] for f in facts],
+                   sequential_edit=False, verbose=False)
+
+    def mean(metrics, key):
+        values = [m["post"][key] for m in metrics]
+        return sum(sum(v) / len(v) if isinstance(v, list) else float(v) for v in values) / len(values)
+
+    for name, cls in (("EasyEdit's BaseEditor", EasyEditBaseEditor), ("rome_locate.easyedit.BaseEditor", BaseEditor)):
+        editor = cls.from_hparams(ROMEHyperParams.from_hparams(str(path)))
+        metrics, _, _ = editor.edit(**request)
+        print(f"{name}: tokenizer {type(editor.tok).__name__}, post rewrite_acc {mean(metrics, 'rewrite_acc'):.3f}, "
+              f"rephrase_acc {mean(metrics, 'rephrase_acc'):.3f} (n={len(metrics)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]) if len(sys.argv) > 1 else 10))
