@@ -522,6 +522,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # The fact models are tiny (d64): one thread is as fast as several, and OpenMP workers
     # spinning on a busy machine made the demo many times slower (measured: 9.7 min vs 1.1 min).
     torch.set_num_threads(1)
+    _hide_unloadable()
     try:
         run_demo(args.out, family=args.family, n_facts=args.n_facts, sweep=not args.no_sweep,
                  progress=not args.no_progress, generation=_generation_settings(args))

@@ -105,10 +105,13 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
         trace_settings = getattr(_trace_of(located[0]), "settings", None)
     used = {p.layer for p in placements} | set(sweep_layers)
     hparams = ensure_stats(model, tok, hparams, used, mom2_corpus, None if out is None else out / "stats")
+    scratch = None  # EasyEdit's logs/ without an OUT: a temporary folder, removed at the end
     if edit_context is None and editor == "easyedit":
         from .easyedit import EasyEditSession
 
-        workdir = Path(out or tempfile.mkdtemp(prefix="rome-locate-easyedit-")) / "easyedit"
+        if out is None:
+            scratch = tempfile.TemporaryDirectory(prefix="rome-locate-easyedit-")
+        workdir = Path(scratch.name if scratch is not None else out) / "easyedit"
         edit_context = EasyEditSession(model, tok, hparams, str(model_name or getattr(hparams, "model_name", "model")),
                                        workdir).edited
     elif edit_context is None:
@@ -143,6 +146,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
         error = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if scratch is not None:
+            scratch.cleanup()
         if out is not None:
             paths = write_report(records, out, settings(), traces=[p.trace for p in placements], error=error)
     return list(records), paths

@@ -369,3 +369,18 @@ def test_generated_yaml_paths_resolve_from_any_folder(tmp_path, monkeypatch):
     stat = ls.layer_stats(model, tok, h.rewrite_module_tmp.format(3), h.stats_dir, h.mom2_dataset,
                           to_collect=["mom2"], sample_size=h.mom2_n_samples, precision=h.mom2_dtype, hparams=h)
     assert stat.mom2.moment().ndim == 2
+
+
+def test_edit_facts_through_easyedit_without_an_out_folder(tiny_tokenizer, tmp_path, monkeypatch):
+    """EasyEdit: edit_requests writes logs/ into the working directory; without OUT it goes to a removed temp dir."""
+    from rome_locate.pipeline import edit_facts
+
+    monkeypatch.chdir(tmp_path)
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    h = generate_hparams(model, None, 1, "tiny", context_template_length_params=[[5, 5]], v_num_grad_steps=2)
+    other = Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", target_new="nurse")
+    records = edit_facts(model, tiny_tokenizer, [FACT, other], h, located=[1, 2], editor="easyedit", progress=False)
+    assert [r.editor_metrics["layer"] for r in records] == [r.layer for r in records] == [1, 2]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert list(tmp_path.iterdir()) == []
