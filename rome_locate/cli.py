@@ -20,6 +20,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     p.add_argument("--arch", default=None, help="JSON file of module names, for a family the map does not know")
+    g = p.add_argument_group("models larger than one device (accelerate)")
+    g.add_argument("--device-map", default=None,
+                   help="auto|balanced|sequential, or a JSON file {module name: GPU index|cpu|disk} (instead of --device)")
+    g.add_argument("--max-memory", default=None, help="per-device limits for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    g.add_argument("--offload-folder", default=None, help="directory for the weights a --device-map puts on disk")
 
 
 def _add_trace_args(p: argparse.ArgumentParser) -> None:
@@ -35,21 +40,11 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """Load (model, tokenizer) from `--model` with from_pretrained, on `--device` in `--dtype`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load (model, tokenizer) from `--model` on `--device` in `--dtype`, or spread by `--device-map`."""
+    from .models import load_model as load
 
-    device = args.device or _device_default()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
-    dtype = getattr(torch, args.dtype)
-    try:
-        tok = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        where = "local directory" if Path(args.model).exists() else "local directory or reachable hub model"
-        raise FileNotFoundError(f"--model {args.model!r} is not a loadable {where}: {exc}") from None
-    return model.to(device).eval(), tok
+    return load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                max_memory=args.max_memory, offload_folder=args.offload_folder)
 
 
 def _cmd_fact_model(args: argparse.Namespace) -> int:
@@ -191,17 +186,29 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     import json
     import time
 
-    from .choose import choose_dataset_layer
+    from . import distributed
+    from .choose import LayerChoice, choose_dataset_layer
     from .facts import load_facts
     from .locate import locate, record
+    from .trace import TraceResult
 
     facts = load_facts(args.facts, limit=args.limit)
+    part = distributed.part(facts, args.out)  # under torchrun: this rank's block of the facts and its shard file
     model, tok = load_model(args)
     start = time.perf_counter()
-    pairs = locate(model, tok, facts, out=args.out, plots_dir=args.plots, progress=not args.quiet,
-                   arch=args.arch, noise=args.noise, skip_errors=args.skip_errors, kind=args.kind,
+    pairs = locate(model, tok, part.facts, out=part.out, plots_dir=args.plots, progress=not args.quiet,
+                   arch=args.arch, noise=args.noise, skip_errors=args.skip_errors, kind=args.kind, dataset=facts,
                    **_trace_kwargs(args))
     wall = time.perf_counter() - start
+    if part.rank is not None:  # rank 0 merges the shards into --out and reports on every fact; the others stop
+        merged = part.gather([record(r, c) for r, c in pairs], distributed.merge_lines)
+        if merged is None:
+            return 0
+        pairs = [(TraceResult.from_json(o), LayerChoice.from_json(o)) for o in merged]
+        if args.plots and pairs:
+            from .plots import average_effect_plot
+
+            average_effect_plot([r for r, _ in pairs], Path(args.plots) / f"average_effect_{args.kind}")
     summary = sys.stdout if args.out else sys.stderr
     if not args.out:
         for result, choice in pairs:
@@ -291,11 +298,13 @@ def _hparams_device(args: argparse.Namespace):
 def _cmd_hparams(args: argparse.Namespace) -> int:
     import yaml
 
+    from . import distributed
     from .arch import arch_for
-    from .choose import choose_dataset_layer
+    from .choose import LayerChoice, choose_dataset_layer
     from .facts import load_facts
     from .hparams import dataset_header, generate_hparams, write_hparams
-    from .locate import locate
+    from .locate import locate, record
+    from .trace import TraceResult
 
     overrides = {}
     for item in args.set:
@@ -304,14 +313,22 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     facts = load_facts(args.facts, limit=args.limit)
+    # Under torchrun each rank traces its block into a shard beside -o (to resume from); rank 0 writes the YAML.
+    part = distributed.part(facts, args.output + ".traces", shards_only=True)
     model, tok = load_model(args)
     arch = arch_for(model, args.arch)
+    pairs = [] if args.layer is not None else locate(
+        model, tok, part.facts, out=part.out, progress=not args.quiet, arch=arch, noise=args.noise, kind=args.kind,
+        dataset=facts, **_trace_kwargs(args))
+    if part.rank is not None:
+        merged = part.gather([record(r, c) for r, c in pairs], distributed.merge_lines)
+        if merged is None:
+            return 0
+        pairs = [(TraceResult.from_json(o), LayerChoice.from_json(o)) for o in merged]
     if args.layer is not None:
         layer = args.layer
         header = f"Written by `rome-locate hparams` with --layer {layer} (not traced).\nfacts: {args.facts}"
     else:
-        pairs = locate(model, tok, facts, progress=not args.quiet, arch=arch, noise=args.noise,
-                       kind=args.kind, **_trace_kwargs(args))
         if not pairs:
             raise RuntimeError(f"no fact of {args.facts} could be traced")
         d = choose_dataset_layer([r for r, _ in pairs])
@@ -348,22 +365,31 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_edit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .edit import edit_facts, summary
+    import json
+
+    from . import distributed
+    from .edit import EditOutcome, edit_facts, summary
     from .facts import load_facts
     from .hparams import bind_model, load_hparams
 
     facts = load_facts(args.facts, limit=args.limit)
-    model, tok = load_model(args)
-    # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
-    hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
-    choices = None
-    if args.layers == "traced":
-        from .locate import locate
+    part = distributed.part(facts, args.out, directory=True)  # under torchrun: this rank's block, OUT/shards/rankR-of-N
+    if not part.finished:  # a rank's shard finished by an earlier run is not edited again
+        model, tok = load_model(args)
+        # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
+        hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
+        choices = None
+        if args.layers == "traced":
+            from .locate import locate
 
-        choices = [c for _, c in locate(model, tok, facts, progress=not args.quiet, arch=args.arch,
-                                        noise=args.noise, kind=args.kind, **_trace_kwargs(args))]
-    outcomes = edit_facts(model, tok, facts, hparams, editor=args.editor, layers=args.layers, choices=choices,
-                          out_dir=args.out, progress=not args.quiet, seed=args.seed, mom2_corpus=args.corpus)
+            choices = [c for _, c in locate(model, tok, part.facts, progress=not args.quiet, arch=args.arch,
+                                            noise=args.noise, kind=args.kind, dataset=facts, **_trace_kwargs(args))]
+        edit_facts(model, tok, part.facts, hparams, editor=args.editor, layers=args.layers, choices=choices,
+                   out_dir=part.out, progress=not args.quiet, seed=args.seed, mom2_corpus=args.corpus)
+    results = part.gather(json.loads((part.out / "results.json").read_text(encoding="utf-8")), distributed.merge_edit)
+    if results is None:
+        return 0
+    outcomes = [EditOutcome.from_json(o) for o in results["outcomes"]]
     s = summary(outcomes)
     print(f"{s['n']} edits ({args.editor}, layers {args.layers}: {s['layers']}): success {s['success_rate']:.1%}, "
           f"post rewrite_acc {s['post_rewrite_acc']:.3f}"
@@ -429,6 +455,7 @@ def _generation_settings(args: argparse.Namespace):
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from . import distributed
     from .demo import print_summary, run_pipeline
     from .evaluate import EvaluationError
     from .facts import load_facts
@@ -438,7 +465,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     generation = _generation_settings(args)
     model, tok = load_model(args)
-    facts = load_facts(args.facts, limit=args.limit)
+    all_facts = load_facts(args.facts, limit=args.limit)
+    part = distributed.part(all_facts, args.out, directory=True)  # under torchrun: OUT/shards/rankR-of-N
+    facts = part.facts
     hparams = load_hparams(args.hparams)
     if Path(args.model).is_dir():
         hparams = bind_model(hparams, args.model)
@@ -448,7 +477,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     arch = arch_for(model, args.arch)  # --arch serves families the map does not know
     located = None
-    out = Path(args.out)
+    out = part.out
     if args.layers == "traced" or args.sweep:
         # The sweep compares edit success with the traced effect, so it traces too (resumable JSONL in --out).
         from .locate import locate
@@ -457,7 +486,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         # Full tables (tokens x layers) only for the report's heatmaps.
         located = locate(model, tok, facts, out=out / "locate.jsonl", progress=not args.no_progress,
-                         noise=args.noise, full=not args.no_heatmaps, arch=arch, **kw)
+                         noise=args.noise, full=not args.no_heatmaps, arch=arch, dataset=all_facts, **kw)
     try:
         records, paths = run_pipeline(model, tok, facts, hparams, out, model_name=args.model, layers=args.layers,
                                       sweep=list(range(arch.n_layers)) if args.sweep else False,
@@ -469,6 +498,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(f"rome-locate eval: error: {exc}", file=sys.stderr)
         print(f"rome-locate eval: the report of the {len(exc.records)} finished fact(s) is in {out}", file=sys.stderr)
         return 2
+    if part.rank is not None:  # rank 0 merges the shards into --out (report included); the others stop
+        merged = part.gather(distributed.read_dir_payload(out), distributed.merge_eval)
+        if merged is None:
+            return 0
+        records, paths = merged["records"], merged["paths"]
     print_summary(records)
     print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")
     return 0
@@ -496,13 +530,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_rank(args: argparse.Namespace, rank) -> None:
+    """A torchrun rank's settings: its own device (unless a device map places the model), progress on rank 0 only."""
+    if getattr(args, "device_map", None) is None:
+        args.device = rank.device
+    if rank.rank:
+        args.quiet = args.no_progress = True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rome-locate` console script."""
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, LookupError, RuntimeError) as exc:
+        # Under torchrun: join the ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); nothing happens in one process.
+        with distributed.session(args.command, getattr(args, "device", None)) as rank:
+            if rank is not None:
+                _for_rank(args, rank)
+            return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, LookupError, RuntimeError, ImportError) as exc:
         print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -74,7 +74,7 @@ def _plot_stem(plots_dir: Path, result: TraceResult) -> Path:
 
 def locate(model: nn.Module, tok, facts: Sequence[Fact], *, out: str | Path | None = None,
            plots_dir: str | Path | None = None, progress: bool = True, arch: Arch | None = None,
-           noise: float | str | None = "3sigma", skip_errors: bool = False,
+           noise: float | str | None = "3sigma", skip_errors: bool = False, dataset: Sequence[Fact] | None = None,
            **trace_kwargs) -> list[tuple[TraceResult, LayerChoice]]:
     """Trace and choose a layer for every fact; with `out`, append one flushed JSON line per fact and resume.
 
@@ -84,17 +84,20 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], *, out: str | Path | No
     row) to draw its heatmap, and the average-effect plot is drawn at the end.
     A rerun with the same `out` skips facts already there (matched by id and
     prompt). `skip_errors` warns and goes on when a fact cannot be traced.
+    `dataset`, when `facts` is a shard of it, is where the noise level and the
+    replacement subjects come from, so that a shard is traced as the whole is.
     """
     facts = list(facts)
+    whole = list(dataset) if dataset is not None else facts
     arch = arch_for(model, arch)
     kind = trace_kwargs.get("kind", "mlp")
     draws = trace_kwargs.get("noise_draws", "torch")
     level, factor = parse_noise(noise)
     if draws == "replace":
         level = 0.0
-        trace_kwargs.setdefault("replacements", [f.subject for f in facts])
+        trace_kwargs.setdefault("replacements", [f.subject for f in whole])
     elif level is None:
-        level = noise_level(model, tok, facts, arch, factor=factor)
+        level = noise_level(model, tok, whole, arch, factor=factor)
     plots = Path(plots_dir) if plots_dir is not None else None
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)

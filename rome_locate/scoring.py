@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .models import input_device
 from .tokens import continuation, pad_id, right_pad
 
 
@@ -60,7 +61,7 @@ def _encode_pair(tok, prompt: str, target: str | None) -> tuple[list[int], int]:
 def score_targets(model, tok, pairs: Sequence[tuple[str, str | None]], *, batch_size: int = 32,
                   keep_next: bool = False) -> list[PairScore]:
     """Teacher-forced scores of `(prompt, target)` pairs, batched with right padding (positions stay exact)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = [_encode_pair(tok, p, t) for p, t in pairs]
     pad = pad_id(tok)
     out: list[PairScore] = []

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .files import atomic_path
 from .hooks import captured_inputs
+from .models import input_device
 from .tokens import pad_id, right_pad
 
 # EasyEdit's SecondMoment lives in easyeditor.util.runningstats; its state_dict writes this.
@@ -87,7 +88,7 @@ def _max_len(model: nn.Module) -> int:
 def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts: Iterable[str],
                    batch_size: int = 32, progress: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
     """Sum of k k^T (float64) and the number of token positions, per named module's input."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     max_len = _max_len(model)
     texts = list(texts)
     pad = pad_id(tok)
@@ -105,7 +106,7 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
             model(input_ids=input_ids, attention_mask=mask)
         keep = mask.reshape(-1).bool()
         for name in layer_names:
-            k = cache[name].reshape(-1, cache[name].shape[-1])[keep].double()
+            k = cache[name].reshape(-1, cache[name].shape[-1])[keep.to(cache[name].device)].double()
             sums[name] = sums.get(name, 0) + k.T @ k
         count += int(keep.sum())
     if count == 0:

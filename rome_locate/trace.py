@@ -25,6 +25,7 @@ from torch import nn
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
 from .hooks import captured, get_module, patched
+from .models import input_device, model_dtype
 from .records import Record
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
@@ -171,8 +172,7 @@ class TraceResult:
 
 
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(model.parameters())
-    return p.device, p.dtype
+    return input_device(model), model_dtype(model)
 
 
 def _keeps_last_logits(model: nn.Module) -> bool:
@@ -373,12 +373,13 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
             name = arch.module(kind, m)
             rows = torch.tensor(rows_of[m], device=device)
             toks = torch.tensor(toks_of[m], device=device)
-            value = clean[name][0, toks]
+            value = clean[name][0, toks.to(clean[name].device)]
             local = toks - start
 
             def restore(h: torch.Tensor, rows=rows, local=local, value=value) -> torch.Tensor:
+                # Under a device map the module may sit on another device than the inputs.
                 h = h.clone()
-                h[rows, local] = value.to(h.dtype)
+                h[rows.to(h.device), local.to(h.device)] = value.to(h.device, h.dtype)
                 return h
 
             edits[name] = restore
@@ -489,5 +490,5 @@ def _sequence_logprob(model: nn.Module, ids: list[int], positions: list[int]) ->
     device, _ = _device_dtype(model)
     logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)
-    pos = torch.tensor(positions, device=device)
-    return float(logp[pos - 1, torch.tensor([ids[p] for p in positions], device=device)].sum())
+    pos = torch.tensor(positions, device=logp.device)
+    return float(logp[pos - 1, torch.tensor([ids[p] for p in positions], device=logp.device)].sum())
