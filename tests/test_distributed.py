@@ -1,0 +1,140 @@
+"""torchrun sharding: 2 gloo ranks write exactly what one process writes (locate, edit); a failed rank's effect."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from rome_locate import cli, distributed
+from rome_locate.fact_model import counterfact_path, fact_model_dir, facts_path
+
+MODEL = str(fact_model_dir("gpt2"))
+HPARAMS = os.path.join(os.path.dirname(__file__), "..", "hparams", "ROME", "fact-gpt2.yaml")
+
+
+def _locate_argv(out) -> list[str]:
+    return ["locate", "--model", MODEL, "--device", "cpu", "--facts", str(facts_path("gpt2")), "--limit", "5",
+            "--samples", "2", "--quiet", "--out", str(out)]
+
+
+def _edit_argv(out) -> list[str]:
+    return ["edit", "--model", MODEL, "--device", "cpu", "--facts", str(counterfact_path("gpt2")), "--limit", "3",
+            "--hparams", HPARAMS, "--quiet", "--out", str(out)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _failing_trace(*args, **kwargs):
+    raise RuntimeError("injected failure")
+
+
+def _read(path: str) -> str | None:
+    return open(path).read() if os.path.exists(path) else None
+
+
+def _rank_main(rank: int, world: int, jobs: list, results_dir: str) -> None:
+    """One torchrun-like rank: torchrun's environment variables, then the CLI once per job.
+
+    A job is (argv, port, rank to fail or None, files rank 0 reads right after it).
+    """
+    import rome_locate.locate as locate_mod
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    results = []
+    real = locate_mod.trace_fact
+    for argv, port, fail_rank, watch in jobs:
+        os.environ["MASTER_PORT"] = str(port)
+        locate_mod.trace_fact = _failing_trace if fail_rank == rank else real
+        code = cli.main(argv)
+        results.append({"code": code, "files": {str(w): _read(str(w)) for w in watch} if rank == 0 else {}})
+    locate_mod.trace_fact = real
+    with open(os.path.join(results_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh)
+
+
+def _run_ranks(jobs: list, tmp_path, world: int = 2) -> list[list[dict]]:
+    """Run the jobs (argv, rank to fail or None, files to read after it) on `world` gloo ranks, one after the
+    other; per rank and job, the exit code (and on rank 0 the files' contents right after the job)."""
+    jobs = [(argv, _free_port(), fail, [str(w) for w in watch]) for argv, fail, watch in jobs]
+    mp.start_processes(_rank_main, args=(world, jobs, str(tmp_path)), nprocs=world, join=True, start_method="spawn")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def test_block_covers_every_position_once_in_order():
+    for n in (0, 1, 5, 7, 1209):
+        for world in (1, 2, 3, 8):
+            blocks = [distributed.block(n, r, world) for r in range(world)]
+            assert [i for b in blocks for i in b] == list(range(n))
+            assert max(len(b) for b in blocks) - min(len(b) for b in blocks) <= 1
+
+
+def test_rank_from_env(tmp_path):
+    assert distributed.rank_from_env("cpu", {}) is None
+    assert distributed.rank_from_env("cpu", {"WORLD_SIZE": "1", "RANK": "0"}) is None
+    r = distributed.rank_from_env("cpu", {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"})
+    assert (r.rank, r.world, r.local_rank, r.backend, r.device) == (3, 4, 1, "gloo", "cpu")
+    r = distributed.rank_from_env("cuda", {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+    assert (r.backend, r.device) == ("nccl", "cuda:1")
+    with pytest.raises(ValueError, match="RANK"):
+        distributed.rank_from_env("cpu", {"WORLD_SIZE": "2"})
+    assert distributed.shard_path(tmp_path / "a.jsonl", 1, 2, False) == tmp_path / "a.jsonl.rank1-of-2"
+    assert distributed.shard_path(tmp_path / "d", 0, 2, True) == tmp_path / "d" / "shards" / "rank0-of-2"
+
+
+def test_single_process_part_is_the_whole(tmp_path):
+    part = distributed.part(["a", "b", "c"], tmp_path / "x.jsonl")
+    assert part.facts == ["a", "b", "c"] and part.out == tmp_path / "x.jsonl" and part.rank is None
+    assert not part.finished and part.gather([1, 2], distributed.merge_lines) == [1, 2]
+    assert distributed.part(["a"], tmp_path / "h.yaml", shards_only=True).out is None
+    assert not list(tmp_path.iterdir())  # a single process writes no shard and no marker
+
+
+def test_two_gloo_ranks_write_what_one_process_writes(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(_locate_argv(one / "locate.jsonl")) == 0
+    assert cli.main(_edit_argv(one / "edit")) == 0
+    ranks = _run_ranks([(_locate_argv(two / "locate.jsonl"), None, []), (_edit_argv(two / "edit"), None, [])], tmp_path)
+    assert [[job["code"] for job in r] for r in ranks] == [[0, 0], [0, 0]]
+    # Same records, same order, same numbers: byte for byte.
+    assert (two / "locate.jsonl").read_bytes() == (one / "locate.jsonl").read_bytes()
+    assert json.loads((two / "edit" / "results.json").read_text()) == json.loads((one / "edit" / "results.json").read_text())
+    assert len((two / "locate.jsonl").read_text().splitlines()) == 5
+    # Each rank kept its own shard; a complete merge leaves no incomplete marker.
+    assert len((two / "locate.jsonl.rank0-of-2").read_text().splitlines()) == 2
+    assert len((two / "locate.jsonl.rank1-of-2").read_text().splitlines()) == 3
+    assert (two / "edit" / "shards" / "rank1-of-2" / "results.json").is_file()
+    assert not distributed.incomplete_marker(two / "locate.jsonl").exists()
+    assert not distributed.incomplete_marker(two / "edit").exists()
+
+
+def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(tmp_path):
+    out = tmp_path / "run" / "locate.jsonl"
+    marker = distributed.incomplete_marker(out)
+    shard0 = out.parent / "locate.jsonl.rank0-of-2"
+    watch = [out, marker, shard0]
+    ranks = _run_ranks([(_locate_argv(out), 1, watch), (_locate_argv(out), None, watch)], tmp_path)
+    (failed0, rerun0), (failed1, rerun1) = ranks
+    # Rank 1 failed, and rank 0 says so too: the merged output is not whole.
+    assert failed0["code"] == 2 and failed1["code"] == 2
+    state = failed0["files"]
+    m = json.loads(state[str(marker)])
+    assert m["complete"] is False and list(m["failed_ranks"]) == ["1"]
+    assert "injected failure" in m["failed_ranks"]["1"]
+    assert m["missing_positions"]["1"] == [2, 5]
+    # --out holds rank 0's finished facts, in order; rank 0's shard is intact.
+    assert state[str(out)] == state[str(shard0)] and len(state[str(out)].splitlines()) == 2
+    # The rerun resumes: rank 0's shard is not redone, --out holds every fact and the marker is gone.
+    assert rerun0["code"] == 0 and rerun1["code"] == 0
+    assert rerun0["files"][str(shard0)] == state[str(shard0)]
+    assert rerun0["files"][str(marker)] is None
+    assert len(rerun0["files"][str(out)].splitlines()) == 5
