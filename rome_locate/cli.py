@@ -531,9 +531,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _for_rank(args: argparse.Namespace, rank) -> None:
-    """A torchrun rank's settings: its own device (unless a device map places the model), progress on rank 0 only."""
+    """A torchrun rank's settings: its own device, or its own share of the node's GPUs for a device map, and
+    progress on rank 0 only."""
     if getattr(args, "device_map", None) is None:
         args.device = rank.device
+    elif rank.backend == "nccl":
+        from .distributed import rank_max_memory
+        from .models import parse_max_memory
+
+        args.max_memory = rank_max_memory(rank, parse_max_memory(args.max_memory))
     if rank.rank:
         args.quiet = args.no_progress = True
 

@@ -48,6 +48,7 @@ class Rank(Record):
     local_rank: int
     backend: str  # "nccl" | "gloo"
     device: str  # "cuda:LOCAL_RANK" or "cpu"
+    local_world: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
 
 def rank_from_env(device: str | None = None, env: dict[str, str] | None = None) -> Rank | None:
@@ -65,9 +66,33 @@ def rank_from_env(device: str | None = None, env: dict[str, str] | None = None) 
         raise ValueError("WORLD_SIZE is set but RANK is not: start the ranks with torchrun")
     rank = int(env["RANK"])
     local = int(env.get("LOCAL_RANK", rank))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", world))
     if (device is None and torch.cuda.is_available()) or (device or "").startswith("cuda"):
-        return Rank(rank, world, local, "nccl", f"cuda:{local}")
-    return Rank(rank, world, local, "gloo", "cpu")
+        return Rank(rank, world, local, "nccl", f"cuda:{local}", local_world)
+    return Rank(rank, world, local, "gloo", "cpu", local_world)
+
+
+def rank_gpus(rank: Rank, n_gpus: int | None = None) -> list[int]:
+    """The GPUs of this node a rank's device map may use: the node's GPUs split evenly between its ranks."""
+    n = torch.cuda.device_count() if n_gpus is None else n_gpus
+    per_rank = n // rank.local_world
+    if per_rank < 1:
+        raise ValueError(f"{rank.local_world} ranks on a node with {n} GPUs: start at most {n} ranks per node "
+                         f"(--nproc-per-node) for a --device-map")
+    return list(range(rank.local_rank * per_rank, (rank.local_rank + 1) * per_rank))
+
+
+def rank_max_memory(rank: Rank, max_memory: dict[int | str, Any] | None, n_gpus: int | None = None,
+                    gpu_bytes: Callable[[int], int] | None = None) -> dict[int | str, Any]:
+    """`max_memory` for one rank's device map: only its own GPUs (at the user's limit, else 90% of each), plus the
+    user's cpu/disk limits; without it every rank's `auto` map would spread over all the node's GPUs."""
+    max_memory = dict(max_memory or {})
+    if gpu_bytes is None:
+        def gpu_bytes(i: int) -> int:
+            return int(torch.cuda.get_device_properties(i).total_memory * 0.9)
+    out: dict[int | str, Any] = {g: max_memory.get(g, gpu_bytes(g)) for g in rank_gpus(rank, n_gpus)}
+    out.update({k: v for k, v in max_memory.items() if not isinstance(k, int)})
+    return out
 
 
 def block(n: int, rank: int, world: int) -> range:

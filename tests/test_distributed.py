@@ -138,3 +138,23 @@ def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(tmp_p
     assert rerun0["files"][str(shard0)] == state[str(shard0)]
     assert rerun0["files"][str(marker)] is None
     assert len(rerun0["files"][str(out)].splitlines()) == 5
+
+
+def test_device_maps_of_ranks_on_one_node_use_disjoint_gpus():
+    env = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    r0 = distributed.rank_from_env("cuda", {**env, "RANK": "2", "LOCAL_RANK": "0"})
+    r1 = distributed.rank_from_env("cuda", {**env, "RANK": "3", "LOCAL_RANK": "1"})
+    assert distributed.rank_gpus(r0, n_gpus=8) == [0, 1, 2, 3] and distributed.rank_gpus(r1, n_gpus=8) == [4, 5, 6, 7]
+    mm = distributed.rank_max_memory(r1, {5: "60GiB", "cpu": "200GiB", 0: "1GiB"}, n_gpus=8, gpu_bytes=lambda i: 100)
+    assert mm == {4: 100, 5: "60GiB", 6: 100, 7: 100, "cpu": "200GiB"}
+    with pytest.raises(ValueError, match="at most 1 ranks"):
+        distributed.rank_gpus(r0, n_gpus=1)
+
+
+def test_python_dash_m_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rome_locate", "locate", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and "--device-map" in out.stdout
