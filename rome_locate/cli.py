@@ -495,6 +495,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                       facts_path=args.facts, max_neighborhood=args.max_neighborhood,
                                       progress=not args.no_progress)
     except EvaluationError as exc:
+        distributed.record_failure(exc)
         print(f"rome-locate eval: error: {exc}", file=sys.stderr)
         print(f"rome-locate eval: the report of the {len(exc.records)} finished fact(s) is in {out}", file=sys.stderr)
         return 2

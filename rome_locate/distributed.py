@@ -130,6 +130,7 @@ class _Job:
     group: Any  # the gloo group the shards are exchanged over
     exchanged: bool = False
     error: str | None = None
+    part: "Part | None" = None  # the command's part, once it has one
 
 
 _JOB: _Job | None = None
@@ -172,15 +173,20 @@ def session(command: str, device: str | None = None) -> Iterator[Rank | None]:
     finally:
         try:
             if not _JOB.exchanged:
-                _exchange({"ok": False, "rank": rank.rank,
-                           "error": _JOB.error or f"rank {rank.rank} stopped before its shard finished"})
+                received = _exchange({"ok": False, "rank": rank.rank,
+                                      "error": _JOB.error or f"rank {rank.rank} stopped before its shard finished"})
+                merged_out = _JOB.part.merged_out if _JOB.part is not None else None
+                if received is not None and merged_out is not None:  # rank 0 itself failed: nothing is merged
+                    write_json(incomplete_marker(merged_out), {
+                        "complete": False, "failed_ranks": {s["rank"]: s["error"] for s in received if not s["ok"]},
+                        "world": rank.world, "rerun": "run the same command again to resume"})
         finally:
             _JOB = None
             dist.destroy_process_group()
 
 
 def record_failure(exc: BaseException) -> None:
-    """Remember why this rank failed, for the merged output's incomplete marker."""
+    """Remember why this rank failed (for a failure the command reports itself), for the incomplete marker."""
     if _JOB is not None:
         _JOB.error = f"{type(exc).__name__}: {exc}"
 
@@ -273,6 +279,8 @@ def part(facts: Sequence[Any], out: str | Path | None, *, directory: bool = Fals
     done = None if shard is None else shard.with_name(shard.name + ".done")
     merged = Path(out) if out is not None and not shards_only else None
     p = Part([facts[i] for i in positions], positions, shard, merged, rank, _facts_digest(facts), len(facts), done)
+    if _JOB is not None:
+        _JOB.part = p
     if shard is not None:
         shard.parent.mkdir(parents=True, exist_ok=True)
     if merged is not None and rank.rank == 0:

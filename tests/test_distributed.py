@@ -122,8 +122,13 @@ def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(tmp_p
     marker = distributed.incomplete_marker(out)
     shard0 = out.parent / "locate.jsonl.rank0-of-2"
     watch = [out, marker, shard0]
-    ranks = _run_ranks([(_locate_argv(out), 1, watch), (_locate_argv(out), None, watch)], tmp_path)
-    (failed0, rerun0), (failed1, rerun1) = ranks
+    ranks = _run_ranks([(_locate_argv(out), 0, watch), (_locate_argv(out), 1, watch), (_locate_argv(out), None, watch)],
+                       tmp_path)
+    (lost0, failed0, rerun0), (lost1, failed1, rerun1) = ranks
+    # Rank 0 failed: rank 1 finished its shard and exits cleanly; nothing is merged and the marker names rank 0.
+    assert lost0["code"] == 2 and lost1["code"] == 0
+    assert lost0["files"][str(out)] is None and lost0["files"][str(shard0)] == ""
+    assert list(json.loads(lost0["files"][str(marker)])["failed_ranks"]) == ["0"]
     # Rank 1 failed, and rank 0 says so too: the merged output is not whole.
     assert failed0["code"] == 2 and failed1["code"] == 2
     state = failed0["files"]
