@@ -142,9 +142,9 @@ def random_gpt2(layers: int, d: int, vocab: int, heads: int, seed: int = 0):
 
 
 def _edit_facts(facts: list[Fact]) -> list[Fact]:
-    others = [n for n in NAMES]
-    return [dataclasses.replace(f, target_new=others[(i + 2) % len(others)].split()[0],
-                                target=others[(i + 1) % len(others)].split()[0]) for i, f in enumerate(facts)]
+    # Another name's first word as the new object (a token the tokenizer knows).
+    return [dataclasses.replace(f, target_new=NAMES[(i + 2) % len(NAMES)].split()[0],
+                                target=NAMES[(i + 1) % len(NAMES)].split()[0]) for i, f in enumerate(facts)]
 
 
 def _hparams(name: str, model, layer: int, **override):

@@ -80,6 +80,19 @@ def test_disk_offloaded_model_edits_to_the_same_result_and_restores_exactly(mode
     assert _sha(f"{MODEL}/model.safetensors") == checkpoint  # the checkpoint on disk is never written
 
 
+def test_mom2_statistics_of_an_offloaded_layer_equal_the_plain_ones(models):
+    from rome_locate.fact_model import corpus_path
+    from rome_locate.stats import second_moments
+
+    plain, offloaded, tok = models
+    texts = corpus_path("gpt2").read_text(encoding="utf-8").splitlines()[:16]
+    names = ["transformer.h.3.mlp.c_proj", "transformer.h.7.mlp.c_proj"]  # on disk, in memory
+    a, b = second_moments(plain, tok, names, texts), second_moments(offloaded, tok, names, texts)
+    for name in names:
+        assert a[name][1] == b[name][1]
+        assert torch.allclose(a[name][0], b[name][0], rtol=1e-6, atol=1e-6)
+
+
 def test_cli_locate_with_a_device_map_file_writes_the_plain_numbers(tmp_path):
     dm = tmp_path / "map.json"
     dm.write_text(json.dumps(_device_map()))
