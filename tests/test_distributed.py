@@ -33,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _failing_trace(*args, **kwargs):
+def _fail(*args, **kwargs):
     raise RuntimeError("injected failure")
 
 
@@ -44,28 +44,30 @@ def _read(path: str) -> str | None:
 def _rank_main(rank: int, world: int, jobs: list, results_dir: str) -> None:
     """One torchrun-like rank: torchrun's environment variables, then the CLI once per job.
 
-    A job is (argv, port, rank to fail or None, files rank 0 reads right after it).
+    A job is (argv, port, rank to fail or None, what fails there: "trace" or "load", files rank 0 reads after it).
     """
     import rome_locate.locate as locate_mod
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     results = []
-    real = locate_mod.trace_fact
-    for argv, port, fail_rank, watch in jobs:
+    real = {"trace": (locate_mod, "trace_fact", locate_mod.trace_fact), "load": (cli, "load_model", cli.load_model)}
+    for argv, port, fail_rank, what, watch in jobs:
         os.environ["MASTER_PORT"] = str(port)
-        locate_mod.trace_fact = _failing_trace if fail_rank == rank else real
+        for name, (module, attr, fn) in real.items():
+            setattr(module, attr, _fail if (fail_rank == rank and what == name) else fn)
         code = cli.main(argv)
         results.append({"code": code, "files": {str(w): _read(str(w)) for w in watch} if rank == 0 else {}})
-    locate_mod.trace_fact = real
+    for module, attr, fn in real.values():
+        setattr(module, attr, fn)
     with open(os.path.join(results_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(results, fh)
 
 
 def _run_ranks(jobs: list, tmp_path, world: int = 2) -> list[list[dict]]:
-    """Run the jobs (argv, rank to fail or None, files to read after it) on `world` gloo ranks, one after the
-    other; per rank and job, the exit code (and on rank 0 the files' contents right after the job)."""
-    jobs = [(argv, _free_port(), fail, [str(w) for w in watch]) for argv, fail, watch in jobs]
+    """Run the jobs (argv, rank to fail or None, what fails, files to read after it) on `world` gloo ranks, one
+    after the other; per rank and job, the exit code (and on rank 0 the files' contents right after the job)."""
+    jobs = [(argv, _free_port(), fail, what, [str(w) for w in watch]) for argv, fail, what, watch in jobs]
     mp.start_processes(_rank_main, args=(world, jobs, str(tmp_path)), nprocs=world, join=True, start_method="spawn")
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -99,12 +101,33 @@ def test_single_process_part_is_the_whole(tmp_path):
     assert not list(tmp_path.iterdir())  # a single process writes no shard and no marker
 
 
-def test_two_gloo_ranks_write_what_one_process_writes(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process, then every multi-rank job in one spawn of 2 gloo ranks (starting ranks is the slow part)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    one, two = tmp / "one", tmp / "two"
     assert cli.main(_locate_argv(one / "locate.jsonl")) == 0
     assert cli.main(_edit_argv(one / "edit")) == 0
-    ranks = _run_ranks([(_locate_argv(two / "locate.jsonl"), None, []), (_edit_argv(two / "edit"), None, [])], tmp_path)
-    assert [[job["code"] for job in r] for r in ranks] == [[0, 0], [0, 0]]
+    out, other = tmp / "run" / "locate.jsonl", tmp / "other" / "locate.jsonl"
+    watch = [out, distributed.incomplete_marker(out), out.parent / "locate.jsonl.rank0-of-2"]
+    watch_other = [other, distributed.incomplete_marker(other), other.parent / "locate.jsonl.rank0-of-2"]
+    jobs = {
+        "locate": (_locate_argv(two / "locate.jsonl"), None, None, []),
+        "edit": (_edit_argv(two / "edit"), None, None, []),
+        # The edit again, with loading the model failing on rank 0: a finished shard is not redone.
+        "edit again": (_edit_argv(two / "edit"), 0, "load", []),
+        "rank 0 fails": (_locate_argv(other), 0, "trace", watch_other),
+        "rank 1 fails": (_locate_argv(out), 1, "trace", watch),
+        "rerun": (_locate_argv(out), None, None, watch),
+    }
+    ranks = _run_ranks(list(jobs.values()), tmp)
+    return {"one": one, "two": two, "watch": watch, "watch_other": watch_other,
+            "jobs": {name: [r[i] for r in ranks] for i, name in enumerate(jobs)}}
+
+
+def test_two_gloo_ranks_write_what_one_process_writes(runs):
+    one, two, jobs = runs["one"], runs["two"], runs["jobs"]
+    assert [j["code"] for j in jobs["locate"] + jobs["edit"]] == [0, 0, 0, 0]
     # Same records, same order, same numbers: byte for byte.
     assert (two / "locate.jsonl").read_bytes() == (one / "locate.jsonl").read_bytes()
     assert json.loads((two / "edit" / "results.json").read_text()) == json.loads((one / "edit" / "results.json").read_text())
@@ -115,34 +138,36 @@ def test_two_gloo_ranks_write_what_one_process_writes(tmp_path):
     assert (two / "edit" / "shards" / "rank1-of-2" / "results.json").is_file()
     assert not distributed.incomplete_marker(two / "locate.jsonl").exists()
     assert not distributed.incomplete_marker(two / "edit").exists()
+    # A rerun of a finished edit reads the shards back without loading the model (which would fail here).
+    assert [j["code"] for j in jobs["edit again"]] == [0, 0]
 
 
-def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(tmp_path):
-    out = tmp_path / "run" / "locate.jsonl"
-    marker = distributed.incomplete_marker(out)
-    shard0 = out.parent / "locate.jsonl.rank0-of-2"
-    watch = [out, marker, shard0]
-    ranks = _run_ranks([(_locate_argv(out), 0, watch), (_locate_argv(out), 1, watch), (_locate_argv(out), None, watch)],
-                       tmp_path)
-    (lost0, failed0, rerun0), (lost1, failed1, rerun1) = ranks
+def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(runs):
+    jobs = runs["jobs"]
+    out, marker, shard0 = (str(w) for w in runs["watch"])
     # Rank 0 failed: rank 1 finished its shard and exits cleanly; nothing is merged and the marker names rank 0.
+    lost0, lost1 = jobs["rank 0 fails"]
     assert lost0["code"] == 2 and lost1["code"] == 0
-    assert lost0["files"][str(out)] is None and lost0["files"][str(shard0)] == ""
-    assert list(json.loads(lost0["files"][str(marker)])["failed_ranks"]) == ["0"]
+    files = [lost0["files"][str(w)] for w in runs["watch_other"]]
+    assert files[0] is None and files[2] == ""
+    assert list(json.loads(files[1])["failed_ranks"]) == ["0"]
     # Rank 1 failed, and rank 0 says so too: the merged output is not whole.
+    failed0, failed1 = jobs["rank 1 fails"]
     assert failed0["code"] == 2 and failed1["code"] == 2
     state = failed0["files"]
-    m = json.loads(state[str(marker)])
+    m = json.loads(state[marker])
     assert m["complete"] is False and list(m["failed_ranks"]) == ["1"]
     assert "injected failure" in m["failed_ranks"]["1"]
     assert m["missing_positions"]["1"] == [2, 5]
     # --out holds rank 0's finished facts, in order; rank 0's shard is intact.
-    assert state[str(out)] == state[str(shard0)] and len(state[str(out)].splitlines()) == 2
+    assert state[out] == state[shard0] and len(state[out].splitlines()) == 2
     # The rerun resumes: rank 0's shard is not redone, --out holds every fact and the marker is gone.
+    rerun0, rerun1 = jobs["rerun"]
     assert rerun0["code"] == 0 and rerun1["code"] == 0
-    assert rerun0["files"][str(shard0)] == state[str(shard0)]
-    assert rerun0["files"][str(marker)] is None
-    assert len(rerun0["files"][str(out)].splitlines()) == 5
+    assert rerun0["files"][shard0] == state[shard0]
+    assert rerun0["files"][marker] is None
+    assert len(rerun0["files"][out].splitlines()) == 5
+    assert rerun0["files"][out] == (runs["two"] / "locate.jsonl").read_text()  # = what one process writes
 
 
 def test_device_maps_of_ranks_on_one_node_use_disjoint_gpus():
