@@ -128,6 +128,20 @@ def _trace_kwargs(args: argparse.Namespace) -> dict:
                 seed=args.seed)
 
 
+def _merged_pairs(part, pairs: list) -> list | None:
+    """Under torchrun, rank 0 gets every rank's (TraceResult, LayerChoice) pairs in fact order (merged into the
+    part's --out), the other ranks None; a single process keeps its own."""
+    from . import distributed
+    from .choose import LayerChoice
+    from .locate import record
+    from .trace import TraceResult
+
+    if part.rank is None:
+        return pairs
+    merged = part.gather([record(r, c) for r, c in pairs], distributed.merge_lines)
+    return None if merged is None else [(TraceResult.from_json(o), LayerChoice.from_json(o)) for o in merged]
+
+
 def _fmt_row(values) -> str:
     return " ".join(f"{v:.4f}" for v in values)
 
@@ -187,10 +201,9 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     import time
 
     from . import distributed
-    from .choose import LayerChoice, choose_dataset_layer
+    from .choose import choose_dataset_layer
     from .facts import load_facts
     from .locate import locate, record
-    from .trace import TraceResult
 
     facts = load_facts(args.facts, limit=args.limit)
     part = distributed.part(facts, args.out)  # under torchrun: this rank's block of the facts and its shard file
@@ -200,12 +213,10 @@ def _cmd_locate(args: argparse.Namespace) -> int:
                    arch=args.arch, noise=args.noise, skip_errors=args.skip_errors, kind=args.kind, dataset=facts,
                    **_trace_kwargs(args))
     wall = time.perf_counter() - start
-    if part.rank is not None:  # rank 0 merges the shards into --out and reports on every fact; the others stop
-        merged = part.gather([record(r, c) for r, c in pairs], distributed.merge_lines)
-        if merged is None:
-            return 0
-        pairs = [(TraceResult.from_json(o), LayerChoice.from_json(o)) for o in merged]
-        if args.plots and pairs:
+    pairs = _merged_pairs(part, pairs)  # under torchrun: rank 0 reports on every fact, the others stop
+    if pairs is None:
+        return 0
+    if part.rank is not None and args.plots and pairs:
             from .plots import average_effect_plot
 
             average_effect_plot([r for r, _ in pairs], Path(args.plots) / f"average_effect_{args.kind}")
@@ -300,11 +311,10 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
 
     from . import distributed
     from .arch import arch_for
-    from .choose import LayerChoice, choose_dataset_layer
+    from .choose import choose_dataset_layer
     from .facts import load_facts
     from .hparams import dataset_header, generate_hparams, write_hparams
-    from .locate import locate, record
-    from .trace import TraceResult
+    from .locate import locate
 
     overrides = {}
     for item in args.set:
@@ -320,11 +330,9 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     pairs = [] if args.layer is not None else locate(
         model, tok, part.facts, out=part.out, progress=not args.quiet, arch=arch, noise=args.noise, kind=args.kind,
         dataset=facts, **_trace_kwargs(args))
-    if part.rank is not None:
-        merged = part.gather([record(r, c) for r, c in pairs], distributed.merge_lines)
-        if merged is None:
-            return 0
-        pairs = [(TraceResult.from_json(o), LayerChoice.from_json(o)) for o in merged]
+    pairs = _merged_pairs(part, pairs)
+    if pairs is None:
+        return 0
     if args.layer is not None:
         layer = args.layer
         header = f"Written by `rome-locate hparams` with --layer {layer} (not traced).\nfacts: {args.facts}"
@@ -363,9 +371,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import json
+    from pathlib import Path
 
     from . import distributed
     from .edit import EditOutcome, edit_facts, summary
