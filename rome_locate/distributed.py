@@ -278,6 +278,8 @@ def part(facts: Sequence[Any], out: str | Path | None, *, directory: bool = Fals
     shard = shard_path(out, rank.rank, rank.world, directory) if out is not None else None
     done = None if shard is None else shard.with_name(shard.name + ".done")
     merged = Path(out) if out is not None and not shards_only else None
+    if merged is not None:
+        _check_ours(merged / "results.json" if directory else merged)
     p = Part([facts[i] for i in positions], positions, shard, merged, rank, _facts_digest(facts), len(facts), done)
     if _JOB is not None:
         _JOB.part = p
@@ -287,6 +289,20 @@ def part(facts: Sequence[Any], out: str | Path | None, *, directory: bool = Fals
         # Written first, removed by a complete merge: a job killed halfway leaves --out marked.
         write_json(incomplete_marker(merged), {"complete": False, "status": "running", "world": rank.world})
     return p
+
+
+def _check_ours(path: Path) -> None:
+    """Refuse to merge over a file the project did not write (anything but JSON or JSON Lines objects)."""
+    if not path.is_file():
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+        objs = [json.loads(text)] if path.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
+        if all(isinstance(o, dict) for o in objs):
+            return
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    raise ValueError(f"{path} exists and is not an output of rome-locate; use another --out or remove it")
 
 
 # ---- merges: one small function per output format ---------------------------------

@@ -170,6 +170,19 @@ def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(runs)
     assert rerun0["files"][out] == (runs["two"] / "locate.jsonl").read_text()  # = what one process writes
 
 
+def test_a_merge_never_overwrites_a_file_the_project_did_not_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed, "_JOB", distributed._Job(distributed.Rank(1, 2, 1, "gloo", "cpu", 2), None))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    with pytest.raises(ValueError, match="not an output of rome-locate"):
+        distributed.part(["a", "b"], notes)
+    assert notes.read_text() == "my notes\n"
+    ours = tmp_path / "ours.jsonl"
+    ours.write_text('{"fact_id": "0"}\n')
+    part = distributed.part(["a", "b", "c"], ours)
+    assert part.facts == ["b", "c"] and part.out == tmp_path / "ours.jsonl.rank1-of-2"
+
+
 def test_device_maps_of_ranks_on_one_node_use_disjoint_gpus():
     env = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
     r0 = distributed.rank_from_env("cuda", {**env, "RANK": "2", "LOCAL_RANK": "0"})
