@@ -39,6 +39,15 @@ def models(tmp_path_factory):
     return plain, offloaded, tok
 
 
+@pytest.fixture(scope="module")
+def edit_case(models):
+    """(hparams at layer 3, whose block is on disk; two CounterFact facts; the plain model's outcomes)."""
+    plain, _, tok = models
+    hparams = with_layer(bind_model(load_hparams(HPARAMS, easyedit=False), MODEL), 3)
+    facts = load_facts(counterfact_path("gpt2"), limit=2)
+    return hparams, facts, edit_facts(plain, tok, facts, hparams, progress=False)
+
+
 def test_blocks_are_really_offloaded(models):
     _, offloaded, _ = models
     assert offloaded.transformer.h[3].mlp.c_proj.weight.device.type == "meta"
@@ -58,15 +67,13 @@ def test_disk_offloaded_model_traces_to_the_plain_numbers(models):
         assert ca.layer == cb.layer
 
 
-def test_disk_offloaded_model_edits_to_the_same_result_and_restores_exactly(models):
+def test_disk_offloaded_model_edits_to_the_same_result_and_restores_exactly(models, edit_case):
     plain, offloaded, tok = models
-    layer = 3  # its block is on disk
-    facts = load_facts(counterfact_path("gpt2"), limit=2)
-    hparams = with_layer(bind_model(load_hparams(HPARAMS, easyedit=False), MODEL), layer)
+    hparams, facts, a = edit_case
+    layer = hparams.layers[0]
     name = f"{hparams.rewrite_module_tmp.format(layer)}.weight"
     checkpoint = _sha(f"{MODEL}/model.safetensors")
     before = weight_value(offloaded, name)
-    a = edit_facts(plain, tok, facts, hparams, progress=False)
     b = edit_facts(offloaded, tok, facts, hparams, progress=False)
     for oa, ob in zip(a, b):
         assert oa.success == ob.success
@@ -75,9 +82,25 @@ def test_disk_offloaded_model_edits_to_the_same_result_and_restores_exactly(mode
     assert torch.equal(weight_value(offloaded, name), before)
     assert torch.equal(weight_value(offloaded, name), weight_value(plain, name))
     hook = offloaded.get_submodule(hparams.rewrite_module_tmp.format(layer))._hf_hook
-    overrides = getattr(getattr(hook.weights_map, "dataset", None), "state_dict", {}) if hook.offload else {}
-    assert not [k for k in overrides if k.startswith(f"transformer.h.{layer}.")]  # no in-memory copy left behind
+    assert hook.offload
+    assert not [k for k in hook.weights_map.dataset.state_dict if k.startswith(f"transformer.h.{layer}.")]  # no copy left
     assert _sha(f"{MODEL}/model.safetensors") == checkpoint  # the checkpoint on disk is never written
+
+
+def test_cpu_offloaded_model_edits_its_cpu_copy_and_restores_exactly(models, edit_case):
+    from accelerate import cpu_offload
+
+    plain, _, tok = models
+    hparams, facts, a = edit_case
+    offloaded, _ = load_model(MODEL, device="cpu")
+    # Every weight on the meta device, its values in a CPU state dict that a hook loads at each forward
+    # (what a device map's "cpu" entries become on a machine with a GPU).
+    cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    name = f"{hparams.rewrite_module_tmp.format(hparams.layers[0])}.weight"
+    assert offloaded.get_parameter(name).device.type == "meta"
+    b = edit_facts(offloaded, tok, facts, hparams, progress=False)
+    assert [o.p_new_after for o in a] == pytest.approx([o.p_new_after for o in b], abs=1e-5)
+    assert torch.equal(weight_value(offloaded, name), weight_value(plain, name))
 
 
 def test_mom2_statistics_of_an_offloaded_layer_equal_the_plain_ones(models):
