@@ -224,8 +224,13 @@ class Part:
 
     @property
     def finished(self) -> bool:
-        """This rank's shard was completed by an earlier run of the same command (never in a single process)."""
-        return self._done is not None and self._done.is_file()
+        """This rank's shard, with these very facts, was completed by an earlier run (never in a single process)."""
+        if self._done is None or not self._done.is_file():
+            return False
+        try:
+            return json.loads(self._done.read_text(encoding="utf-8")).get("facts") == _facts_digest(self.facts)
+        except (json.JSONDecodeError, AttributeError):
+            return False
 
     def gather(self, payload: Any, merge: Merge) -> Any | None:
         """Single process: `payload`. Under torchrun: rank 0 merges every rank's payload into --out and returns the
@@ -234,7 +239,7 @@ class Part:
         if self.rank is None:
             return payload
         if self._done is not None:
-            write_json(self._done, {"rank": self.rank.rank, "world": self.rank.world,
+            write_json(self._done, {"rank": self.rank.rank, "world": self.rank.world, "facts": _facts_digest(self.facts),
                                     "positions": [self.positions.start, self.positions.stop]})
         received = _exchange({"ok": True, "rank": self.rank.rank, "digest": self.digest, "payload": payload})
         if received is None:

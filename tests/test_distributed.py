@@ -170,7 +170,7 @@ def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(runs)
     assert rerun0["files"][out] == (runs["two"] / "locate.jsonl").read_text()  # = what one process writes
 
 
-def test_a_merge_never_overwrites_a_file_the_project_did_not_write(tmp_path, monkeypatch):
+def test_part_refuses_foreign_files_and_knows_its_finished_shard(tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "_JOB", distributed._Job(distributed.Rank(1, 2, 1, "gloo", "cpu", 2), None))
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
@@ -181,6 +181,10 @@ def test_a_merge_never_overwrites_a_file_the_project_did_not_write(tmp_path, mon
     ours.write_text('{"fact_id": "0"}\n')
     part = distributed.part(["a", "b", "c"], ours)
     assert part.facts == ["b", "c"] and part.out == tmp_path / "ours.jsonl.rank1-of-2"
+    # A shard counts as finished only for the very facts it was finished with (not after --limit changed).
+    part._done.write_text(json.dumps({"facts": distributed._facts_digest(["b", "c"])}))
+    assert part.finished
+    assert not distributed.part(["a", "b", "c", "d"], ours).finished
 
 
 def test_device_maps_of_ranks_on_one_node_use_disjoint_gpus():
