@@ -1,4 +1,4 @@
-"""`python -m rome_locate`: the `rome-locate` command line."""
+"""`python -m rome_locate` (and `torchrun ... -m rome_locate`): the `rome-locate` CLI."""
 
 import sys
 

@@ -15,6 +15,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     p.add_argument("--arch", default=None, help="JSON file of module names, for a family the map does not know")
+    g = p.add_argument_group("models larger than one device (accelerate)")
+    g.add_argument("--device-map", default=None,
+                   help="auto|balanced|sequential, or a JSON file {module name: GPU index|cpu|disk} (instead of --device)")
+    g.add_argument("--max-memory", default=None, help="per-device limits for --device-map, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
+    g.add_argument("--offload-folder", default=None, help="directory for the weights a --device-map puts on disk")
 
 
 def _add_trace_args(p: argparse.ArgumentParser) -> None:
@@ -30,10 +35,11 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    """(model, tokenizer) of `--model` on `--device` in `--dtype` (models.load_model)."""
+    """(model, tokenizer) of `--model` on `--device` in `--dtype`, or spread by `--device-map` (models.load_model)."""
     from .models import load_model as load
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                max_memory=args.max_memory, offload_folder=args.offload_folder)
 
 
 def _trace_settings(args: argparse.Namespace, full: bool = False):
@@ -131,6 +137,20 @@ def _arch_file(args: argparse.Namespace):
     return read_arch(args.arch) if args.arch else None
 
 
+def _merged_pairs(part, pairs: list) -> list | None:
+    """Under torchrun, rank 0 gets every rank's (TraceResult, LayerChoice) pairs in fact order (merged into the
+    part's --out), the other ranks None; a single process keeps its own."""
+    from . import distributed
+    from .choose import LayerChoice
+    from .locate import record
+    from .trace import TraceResult
+
+    if part.rank is None:
+        return pairs
+    merged = part.gather([record(r, c) for r, c in pairs], distributed.merge_lines)
+    return None if merged is None else [(TraceResult.from_json(o), LayerChoice.from_json(o)) for o in merged]
+
+
 def _fmt_row(values) -> str:
     return " ".join(f"{v:.4f}" for v in values)
 
@@ -188,6 +208,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     import json
     import time
 
+    from . import distributed
     from .choose import choose_dataset_layer
     from .facts import check_limit, load_facts
     from .files import check_output_dir
@@ -201,11 +222,19 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     if args.plots:
         check_output_dir(args.plots, "--plots")
     arch = _arch_file(args)
+    part = distributed.part(facts, args.out)  # under torchrun: this rank's block of the facts and its shard file
     model, tok = load_model(args)
     start = time.perf_counter()
-    pairs = locate(model, tok, facts, settings, out=args.out, plots_dir=args.plots, progress=not args.quiet,
-                   arch=arch, skip_errors=args.skip_errors)
+    pairs = locate(model, tok, part.facts, settings, out=part.out, plots_dir=args.plots, progress=not args.quiet,
+                   arch=arch, skip_errors=args.skip_errors, dataset=facts)
     wall = time.perf_counter() - start
+    pairs = _merged_pairs(part, pairs)  # under torchrun: rank 0 reports on every fact, the others stop
+    if pairs is None:
+        return 0
+    if part.rank is not None and args.plots and pairs:  # each rank drew its own facts; rank 0 draws them all
+        from .plots import average_effect_plot
+
+        average_effect_plot([r for r, _ in pairs], Path(args.plots) / f"average_effect_{settings.kind}")
     summary = sys.stdout if args.out else sys.stderr
     if not args.out:
         for result, choice in pairs:
@@ -289,6 +318,7 @@ def _hparams_device(args: argparse.Namespace):
 def _cmd_hparams(args: argparse.Namespace) -> int:
     import yaml
 
+    from . import distributed
     from .arch import arch_for
     from .choose import choose_dataset_layer
     from .facts import check_limit, load_facts
@@ -310,13 +340,19 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     check_hparams_output(args.output)
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
     arch_file = _arch_file(args)
+    # Under torchrun each rank traces its block into a shard beside -o (to resume from); rank 0 writes the YAML.
+    part = distributed.part(facts, args.output + ".traces", shards_only=True)
     model, tok = load_model(args)
     arch = arch_for(model, arch_file)
+    pairs = [] if args.layer is not None else locate(model, tok, part.facts, settings, out=part.out,
+                                                     progress=not args.quiet, arch=arch, dataset=facts)
+    pairs = _merged_pairs(part, pairs)
+    if pairs is None:
+        return 0
     if args.layer is not None:
         layer = args.layer
         header = f"Written by `rome-locate hparams` with --layer {layer} (not traced).\nfacts: {args.facts}"
     else:
-        pairs = locate(model, tok, facts, settings, progress=not args.quiet, arch=arch)
         if not pairs:
             raise ValueError(f"no fact of {args.facts} could be traced")
         d = choose_dataset_layer([r for r, _ in pairs])
@@ -371,18 +407,24 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from .report import edit_summary_line
 
     facts = load_facts(args.facts, limit=args.limit)
-    _hide_unloadable()
-    model, tok = load_model(args)
-    # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
-    hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
-    # The eval pipeline with generations and the sweep off: results.json rewritten after every fact.
-    records, paths = _pipeline(
-        "edit", model, tok, facts, hparams, args.out, model_name=args.model, layers=args.layers,
-        sweep=False, generation=None, trace_settings=_trace_settings(args), editor=args.editor, seed=args.seed,
-        mom2_corpus=args.corpus, arch=args.arch, facts_path=args.facts, skip_errors=args.skip_errors,
-        sequential=args.sequential, progress=not args.quiet)
+    part = _pipeline_part(args, facts)
+    records = paths = None
+    if not part.finished:  # a rank's shard finished by an earlier run is not edited again
+        _hide_unloadable()
+        model, tok = load_model(args)
+        # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
+        hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
+        # The eval pipeline with generations and the sweep off: results.json rewritten after every fact.
+        records, paths = _pipeline(
+            "edit", model, tok, part.facts, hparams, part.out, model_name=args.model, layers=args.layers,
+            sweep=False, generation=None, trace_settings=_trace_settings(args), editor=args.editor, seed=args.seed,
+            mom2_corpus=args.corpus, arch=args.arch, facts_path=args.facts, skip_errors=args.skip_errors,
+            sequential=args.sequential, progress=not args.quiet, dataset=facts)
+        if records is None:
+            return 2
+    records, paths = _merged_records(part, records, paths)
     if records is None:
-        return 2
+        return 0
     from .evaluate import summarize
 
     print(edit_summary_line(summarize(records), args.editor, args.layers))
@@ -408,10 +450,34 @@ def _pipeline(command: str, model, tok, facts, hparams, out: str, **kwargs):
     try:
         return run_pipeline(model, tok, facts, hparams, out, **kwargs)
     except EvaluationError as exc:
+        from . import distributed
+
+        distributed.record_failure(exc)  # under torchrun: named in OUT.incomplete
         print(f"rome-locate {command}: error: {exc}", file=sys.stderr)
         print(f"rome-locate {command}: the results and report of the {len(exc.records)} finished fact(s) are in "
               f"{out}", file=sys.stderr)
         return None, None
+
+
+def _pipeline_part(args: argparse.Namespace, facts):
+    """This process's part of `edit`/`eval`: under torchrun its block of the facts and OUT/shards/rankR-of-N."""
+    from . import distributed
+
+    part = distributed.part(facts, args.out, directory=True)
+    if part.rank is not None and args.sequential:
+        raise ValueError("--sequential keeps every edit in one model: run it in one process, not under torchrun")
+    return part
+
+
+def _merged_records(part, records, paths):
+    """Under torchrun, rank 0 merges every rank's shard into --out (results.json, locate.jsonl, report) and gets
+    (all records, paths), the other ranks (None, None); a single process keeps its own."""
+    from . import distributed
+
+    if part.rank is None:
+        return records, paths
+    merged = part.gather(distributed.read_dir_payload(part.out), distributed.merge_eval)
+    return (None, None) if merged is None else (merged["records"], merged["paths"])
 
 
 # ---- eval, demo ------------------------------------------------------------
@@ -490,9 +556,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     generation = _generation_settings(args)
+    facts = load_facts(args.facts, limit=args.limit)
+    part = _pipeline_part(args, facts)
     _hide_unloadable()
     model, tok = load_model(args)
-    facts = load_facts(args.facts, limit=args.limit)
     hparams = load_hparams(args.hparams)
     if Path(args.model).is_dir():
         hparams = bind_model(hparams, args.model)
@@ -500,12 +567,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     trace = _trace_settings(args, full=not args.no_heatmaps)
     # The pipeline checks every layer against the model before it traces (resumable OUT/locate.jsonl) or edits.
     records, paths = _pipeline(
-        "eval", model, tok, facts, hparams, args.out, model_name=args.model, layers=args.layers,
+        "eval", model, tok, part.facts, hparams, part.out, model_name=args.model, layers=args.layers,
         sweep=args.sweep, trace_settings=trace, generation=generation, editor=args.editor, seed=args.seed,
         arch=args.arch, facts_path=args.facts, max_neighborhood=args.max_neighborhood,
-        skip_errors=args.skip_errors, sequential=args.sequential, progress=not args.no_progress)
+        skip_errors=args.skip_errors, sequential=args.sequential, progress=not args.no_progress, dataset=facts)
     if records is None:
         return 2
+    records, paths = _merged_records(part, records, paths)
+    if records is None:
+        return 0
     print_summary(records)
     print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")
     return 0
@@ -534,12 +604,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _for_rank(args: argparse.Namespace, rank) -> None:
+    """A torchrun rank's settings: its own device, or its own share of the node's GPUs for a device map, and
+    progress on rank 0 only."""
+    if getattr(args, "device_map", None) is None:
+        args.device = rank.device
+    elif rank.backend == "nccl":
+        from .distributed import rank_max_memory
+        from .models import parse_max_memory
+
+        args.max_memory = rank_max_memory(rank, parse_max_memory(args.max_memory))
+    if rank.rank:
+        args.quiet = args.no_progress = True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rome-locate` console script."""
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        # Under torchrun: join the ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); nothing happens in one process.
+        with distributed.session(args.command, getattr(args, "device", None)) as rank:
+            if rank is not None:
+                _for_rank(args, rank)
+            return int(args.func(args) or 0)
     except _user_errors() as exc:
         # Bad input: one line naming it. Anything else (a bug, CUDA out of memory) keeps its traceback.
         print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
@@ -547,12 +637,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The errors that mean bad input: plain file and value errors and the package's own lookup errors."""
+    """The errors that mean bad input: plain file and value errors, the package's own lookup errors, a failed rank."""
     from .arch import UnknownArchitectureError
+    from .distributed import RankFailure
     from .hooks import UnknownModuleError
 
+    # RankFailure: another torchrun rank failed (that rank reports its own error).
     return (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError, ValueError,
-            UnknownArchitectureError, UnknownModuleError)
+            UnknownArchitectureError, UnknownModuleError, RankFailure)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ import torch
 from .arch import check_layer
 from .facts import Fact
 from .hparams import with_layer
+from .models import input_device
 from .records import Record
 from .scoring import PairScore, score_targets, token_accuracy, top1_agreement
 from .tokens import pad_id
@@ -371,7 +372,7 @@ def metrics_between(before: dict, after: dict, gens_before: Sequence[str] = (),
 @torch.no_grad()
 def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings()) -> list[str]:
     """The continuation the model generates after each prompt (one prompt at a time: no padding to get wrong)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id(tok))
     if settings.mode == "greedy":
         kwargs.update(do_sample=False, num_beams=1)

@@ -130,7 +130,8 @@ def _plot_stem(plots_dir: Path, result: TraceResult) -> Path:
 
 def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings = TraceSettings(), *,
            out: str | Path | None = None, plots_dir: str | Path | None = None, progress: bool = True,
-           arch: Arch | None = None, skip_errors: bool = False) -> list[tuple[TraceResult, LayerChoice]]:
+           arch: Arch | None = None, skip_errors: bool = False,
+           dataset: Sequence[Fact] | None = None) -> list[tuple[TraceResult, LayerChoice]]:
     """Trace and choose a layer for every fact; with `out`, append one flushed JSON line per fact and resume.
 
     A "Ksigma" noise level is computed once over all the facts' subjects. With
@@ -142,22 +143,26 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     otherwise. `out` is written by one run at a time (`out`.lock beside it) and
     only if rome-locate wrote it. `skip_errors` warns and goes on when a fact
     cannot be traced (a ValueError: subject not in the prompt, prompt too long,
-    NaN in the model).
+    NaN in the model). `dataset`, when `facts` is a shard of it (torchrun), is
+    where the noise level and the replacement subjects come from, so that a
+    shard is traced as the whole is.
     """
     out_path = check_out(out) if out is not None else None
     plots = check_output_dir(plots_dir, "--plots") if plots_dir is not None else None
     facts = list(facts)
+    whole = list(dataset) if dataset is not None else facts
     arch = arch_for(model, arch)
     if plots is not None:
         settings = dataclasses.replace(settings, full=True)
     with contextlib.ExitStack() as stack:
         if out_path is not None:
             stack.enter_context(output_lock(out_path, "--out"))
-        return _locate(model, tok, facts, settings, out_path, plots, progress, arch, skip_errors)
+        return _locate(model, tok, facts, whole, settings, out_path, plots, progress, arch, skip_errors)
 
 
-def _locate(model: nn.Module, tok, facts: list[Fact], settings: TraceSettings, out_path: Path | None,
-            plots: Path | None, progress: bool, arch: Arch, skip_errors: bool) -> list[tuple[TraceResult, LayerChoice]]:
+def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], settings: TraceSettings,
+            out_path: Path | None, plots: Path | None, progress: bool, arch: Arch,
+            skip_errors: bool) -> list[tuple[TraceResult, LayerChoice]]:
     model_id = fingerprint(model)
     done: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
     if out_path is not None:
@@ -171,9 +176,9 @@ def _locate(model: nn.Module, tok, facts: list[Fact], settings: TraceSettings, o
     replacements = None
     level = None
     if settings.noise_draws == "replace":
-        replacements = [f.subject for f in facts]
+        replacements = [f.subject for f in whole]
     elif settings.fixed_noise is None:
-        level = noise_level(model, tok, facts, arch, factor=settings.noise_factor)
+        level = noise_level(model, tok, whole, arch, factor=settings.noise_factor)
         if not math.isfinite(level):
             raise ValueError(f"the noise level ({settings.noise} of the subjects' embeddings) is {level}: the "
                              f"model's embedding weights hold NaN or inf (check the model file and --dtype)")

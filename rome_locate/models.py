@@ -117,16 +117,73 @@ def _hub_unreachable(name: str) -> str | None:
     return None
 
 
-def load_model(name: str | Path, *, device: str | None = None, dtype: str = "float32"):
-    """(model in eval mode, tokenizer) from a local directory or hub name, on `device` (default: default_device())."""
+# ---- loading -------------------------------------------------------------------
+
+def parse_max_memory(text: str | dict | None) -> dict[int | str, str] | None:
+    """`--max-memory` as from_pretrained wants it: "0=20GiB,1=20GiB,cpu=64GiB" → {0: "20GiB", 1: "20GiB", "cpu": "64GiB"}."""
+    if text is None or isinstance(text, dict):
+        return text
+    out: dict[int | str, str] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--max-memory expects DEVICE=SIZE[,DEVICE=SIZE...] (e.g. 0=20GiB,cpu=64GiB), got {text!r}")
+        out[int(key) if key.isdigit() else key] = value
+    return out
+
+
+def parse_device_map(spec: str | dict | None) -> str | dict | None:
+    """`--device-map`: a strategy name ("auto", "balanced", "balanced_low_0", "sequential") or a JSON file
+    mapping module names to a GPU index, "cpu" or "disk"."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    if spec in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"--device-map {spec!r} is neither auto|balanced|balanced_low_0|sequential "
+                                f"nor a JSON file")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--device-map {spec}: not JSON ({exc})") from None
+    if not isinstance(mapping, dict):
+        raise ValueError(f"--device-map {spec}: expected an object {{module name: device}}, got {type(mapping).__name__}")
+    return mapping
+
+
+def load_model(name: str | Path, *, device: str | None = None, dtype: str = "float32",
+               device_map: str | dict | None = None, max_memory: str | dict | None = None,
+               offload_folder: str | Path | None = None):
+    """(model in eval mode, tokenizer) from a local directory or hub name: on `device` (default: default_device()),
+    or spread by `device_map`.
+
+    With a device map (accelerate), blocks may sit on several GPUs, on the CPU or
+    on disk (`offload_folder`); `max_memory` bounds what each device holds.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("--max-memory and --offload-folder apply to a --device-map")
+    if device_map is not None and device is not None:
+        raise ValueError("give --device or --device-map, not both")
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    kw: dict = {"dtype": torch_dtype}
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401  (from_pretrained needs it for a device map)
+        except ImportError:
+            # A missing optional dependency for a flag the user gave: bad input, one line at the CLI.
+            raise ValueError("--device-map needs accelerate: pip install accelerate (or rome-locate[large])") from None
+        kw.update(device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory))
+        if offload_folder is not None:
+            kw["offload_folder"] = str(offload_folder)
+    else:
+        device = device or default_device()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
     text = str(name)
     local = Path(text).expanduser()
     if not local.exists():
@@ -138,8 +195,82 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
                                     f"downloaded model (save_pretrained output)")
     try:
         tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else text)
-        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else text, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else text, **kw)
     except (OSError, ValueError) as exc:
         where = "local directory" if local.exists() else "local directory or reachable hub model"
         raise FileNotFoundError(f"--model {text!r} is not a loadable {where}: {exc}") from None
-    return model.to(device).eval(), tok
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tok
+
+
+# ---- weights that may be offloaded -----------------------------------------------
+
+
+def _offload_slot(model: nn.Module, name: str):
+    """(mapping, key) holding the value of parameter `name` when accelerate offloaded it, else None.
+
+    An offloaded module's parameters are on the meta device; its AlignDevicesHook
+    loads them at each forward from `weights_map`, a PrefixedDataset over an
+    OffloadedWeightsLoader whose `state_dict` (tensors in CPU memory) takes
+    priority over its `index` (tensors on disk: a safetensors file or .dat memmaps).
+    """
+    module_name, _, leaf = name.rpartition(".")
+    hook = getattr(model.get_submodule(module_name), "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        weights_map = getattr(h, "weights_map", None)
+        if getattr(h, "offload", False) and weights_map is not None:
+            dataset = getattr(weights_map, "dataset", weights_map)
+            key = getattr(weights_map, "prefix", "") + leaf
+            return dataset, key
+    return None
+
+
+@torch.no_grad()
+def weight_value(model: nn.Module, name: str) -> torch.Tensor:
+    """The current values of parameter `name` (a copy), also when accelerate keeps it offloaded on CPU or disk."""
+    slot = _offload_slot(model, name)
+    if slot is None:
+        return model.get_parameter(name).detach().clone()
+    dataset, key = slot
+    return dataset[key].detach().clone()
+
+
+@torch.no_grad()
+def set_weight(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make `value` the values of parameter `name`, wherever they live (exactly: no rounding beyond the dtype).
+
+    An offloaded weight is written where accelerate reads it from: in place into
+    its CPU copy, or, for one on disk (which is never written: it may be the
+    model's own checkpoint), as an in-memory override in the loader's state_dict,
+    dropped again once the value equals the one on disk.
+    """
+    slot = _offload_slot(model, name)
+    if slot is None:
+        param = model.get_parameter(name)
+        param.copy_(value.to(param.device, param.dtype))
+        return
+    dataset, key = slot
+    memory = getattr(dataset, "state_dict", dataset)
+    index = getattr(dataset, "index", {})
+    if key in index and hasattr(dataset, "state_dict"):
+        # Disk-backed: compare with the disk value to decide between an override and none.
+        on_disk = _disk_value(dataset, key)
+        value = value.to(on_disk.device, on_disk.dtype)
+        if torch.equal(value, on_disk):
+            memory.pop(key, None)
+        else:
+            memory[key] = value.clone()
+        return
+    target = memory[key]
+    target.copy_(value.to(target.device, target.dtype))
+
+
+def _disk_value(loader, key: str) -> torch.Tensor:
+    """The value the loader would read for `key` without its in-memory override."""
+    override = loader.state_dict.pop(key, None)
+    try:
+        return loader[key]
+    finally:
+        if override is not None:
+            loader.state_dict[key] = override

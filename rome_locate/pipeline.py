@@ -60,7 +60,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                  arch: Arch | str | Path | dict | None = None, facts_path: str | None = None,
                  max_neighborhood: int | None = None, skip_errors: bool = False, sequential: bool = False,
                  progress: bool = True, extra_settings: dict[str, Any] | None = None,
-                 started: float | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
+                 started: float | None = None,
+                 dataset: Sequence[Fact] | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
     """Edit and evaluate every fact; with `out_dir`, results.json after every fact and the report at the end.
 
     Layers: `layers="traced"` edits each fact at its traced layer, "fixed" at the
@@ -77,6 +78,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     computed from `mom2_corpus` into OUT/stats. On a failure the report covers
     the finished facts, names the error, and the `EvaluationError` is raised
     again. `started` (a `time.perf_counter()` value) is where the wall time starts.
+    `dataset`, when `facts` is a torchrun rank's block of it, is what the
+    noise level of the traces comes from (locate's `dataset`).
     """
     if layers not in LAYER_MODES:
         raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
@@ -98,8 +101,12 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
         # The sweep compares edit success with the traced effect, so it traces too.
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
+        if dataset is not None:  # the noise level one process gets: over every editable fact
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dataset = editable(dataset, skip_errors=True)[0]
         located = locate(model, tok, facts, trace_settings or TraceSettings(), arch=arch, progress=progress,
-                         out=None if out is None else out / "locate.jsonl")
+                         out=None if out is None else out / "locate.jsonl", dataset=dataset)
         placements = place(facts, hparams, layers, located, n_layers=n_layers)
     if trace_settings is None and located:
         trace_settings = getattr(_trace_of(located[0]), "settings", None)

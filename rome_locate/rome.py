@@ -37,7 +37,7 @@ from .arch import check_layer, count_layers
 from .facts import Fact
 from .hooks import captured, captured_inputs, get_module, patched
 from .hparams import RomeParams
-from .models import input_device
+from .models import input_device, set_weight, weight_value
 from .stats import mom2_for
 from .tokens import continuation, find_subject_range, pad_id, right_pad
 
@@ -81,7 +81,7 @@ def _sample(model: nn.Module, tok: Any, prefix: str, n: int, max_len: int, gen: 
     ids = torch.tensor([tok(prefix)["input_ids"]] * n, device=device)
     n_new = max(1, max_len - ids.shape[1])
     for _ in range(n_new):
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1, :].float()
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1, :].float().to(device)
         top = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
         choice = torch.multinomial(top.values.softmax(-1), 1, generator=gen)
         ids = torch.cat([ids, top.indices.gather(1, choice)], dim=1)
@@ -133,7 +133,7 @@ def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, lay
     # stop: the key is the rewrite module's input; the layers above it and the head need not run.
     with torch.no_grad(), captured_inputs(model, [name], tokens=tuple(ids.shape), stop=True) as cache:
         model(input_ids=ids, attention_mask=mask)
-    keys = cache[name][torch.arange(len(rows)), torch.tensor(idxs)]
+    keys = cache[name][torch.arange(len(rows), device=cache[name].device), torch.tensor(idxs, device=cache[name].device)]
     return keys.float().mean(0)
 
 
@@ -167,8 +167,8 @@ def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, l
     tgt_weight = torch.tensor([1.0 / len(ps) for ps in target_pos for _ in ps], device=device) / n_rewrite
 
     with torch.no_grad(), captured(model, [mlp_name], tokens=tuple(ids.shape)) as cache:
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    v0 = cache[mlp_name][0, lookups[0]].float().clone()
+        logits = model(input_ids=ids, attention_mask=mask).logits.to(device)  # the LM head may sit on another device
+    v0 = cache[mlp_name][0, lookups[0]].float().to(device).clone()
     kl_init = F.log_softmax(logits[n_rewrite, lookups[-1]].float(), dim=-1)
 
     hidden = v0.shape[-1]
@@ -177,14 +177,14 @@ def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, l
     max_norm = hparams.clamp_norm_factor * v0.norm()
 
     def add_delta(out: torch.Tensor) -> torch.Tensor:
-        return out + where.to(out.dtype) * delta.to(out.dtype)
+        return out + where.to(out.device, out.dtype) * delta.to(out.device, out.dtype)
 
     info: dict[str, float] = {}
     # enable_grad: the caller may be inside torch.no_grad().
     with torch.enable_grad():
         for step in range(hparams.v_num_grad_steps):
             with patched(model, {mlp_name: add_delta}, tokens=tuple(ids.shape)):
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                logits = model(input_ids=ids, attention_mask=mask).logits.float().to(device)
             log_probs = F.log_softmax(logits[tgt_rows, tgt_prev], dim=-1)
             nll = -(log_probs.gather(1, tgt_ids[:, None])[:, 0] * tgt_weight).sum()
             kl_now = F.log_softmax(logits[n_rewrite, lookups[-1]], dim=-1)
@@ -254,15 +254,15 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
     try:
         for layer in sorted(hparams.layers):
             name = f"{hparams.rewrite_module_tmp.format(layer)}.weight"
-            weight = model.get_parameter(name)
             key = compute_key(model, tok, fact, hparams, layer, templates)
             prompt_key = compute_key(model, tok, fact, hparams, layer, ["{}"])
             value, v_info = compute_value(model, tok, fact, hparams, layer, templates)
             delta = rank_one_update(model, hparams, layer, key, value, prompt_key=prompt_key)
             if name not in originals:
-                originals[name] = weight.detach().clone()
-            with torch.no_grad():
-                weight.add_(delta)
+                originals[name] = weight_value(model, name)
+            # The weight's real storage: its device, or accelerate's CPU/disk copy when offloaded.
+            current = weight_value(model, name)
+            set_weight(model, name, current + delta.to(current.device))
             if info is not None:
                 info[layer] = v_info
     except BaseException:
@@ -272,7 +272,6 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
 
 
 def restore(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
-    """Copy the saved weights back (bit-identical)."""
-    with torch.no_grad():
-        for name, value in originals.items():
-            model.get_parameter(name).copy_(value)
+    """Copy the saved weights back (bit-identical), also into offloaded storage."""
+    for name, value in originals.items():
+        set_weight(model, name, value)

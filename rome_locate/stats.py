@@ -119,7 +119,7 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
             model(input_ids=input_ids, attention_mask=mask)
         keep = mask.reshape(-1).bool()
         for name in layer_names:
-            k = cache[name].reshape(-1, cache[name].shape[-1])[keep].double()
+            k = cache[name].reshape(-1, cache[name].shape[-1])[keep.to(cache[name].device)].double()
             sums[name] = sums.get(name, 0) + k.T @ k
         count += int(keep.sum())
     if count == 0:

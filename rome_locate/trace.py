@@ -351,12 +351,13 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
             name = arch.module(kind, m)
             rows = torch.tensor(rows_of[m], device=device)
             toks = torch.tensor(toks_of[m], device=device)
-            value = clean[name][0, toks]
+            value = clean[name][0, toks.to(clean[name].device)]
             local = toks - start
 
             def restore(h: torch.Tensor, rows=rows, local=local, value=value) -> torch.Tensor:
+                # Under a device map the module may sit on another device than the inputs.
                 h = h.clone()
-                h[rows, local] = value.to(h.dtype)
+                h[rows.to(h.device), local.to(h.device)] = value.to(h.device, h.dtype)
                 return h
 
             edits[name] = restore
@@ -482,5 +483,5 @@ def _sequence_logprob(model: nn.Module, ids: list[int], positions: list[int]) ->
     device = input_device(model)
     logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float()
     logp = torch.log_softmax(logits, dim=-1)
-    pos = torch.tensor(positions, device=device)
-    return float(logp[pos - 1, torch.tensor([ids[p] for p in positions], device=device)].sum())
+    pos = torch.tensor(positions, device=logp.device)
+    return float(logp[pos - 1, torch.tensor([ids[p] for p in positions], device=logp.device)].sum())
