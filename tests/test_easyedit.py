@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -128,13 +127,6 @@ def _spy_base_editor(monkeypatch) -> list[dict]:
     return calls
 
 
-def _tiny_model_dir(tiny_tokenizer, tmp_path, name="tiny-gpt2"):
-    model = build_tiny_model("gpt2", len(tiny_tokenizer))
-    model.save_pretrained(tmp_path / name)
-    tiny_tokenizer.save_pretrained(tmp_path / name)
-    return tmp_path / name
-
-
 def test_cli_edit_easyedit_traced_goes_through_base_editor(monkeypatch, tmp_path, capsys):
     """EasyEdit: BaseEditor.edit_requests with a preloaded (model, tokenizer); ROME's layer from `layers`."""
     from rome_locate.cli import main
@@ -218,71 +210,26 @@ print("RESULT " + json.dumps({{"layers": [m["requested_rewrite"].get("layer") fo
                               "rephrase_acc": [m["post"]["rephrase_acc"] for m in metrics]}}, default=float))
 """
 
-
 # Without EasyEdit's optional extras installed, `import easyeditor` needs the plugin's stand-ins first; a user with
 # them installed has no such line.
 PREAMBLE = "from rome_locate.easyedit import import_easyedit; import_easyedit()"
 
-
-def _run_user_script(import_line: str, hparams_path: Path, cwd: Path, preamble: str = "") -> dict:
-    script = cwd / "edit.py"
-    script.write_text(USER_SCRIPT.format(import_line=import_line, preamble=preamble))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ["EASYEDIT_PATH"]]),
-           "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(script), str(hparams_path), str(FACT_MODEL / "counterfact.json")],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [line] = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
-
-
-def test_one_line_change_edits_each_request_at_its_traced_layer(tmp_path):
-    """EasyEdit: a user's ROME script (ROMEHyperParams.from_hparams, BaseEditor.from_hparams, editor.edit) runs
-    unchanged but for its import line, and each request is edited at its traced layer."""
-    from rome_locate.facts import load_facts
-    from rome_locate.hparams import bind_model
-    from rome_locate.locate import locate
-    from rome_locate.models import load_model
-    from rome_locate.trace import TraceSettings
-
-    # Absolute paths: the script runs in another folder.
-    h = bind_model(load_hparams(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml", easyedit=False), FACT_MODEL)
-    path = write_hparams(dataclasses.replace(h, stats_dir=str(Path(h.stats_dir).resolve()), v_num_grad_steps=5),
-                         tmp_path / "rome.yaml")
-    before = _run_user_script("from easyeditor import BaseEditor, ROMEHyperParams", path, tmp_path, PREAMBLE)
-    after = _run_user_script("from rome_locate.easyedit import BaseEditor, ROMEHyperParams", path, tmp_path)
-    model, tok = load_model(FACT_MODEL, device="cpu")
-    facts = load_facts(FACT_MODEL / "counterfact.json", limit=2)
-    traced = [locate(model, tok, [f], TraceSettings(), progress=False)[0][1].layer for f in facts]
-    assert before["layers"] == [None, None]  # EasyEdit's ROME: every request at the YAML's layer
-    assert after["layers"] == traced
-    # EasyEdit's own loader picks GPT2Tokenizer for this "gpt" path; the plugin keeps the model's own.
-    assert before["tokenizer"] == "GPT2Tokenizer" and after["tokenizer"] != "GPT2Tokenizer"
-
-
-def _run_import_probe(extra_path: Path, tmp_path: Path) -> dict:
-    probe = textwrap.dedent(f"""
-        import json, sys
-        from rome_locate.easyedit import BaseEditor, hidden_modules, import_easyedit, stubbed_modules
-        import_easyedit()
-        from rome_locate.models import load_model
-        model, tok = load_model({str(FACT_MODEL)!r}, device="cpu")
-        later = {{}}
-        for name in ("torchvision", "timm"):
-            try:
-                __import__(name)
-                later[name] = "imported"
-            except Exception as exc:
-                later[name] = type(exc).__name__ + ": " + str(exc)
-        print("RESULT " + json.dumps({{"stubbed": stubbed_modules(), "hidden": hidden_modules(), "later": later,
-                                       "editor": BaseEditor.__mro__[1].__module__, "model": type(model).__name__}}))
-    """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(extra_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    [line] = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+IMPORT_PROBE = f"""
+import json, sys
+from rome_locate.easyedit import BaseEditor, hidden_modules, import_easyedit, stubbed_modules
+import_easyedit()
+from rome_locate.models import load_model
+model, tok = load_model({str(FACT_MODEL)!r}, device="cpu")
+later = {{}}
+for name in ("torchvision", "timm"):
+    try:
+        __import__(name)
+        later[name] = "imported"
+    except Exception as exc:
+        later[name] = type(exc).__name__ + ": " + str(exc)
+print("RESULT " + json.dumps({{"stubbed": stubbed_modules(), "hidden": hidden_modules(), "later": later,
+                               "editor": BaseEditor.__mro__[1].__module__, "model": type(model).__name__}}))
+"""
 
 
 def _package(root: Path, name: str, version: str, files: dict[str, str]) -> None:
@@ -295,13 +242,88 @@ def _package(root: Path, name: str, version: str, files: dict[str, str]) -> None
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
 
 
-def test_import_and_model_load_with_a_torchvision_that_cannot_load(tmp_path):
+BROKEN_TORCHVISION = {"torchvision/__init__.py": "raise RuntimeError('operator torchvision::nms does not exist')\n"}
+TIMM = {  # timm's import reads InterpolationMode.NEAREST from torchvision, as timm's data/transforms.py does
+    "timm/__init__.py": "from .data import transforms\nfrom . import layers, models\n",
+    "timm/data/__init__.py": "from . import transforms\n",
+    "timm/data/transforms.py": ("from torchvision.transforms import InterpolationMode\n"
+                                "_PIL = {InterpolationMode.NEAREST: 'nearest', InterpolationMode.BICUBIC: 'bicubic'}\n"),
+    "timm/layers/__init__.py": "def drop_path(*a, **k): pass\ndef to_2tuple(x): return (x, x)\n"
+                               "def trunc_normal_(*a, **k): pass\n",
+    "timm/models/__init__.py": "from . import hub\n",
+    "timm/models/hub.py": "def download_cached_file(*a, **k): pass\n"}
+
+
+@pytest.fixture(scope="module")
+def fresh_processes(tmp_path_factory):
+    """The scripts that need a fresh Python process, started together (each imports EasyEdit anew); a name gives
+    its RESULT once it has finished."""
+    root = tmp_path_factory.mktemp("processes")
+    from rome_locate.hparams import bind_model
+
+    # The user's YAML with absolute paths (the scripts run in other folders); few optimisation steps: fast.
+    h = bind_model(load_hparams(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml", easyedit=False), FACT_MODEL)
+    yaml_path = write_hparams(dataclasses.replace(h, v_num_grad_steps=5), root / "rome.yaml")
+    _package(root / "broken_tv", "torchvision", "0.28.0", BROKEN_TORCHVISION)
+    _package(root / "timm_only", "timm", "1.0.22", TIMM)
+    jobs = {
+        "before": ([USER_SCRIPT.format(preamble=PREAMBLE, import_line="from easyeditor import BaseEditor, "
+                                                                      "ROMEHyperParams")], None),
+        "after": ([USER_SCRIPT.format(preamble="", import_line="from rome_locate.easyedit import BaseEditor, "
+                                                               "ROMEHyperParams")], None),
+        "broken_tv": ([IMPORT_PROBE], root / "broken_tv"),
+        "timm_only": ([IMPORT_PROBE], root / "timm_only"),
+    }
+    running = {}
+    for name, ([source], site) in jobs.items():
+        cwd = root / f"run_{name}"
+        cwd.mkdir()
+        (cwd / "script.py").write_text(source)
+        paths = [str(site)] if site else []
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(paths + [str(ROOT), os.environ["EASYEDIT_PATH"]])}
+        running[name] = subprocess.Popen(
+            [sys.executable, "script.py", str(yaml_path), str(FACT_MODEL / "counterfact.json")], cwd=cwd, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results: dict[str, dict] = {}
+
+    def result(name: str) -> dict:
+        if name not in results:
+            out, err = running[name].communicate(timeout=600)
+            assert running[name].returncode == 0, err[-3000:]
+            [line] = [l for l in out.splitlines() if l.startswith("RESULT ")]
+            results[name] = json.loads(line[len("RESULT "):])
+        return results[name]
+
+    yield result
+    for p in running.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_one_line_change_edits_each_request_at_its_traced_layer(fresh_processes):
+    """EasyEdit: a user's ROME script (ROMEHyperParams.from_hparams, BaseEditor.from_hparams, editor.edit) runs
+    unchanged but for its import line, and each request is edited at its traced layer."""
+    from rome_locate.facts import load_facts
+    from rome_locate.locate import locate
+    from rome_locate.models import load_model
+    from rome_locate.trace import TraceSettings
+
+    model, tok = load_model(FACT_MODEL, device="cpu")
+    facts = load_facts(FACT_MODEL / "counterfact.json", limit=2)
+    traced = [locate(model, tok, [f], TraceSettings(), progress=False)[0][1].layer for f in facts]
+    before, after = fresh_processes("before"), fresh_processes("after")
+    assert before["layers"] == [None, None]  # EasyEdit's ROME: every request at the YAML's layer
+    assert after["layers"] == traced
+    # EasyEdit's own loader picks GPT2Tokenizer for this "gpt" path; the plugin keeps the model's own.
+    assert before["tokenizer"] == "GPT2Tokenizer" and after["tokenizer"] != "GPT2Tokenizer"
+
+
+def test_import_and_model_load_with_a_torchvision_that_cannot_load(fresh_processes):
     """EasyEdit's requirements next to a CPU torch bring a CUDA torchvision whose import raises
     `operator torchvision::nms does not exist`; transformers then cannot load a model, EasyEdit cannot import."""
-    site = tmp_path / "site"
-    _package(site, "torchvision", "0.28.0", {
-        "torchvision/__init__.py": "raise RuntimeError('operator torchvision::nms does not exist')\n"})
-    r = _run_import_probe(site, tmp_path)
+    r = fresh_processes("broken_tv")
     assert r["model"] == "GPT2LMHeadModel" and r["editor"] == "easyeditor.editors.editor"
     assert r["hidden"] == {"torchvision": "RuntimeError: operator torchvision::nms does not exist"}
     assert "torchvision" in r["stubbed"]
@@ -309,20 +331,10 @@ def test_import_and_model_load_with_a_torchvision_that_cannot_load(tmp_path):
     assert r["later"]["torchvision"].startswith("ModuleNotFoundError")
 
 
-def test_import_and_model_load_with_timm_without_torchvision(tmp_path):
+def test_import_and_model_load_with_timm_without_torchvision(fresh_processes):
     """timm installed, torchvision not: EasyEdit imports timm, whose `InterpolationMode.NEAREST` (from torchvision)
     failed on a plain stand-in (`type object 'InterpolationMode' has no attribute 'NEAREST'`)."""
-    site = tmp_path / "site"
-    _package(site, "timm", "1.0.22", {
-        "timm/__init__.py": "from .data import transforms\nfrom . import layers, models\n",
-        "timm/data/__init__.py": "from . import transforms\n",
-        "timm/data/transforms.py": ("from torchvision.transforms import InterpolationMode\n"
-                                    "_PIL = {InterpolationMode.NEAREST: 'nearest', InterpolationMode.BICUBIC: 'bicubic'}\n"),
-        "timm/layers/__init__.py": "def drop_path(*a, **k): pass\ndef to_2tuple(x): return (x, x)\n"
-                                   "def trunc_normal_(*a, **k): pass\n",
-        "timm/models/__init__.py": "from . import hub\n",
-        "timm/models/hub.py": "def download_cached_file(*a, **k): pass\n"})
-    r = _run_import_probe(site, tmp_path)
+    r = fresh_processes("timm_only")
     assert r["model"] == "GPT2LMHeadModel" and r["editor"] == "easyeditor.editors.editor"
     assert "torchvision" in r["stubbed"] and "timm" not in r["stubbed"] and r["hidden"] == {}
     # timm took the stand-in torchvision during EasyEdit's import only: a later import fails as without EasyEdit.
