@@ -287,7 +287,17 @@ def _metric_rows(rec: EvalRecord) -> list[list[str]]:
         if after is None and before is None:
             continue
         rows.append([label, _fmt(before), _fmt(after)])
+    ee = rec.editor_metrics or {}
+    for key in sorted(set(ee.get("pre", {})) | set(ee.get("post", {}))):
+        rows.append([f"{key}, as EasyEdit computes it", _fmt(ee.get("pre", {}).get(key)),
+                     _fmt(ee.get("post", {}).get(key))])
     return rows
+
+
+def _editor_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+    ee = summary.get("editor_metrics") or {}
+    keys = sorted(set(ee.get("pre", {})) | set(ee.get("post", {})))
+    return [[k, _fmt(ee.get("pre", {}).get(k)), _fmt(ee.get("post", {}).get(k))] for k in keys]
 
 
 def _generation_rows(rec: EvalRecord) -> list[list[str]]:
@@ -393,6 +403,9 @@ def _markdown(records, settings, summary, images, plot, out_dir: Path, error, im
     md += ["## Summary", "", f"{summary['n_facts']} fact(s) evaluated.", "", "### Mean of every metric", "",
            _md_table(("metric", "mean"), [[k, _fmt(v)] for k, v in summary["means"].items()]), "",
            "### Traced vs fixed vs sweep", "", _md_table(STRATEGY_HEADER, _strategy_rows(summary)), ""]
+    if _editor_rows(summary):
+        md += ["### EasyEdit's own metrics (mean over the facts)", "",
+               _md_table(("metric", "before", "after"), _editor_rows(summary)), ""]
     if plot is not None:
         md += ["### Layer effect vs edit success", "", f"![layer effect vs edit success]({plot.relative_to(out_dir).as_posix()})", "",
                f"Rank correlation ({summary['correlation_measure']}):", "",
@@ -433,6 +446,9 @@ def _html(records, settings, summary, images, plot, error, image_errors, title) 
     h += ["<h2 id='summary'>Summary</h2>", f"<p>{summary['n_facts']} fact(s) evaluated.</p>",
           "<h3>Mean of every metric</h3>", _html_table(("metric", "mean"), [[k, _fmt(v)] for k, v in summary["means"].items()]),
           "<h3>Traced vs fixed vs sweep</h3>", _html_table(STRATEGY_HEADER, _strategy_rows(summary))]
+    if _editor_rows(summary):
+        h += ["<h3>EasyEdit's own metrics (mean over the facts)</h3>",
+              _html_table(("metric", "before", "after"), _editor_rows(summary))]
     if plot is not None:
         h += ["<h3>Layer effect vs edit success</h3>", f"<img alt='layer effect vs edit success' src='{_data_uri(plot)}'>",
               f"<p>Rank correlation ({e(summary['correlation_measure'])}):</p>",

@@ -151,6 +151,8 @@ def test_cli_edit_easyedit_traced_goes_through_base_editor(monkeypatch, tmp_path
     s = data["summary"]
     assert s["editor_metrics"]["post"]["rewrite_acc"] is not None and s["post_rewrite_acc"] is not None
     assert "EasyEdit's own metrics" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert "### EasyEdit's own metrics" in md and "rephrase_acc, as EasyEdit computes it" in md
     assert (out / "easyedit" / "logs" / "results.json").is_file()  # EasyEdit's own files stay in OUT
 
 
