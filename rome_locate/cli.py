@@ -626,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Under torchrun: join the ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); nothing happens in one process.
-        with distributed.session(args.command, getattr(args, "device", None)) as rank:
+        with distributed.session(args.command, getattr(args, "device", None),
+                                 argv=sys.argv[1:] if argv is None else argv) as rank:
             if rank is not None:
                 _for_rank(args, rank)
             return int(args.func(args) or 0)

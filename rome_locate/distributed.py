@@ -113,6 +113,38 @@ def incomplete_marker(out: str | Path) -> Path:
     return out.with_name(out.name + ".incomplete")
 
 
+_OUT_FLAGS = ("--out", "-o", "--output", "--plots", "--offload-folder")
+
+
+def command_key(argv: Sequence[str]) -> str:
+    """A digest of a command line and of the files it names (size and modification time, not their bytes).
+
+    A finished shard is reused only by the very same command over unchanged
+    inputs: another --hparams, --layers, trace setting or retrained model gives
+    another key, so its shard is computed afresh.
+    """
+    h = hashlib.sha256()
+    after_out = False
+    for arg in argv:
+        h.update(arg.encode() + b"\x00")
+        # The output is what the command writes: its changing contents must not change the key.
+        is_out, after_out = after_out, arg in _OUT_FLAGS
+        if is_out or arg.split("=", 1)[0] in _OUT_FLAGS:
+            continue
+        path = Path(arg)
+        try:
+            entries = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
+        except OSError:
+            entries = []
+        for entry in entries:
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            h.update(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}\x01".encode())
+    return h.hexdigest()
+
+
 def _facts_digest(facts: Sequence[Any]) -> str:
     # Every rank must shard the very same list: compared at the merge.
     h = hashlib.sha256()
@@ -131,6 +163,7 @@ class _Job:
     exchanged: bool = False
     error: str | None = None
     part: "Part | None" = None  # the command's part, once it has one
+    key: str = ""  # command_key of the command line this job runs
 
 
 _JOB: _Job | None = None
@@ -142,7 +175,7 @@ def current() -> Rank | None:
 
 
 @contextmanager
-def session(command: str, device: str | None = None) -> Iterator[Rank | None]:
+def session(command: str, device: str | None = None, argv: Sequence[str] = ()) -> Iterator[Rank | None]:
     """Join torchrun's process group for one CLI command (nothing happens in a single process).
 
     Every rank takes part in exactly one exchange: `Part.gather` when its shard
@@ -164,7 +197,7 @@ def session(command: str, device: str | None = None) -> Iterator[Rank | None]:
         torch.cuda.set_device(rank.local_rank)
     dist.init_process_group(rank.backend, rank=rank.rank, world_size=rank.world, timeout=timeout)
     group = dist.new_group(backend="gloo", timeout=timeout) if rank.backend != "gloo" else None
-    _JOB = _Job(rank, group)
+    _JOB = _Job(rank, group, key=command_key(argv))
     try:
         yield rank
     except BaseException as exc:
@@ -225,14 +258,17 @@ class Part:
     digest: str = ""
     n_all: int = 0  # facts in the whole dataset
     _done: Path | None = field(default=None, repr=False)
+    key: str = ""  # the job's command_key: a shard finished by another command is not reused
 
     @property
     def finished(self) -> bool:
-        """This rank's shard, with these very facts, was completed by an earlier run (never in a single process)."""
+        """This rank's shard, with these very facts, was completed by an earlier run of the same command over
+        unchanged inputs (never in a single process)."""
         if self._done is None or not self._done.is_file():
             return False
         try:
-            return json.loads(self._done.read_text(encoding="utf-8")).get("facts") == _facts_digest(self.facts)
+            done = json.loads(self._done.read_text(encoding="utf-8"))
+            return done.get("facts") == _facts_digest(self.facts) and done.get("command") == self.key
         except (json.JSONDecodeError, AttributeError):
             return False
 
@@ -244,6 +280,7 @@ class Part:
             return payload
         if self._done is not None:
             write_json(self._done, {"rank": self.rank.rank, "world": self.rank.world, "facts": _facts_digest(self.facts),
+                                    "command": self.key,
                                     "positions": [self.positions.start, self.positions.stop]})
         received = _exchange({"ok": True, "rank": self.rank.rank, "digest": self.digest, "payload": payload})
         if received is None:
@@ -289,7 +326,8 @@ def part(facts: Sequence[Any], out: str | Path | None, *, directory: bool = Fals
     merged = Path(out) if out is not None and not shards_only else None
     if merged is not None:
         _check_ours(merged / "results.json" if directory else merged, directory)
-    p = Part([facts[i] for i in positions], positions, shard, merged, rank, _facts_digest(facts), len(facts), done)
+    p = Part([facts[i] for i in positions], positions, shard, merged, rank, _facts_digest(facts), len(facts), done,
+             key=_JOB.key if _JOB is not None else "")
     if _JOB is not None:
         _JOB.part = p
     if shard is not None:

@@ -193,9 +193,28 @@ def test_part_refuses_foreign_files_and_knows_its_finished_shard(tmp_path, monke
     part = distributed.part(["a", "b", "c"], ours)
     assert part.facts == ["b", "c"] and part.out == tmp_path / "ours.jsonl.rank1-of-2"
     # A shard counts as finished only for the very facts it was finished with (not after --limit changed).
-    part._done.write_text(json.dumps({"facts": distributed._facts_digest(["b", "c"])}))
+    part._done.write_text(json.dumps({"facts": distributed._facts_digest(["b", "c"]), "command": part.key}))
     assert part.finished
     assert not distributed.part(["a", "b", "c", "d"], ours).finished
+    # ... and only for the very command that finished it: other settings or changed inputs compute it afresh.
+    part._done.write_text(json.dumps({"facts": distributed._facts_digest(["b", "c"]),
+                                      "command": distributed.command_key(["edit", "--samples", "3"])}))
+    assert not part.finished
+
+
+def test_command_key_changes_with_the_arguments_and_with_the_files_they_name(tmp_path):
+    hp = tmp_path / "h.yaml"
+    hp.write_text("layers: [1]\n")
+    key = distributed.command_key(["edit", "--hparams", str(hp)])
+    assert key == distributed.command_key(["edit", "--hparams", str(hp)])
+    assert key != distributed.command_key(["edit", "--hparams", str(hp), "--layers", "traced"])
+    out = tmp_path / "out"
+    out.mkdir()
+    with_out = distributed.command_key(["edit", "--out", str(out)])
+    (out / "results.json").write_text("{}")  # what the command itself wrote does not change its key
+    assert distributed.command_key(["edit", "--out", str(out)]) == with_out
+    hp.write_text("layers: [2]\n# longer\n")
+    assert key != distributed.command_key(["edit", "--hparams", str(hp)])
 
 
 def test_device_maps_of_ranks_on_one_node_use_disjoint_gpus():
