@@ -410,7 +410,6 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     part = _pipeline_part(args, facts)
     records = paths = None
     if not part.finished:  # a rank's shard finished by an earlier run is not edited again
-        _hide_unloadable()
         model, tok = load_model(args)
         # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
         hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
@@ -430,16 +429,6 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     print(edit_summary_line(summarize(records), args.editor, args.layers))
     print(f"wrote {paths['json']}")
     return 0
-
-
-def _hide_unloadable() -> None:
-    """A torchvision that cannot load (EasyEdit's requirements on a CPU torch) would stop transformers loading any
-    model: hide it first (rome_locate.easyedit.hide_unloadable)."""
-    from .easyedit import hide_unloadable
-
-    why = hide_unloadable("torchvision")
-    if why:
-        print(f"note: torchvision is installed but cannot be imported ({why}); treated as absent", file=sys.stderr)
 
 
 def _pipeline(command: str, model, tok, facts, hparams, out: str, **kwargs):
@@ -558,7 +547,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     generation = _generation_settings(args)
     facts = load_facts(args.facts, limit=args.limit)
     part = _pipeline_part(args, facts)
-    _hide_unloadable()
     model, tok = load_model(args)
     hparams = load_hparams(args.hparams)
     if Path(args.model).is_dir():
@@ -592,7 +580,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # The fact models are tiny (d64): one thread is as fast as several, and OpenMP workers
     # spinning on a busy machine made the demo many times slower (measured: 9.7 min vs 1.1 min).
     torch.set_num_threads(1)
-    _hide_unloadable()
     try:
         run_demo(args.out, family=args.family, n_facts=args.n_facts, sweep=not args.no_sweep,
                  progress=not args.no_progress, generation=_generation_settings(args))

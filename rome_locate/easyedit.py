@@ -35,6 +35,7 @@ from torch import nn
 
 from .facts import Fact
 from .hparams import to_dict
+from .models import hidden_modules, hide_unloadable  # noqa: F401  (part of this module's API: EasyEdit users)
 from .trace import TraceSettings
 
 # Modules EasyEdit's package __init__ imports only for its multimodal, API and
@@ -118,47 +119,6 @@ def _uses_stand_in(module: Any) -> bool:
     return any(isinstance(v, (_Stub, _StandInClass)) for v in list(values))
 
 
-_HIDDEN: dict[str, str] = {}
-
-
-def hide_unloadable(name: str = "torchvision") -> str | None:
-    """If `name` is installed but its import fails, make this process treat it as not installed; returns why.
-
-    A torchvision built for another torch (EasyEdit's requirements bring a CUDA
-    build next to a CPU torch) raises `RuntimeError: operator torchvision::nms does
-    not exist` on import, and transformers, which imports it whenever it is
-    installed, then cannot load any model. Afterwards `sys.modules[name]` is None:
-    `import torchvision` raises ModuleNotFoundError, `importlib.util.find_spec`
-    returns None, and transformers' availability checks say False. A module that
-    imports cleanly, or is not installed, is left alone (returns None).
-    """
-    if name in _HIDDEN:
-        return _HIDDEN[name]
-    if name in sys.modules or importlib.util.find_spec(name) is None:
-        return None
-    before = set(sys.modules)
-    try:
-        importlib.import_module(name)
-        return None
-    except Exception as exc:  # a broken build raises RuntimeError, OSError, AttributeError, ...
-        for loaded in set(sys.modules) - before:
-            if loaded == name or loaded.startswith(name + "."):
-                del sys.modules[loaded]
-        sys.modules[name] = None  # type: ignore[assignment]
-        _HIDDEN[name] = f"{type(exc).__name__}: {exc}"
-    utils = sys.modules.get("transformers.utils.import_utils")
-    for fn in ("is_torchvision_available", "is_torchvision_v2_available", "is_torchvision_greater_or_equal"):
-        cached = getattr(utils, fn, None)
-        if hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-    return _HIDDEN[name]
-
-
-def hidden_modules() -> dict[str, str]:
-    """The modules `hide_unloadable` made absent in this process, with the error their import raised."""
-    return dict(_HIDDEN)
-
-
 def import_easyedit(path: str | Path | None = None, stub_missing: bool = True, max_tries: int = 30) -> types.ModuleType:
     """Import EasyEdit's `easyeditor` package from `path`, $EASYEDIT_PATH or the import path.
 
@@ -192,7 +152,7 @@ def import_easyedit(path: str | Path | None = None, stub_missing: bool = True, m
     finder = _StubFinder(())
     before = set(sys.modules)
     # A hidden module (None in sys.modules) would stop the import before any finder is asked.
-    hidden = {name for name, mod in sys.modules.items() if mod is None and name in _HIDDEN}
+    hidden = {name for name, mod in sys.modules.items() if mod is None and name in hidden_modules()}
     for name in hidden:
         del sys.modules[name]
     sys.meta_path.insert(0, finder)

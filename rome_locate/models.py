@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import re
 import socket
+import sys
 import urllib.parse
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +156,47 @@ def parse_device_map(spec: str | dict | None) -> str | dict | None:
     return mapping
 
 
+_HIDDEN: dict[str, str] = {}
+
+
+def hide_unloadable(name: str = "torchvision") -> str | None:
+    """If `name` is installed but its import fails, make this process treat it as not installed; returns why.
+
+    A torchvision built for another torch (EasyEdit's requirements bring a CUDA
+    build next to a CPU torch) raises `RuntimeError: operator torchvision::nms does
+    not exist` on import, and transformers, which imports it whenever it is
+    installed, then cannot load any model. Afterwards `sys.modules[name]` is None:
+    `import torchvision` raises ModuleNotFoundError, `importlib.util.find_spec`
+    returns None, and transformers' availability checks say False. A module that
+    imports cleanly, or is not installed, is left alone (returns None).
+    """
+    if name in _HIDDEN:
+        return _HIDDEN[name]
+    if name in sys.modules or importlib.util.find_spec(name) is None:
+        return None
+    before = set(sys.modules)
+    try:
+        importlib.import_module(name)
+        return None
+    except Exception as exc:  # a broken build raises RuntimeError, OSError, AttributeError, ...
+        for loaded in set(sys.modules) - before:
+            if loaded == name or loaded.startswith(name + "."):
+                del sys.modules[loaded]
+        sys.modules[name] = None  # type: ignore[assignment]
+        _HIDDEN[name] = f"{type(exc).__name__}: {exc}"
+    utils = sys.modules.get("transformers.utils.import_utils")
+    for fn in ("is_torchvision_available", "is_torchvision_v2_available", "is_torchvision_greater_or_equal"):
+        cached = getattr(utils, fn, None)
+        if hasattr(cached, "cache_clear"):
+            cached.cache_clear()
+    return _HIDDEN[name]
+
+
+def hidden_modules() -> dict[str, str]:
+    """The modules `hide_unloadable` made absent in this process, with the error their import raised."""
+    return dict(_HIDDEN)
+
+
 def load_model(name: str | Path, *, device: str | None = None, dtype: str = "float32",
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
                offload_folder: str | Path | None = None):
@@ -161,6 +206,10 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
     With a device map (accelerate), blocks may sit on several GPUs, on the CPU or
     on disk (`offload_folder`); `max_memory` bounds what each device holds.
     """
+    why = hide_unloadable("torchvision")
+    if why:
+        warnings.warn(f"torchvision is installed but cannot be imported ({why}); treated as absent so that "
+                      f"transformers can load the model", stacklevel=2)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if device_map is None and (max_memory is not None or offload_folder is not None):

@@ -211,7 +211,9 @@ def test_import_easyedit_stubs_only_during_the_import(tmp_path, monkeypatch):
     (fake_tv / "torchvision").mkdir(parents=True)
     (fake_tv / "torchvision" / "__init__.py").write_text(
         "raise RuntimeError('operator torchvision::nms does not exist')\n")
-    monkeypatch.setattr(edit_mod, "_HIDDEN", {})  # what this test hides is forgotten afterwards
+    from rome_locate import models
+
+    monkeypatch.setattr(models, "_HIDDEN", {})  # what this test hides is forgotten afterwards
     saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] in ("easyeditor", "torchvision")}
     for name in saved:
         monkeypatch.delitem(sys.modules, name)

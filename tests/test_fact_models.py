@@ -131,3 +131,23 @@ def test_cli_paths_load_offline(family, capsys):
     assert main(["fact-model", family, "--counterfact"]) == 0
     cf = load_facts(capsys.readouterr().out.strip())
     assert len(cf) == 400 and all(f.target_new and f.target_new != f.target for f in cf)
+
+
+def test_every_command_loads_a_model_next_to_a_torchvision_that_cannot_load(tmp_path):
+    """EasyEdit's requirements bring a torchvision built for another torch; transformers imports it whenever it is
+    installed, so without the workaround no model loads (`operator torchvision::nms does not exist`)."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "torchvision"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "l.jsonl"
+    run = subprocess.run([sys.executable, "-m", "rome_locate", "locate", "--model", str(FM.fact_model_dir("gpt2")),
+                          "--facts", str(FM.facts_path("gpt2")), "--limit", "1", "--samples", "1", "--device", "cpu",
+                          "--quiet", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "treated as absent" in run.stderr
+    assert len(out.read_text().splitlines()) == 1
