@@ -31,6 +31,8 @@ DOCS = ("README.md", "integration/README.md", "rome_locate/fact_models/gpt2/NOTE
 _BLOCK = re.compile(r"(<!-- figure: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /figure -->)", re.DOTALL)
 
 FIGURES: dict[str, Callable[[], str]] = {}
+FROM_RESULTS = False  # --from-results: format the JSON a benchmark last wrote instead of rerunning it
+RESULTS = ROOT / "bench" / "results"
 
 
 def figure(name: str):
@@ -64,6 +66,57 @@ def _row(cells) -> str:
 
 def _table(header, rows) -> str:
     return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in rows]) + "\n"
+
+
+def bench_results(script: str, name: str, *args: str) -> dict:
+    """The JSON of `python bench/SCRIPT --out bench/results/NAME.json ARGS`: rerun, or read (--from-results)."""
+    import json
+    import subprocess
+
+    out = RESULTS / f"{name}.json"
+    if not (FROM_RESULTS and out.is_file()):
+        subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", str(out), *args], check=True,
+                       cwd=ROOT)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _hours(h: float) -> str:
+    """A duration given in hours, in the unit a reader wants (s, min or h)."""
+    s = h * 3600
+    return f"{s:.2g} s" if s < 60 else f"{s / 60:.2g} min" if s < 3600 else f"{h:.3g} h"
+
+
+# ---- benchmarks (README) -------------------------------------------------------------
+
+@figure("throughput-measured")
+def _throughput_measured() -> str:
+    d = bench_results("throughput.py", "throughput")
+    rows = [[r["model"], r["what"], r["layers"], f"{r['tokens']:.1f}", f"{r['s_per_fact']:.3g}",
+             f"{r['gflop_per_fact']:.3g}", f"{r['achieved_gflops']:.3g}"] for r in d["measured"]]
+    return (f"torch {d['torch']}, {d['threads']} thread, {d['note']}.\n\n"
+            + _table(["model", "what", "L", "T", "s/fact", "GFLOP/fact", "GFLOP/s"], rows))
+
+
+@figure("throughput-projection")
+def _throughput_projection() -> str:
+    d = bench_results("throughput.py", "throughput")
+    a = d["assumptions"]
+    counts = sorted({int(k[len("known1000_trace_h_"):-3]) for r in d["projection"] for k in r
+                     if k.startswith("known1000_trace_h_")})
+    rows = []
+    for r in d["projection"]:
+        rows.append([r["model"], r["gpu"], r["gpus_per_replica"], f"{r['tflop_trace']:.3g} / {r['tflop_edit']:.3g}",
+                     f"{r['s_trace']:.2g} / {r['s_edit']:.2g}",
+                     " / ".join(_hours(r[f"known1000_trace_h_{n}gpu"]) if n >= r["gpus_per_replica"] else "–"
+                                for n in counts),
+                     " / ".join(_hours(r[f"counterfact_edit_h_{n}gpu"]) if n >= r["gpus_per_replica"] else "–"
+                                for n in counts)])
+    n = " / ".join(str(c) for c in counts)
+    return (f"Assumed: {a['utilisation']:.0%} of the dense bf16 peak, prompts of {a['prompt_tokens']} tokens, "
+            f"S = {a['samples']}, w = {a['window']}, backward = {a['backward_cost']}, {a['device_map']}.\n\n"
+            + _table(["model", "GPU", "GPUs per replica", "TFLOP/fact trace / edit", "s/fact trace / edit",
+                      f"known_1000 tracing ({a['known_1000']:,} facts) on {n} GPUs",
+                      f"CounterFact edits ({a['counterfact']:,}) on {n} GPUs"], rows))
 
 
 # ---- the fact models (NOTES.md) ------------------------------------------------------
@@ -146,7 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", help="figures to regenerate (default: all)")
     parser.add_argument("--list", action="store_true", help="name the figures and the docs that hold them")
     parser.add_argument("--check", action="store_true", help="fail when a doc differs from the recomputed figure")
+    parser.add_argument("--from-results", action="store_true",
+                        help="format the JSON each benchmark last wrote in bench/results/ instead of rerunning it")
     args = parser.parse_args(argv)
+    global FROM_RESULTS
+    FROM_RESULTS = args.from_results
     docs = {d: (ROOT / d).read_text(encoding="utf-8") for d in DOCS if (ROOT / d).exists()}
     used = {name: [d for d, text in docs.items() if name in blocks(text)] for name in FIGURES}
     unknown = sorted({n for text in docs.values() for n in blocks(text)} - set(FIGURES))
