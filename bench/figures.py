@@ -119,6 +119,125 @@ def _throughput_projection() -> str:
                       f"CounterFact edits ({a['counterfact']:,}) on {n} GPUs"], rows))
 
 
+# ---- the EasyEdit hand-off (integration/README.md) ----------------------------------
+
+EDIT_FACTS = 20  # CounterFact cases of the GPT-2 fact model edited for the integration tables
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate k/n (k successes in n trials)."""
+    import math
+
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+
+
+def _rate(p: float | None, n: int) -> str:
+    if p is None:
+        return "–"
+    lo, hi = wilson(p * n, n)
+    return f"{p:.0%} [{lo:.0%}–{hi:.0%}]"
+
+
+def _f(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    vendored = ROOT.parent / "shared" / "vendor" / "EasyEdit"
+    env.setdefault("EASYEDIT_PATH", str(vendored))
+    return env
+
+
+def _edit_run(*flags: str) -> dict:
+    """results.json of `rome-locate edit` on the GPT-2 fact model's first EDIT_FACTS CounterFact cases."""
+    import json
+    import subprocess
+    import tempfile
+
+    model = ROOT / "rome_locate" / "fact_models" / "gpt2"
+    out = Path(tempfile.mkdtemp(prefix="figures-edit-")) / "run"
+    subprocess.run([sys.executable, "-m", "rome_locate", "edit", "--model", str(model), "--device", "cpu",
+                    "--facts", str(model / "counterfact.json"), "--hparams", str(ROOT / "hparams/ROME/fact-gpt2.yaml"),
+                    "--limit", str(EDIT_FACTS), "--quiet", "--out", str(out), *flags],
+                   check=True, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
+    return json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+@figure("edit-gpt2")
+def _edit_gpt2() -> str:
+    rows = []
+    for editor, layers in (("builtin", "fixed"), ("easyedit", "fixed"), ("easyedit", "traced"),
+                           ("builtin", "validated")):
+        d = _edit_run("--editor", editor, "--layers", layers)
+        s = d["summary"]
+        ee = (s.get("editor_metrics") or {}).get("post") or {}
+        rows.append([editor, f"{layers} ({', '.join(map(str, s['layers']))})", _rate(s["success_rate"], s["n_facts"]),
+                     _f(s["post_rewrite_acc"]), _f(s["post_rephrase_acc"]), _f(s["post_locality"]),
+                     " / ".join(_f(ee.get(k)) for k in ("rewrite_acc", "rephrase_acc", "locality")) if ee else "–"])
+    return _table(["editor", "layers (used)", "success [95% CI]", "rewrite_acc", "rephrase_acc", "locality",
+                   "EasyEdit's own rewrite / rephrase / locality"], rows)
+
+
+@figure("edit-gpt2-sequential")
+def _edit_gpt2_sequential() -> str:
+    rows = []
+    for editor, layers in (("builtin", "fixed"), ("easyedit", "traced")):
+        seq = _edit_run("--editor", editor, "--layers", layers, "--sequential")["summary"]["sequential"]
+        earlier = seq.get("retention_of") or 0
+        retention = (f"{round(seq['retention'] * earlier)}/{earlier} = {_rate(seq['retention'], earlier)}"
+                     if earlier and seq.get("retention") is not None else "–")
+        after = seq.get("efficacy_after") or {}
+        final = seq.get("final") or {}
+        rows.append([editor, layers, retention,
+                     " / ".join(_f(final.get(k)) for k in ("success", "rephrase_acc", "locality")),
+                     ", ".join(f"{k}: {v:.0%}" for k, v in after.items())])
+    return _table(["editor", "layers", "retention after the last edit", "success / rephrase_acc / locality after "
+                   "the last edit", "efficacy after n edits"], rows)
+
+
+@figure("integration-config")
+def _integration_config() -> str:
+    import json
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    config = yaml.safe_load((ROOT / "integration" / "config.yaml").read_text(encoding="utf-8"))
+    tmp = Path(tempfile.mkdtemp(prefix="figures-integration-"))
+    for key in ("model", "facts", "base_hparams"):  # the copy lives elsewhere: resolve its relative paths
+        if config.get(key):
+            config[key] = str((ROOT / "integration" / config[key]).resolve())
+    config["out"] = str(tmp / "out")
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    subprocess.run([sys.executable, str(ROOT / "integration" / "pipeline.py"), "--config", str(tmp / "config.yaml")],
+                   check=True, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL)
+    d = json.loads(next((tmp / "out").glob("*/results.json")).read_text(encoding="utf-8"))
+    s = d["summary"]
+    ee = (s.get("editor_metrics") or {}).get("post") or {}
+    return (f"`layers: {config['layers']}`, editor `{config['editor']}`, {s['n_facts']} CounterFact cases: "
+            f"edited at layer(s) {s['layers']}; success {_rate(s['success_rate'], s['n_facts'])}, rewrite_acc "
+            f"{_f(s['post_rewrite_acc'])}, rephrase_acc {_f(s['post_rephrase_acc'])}, locality "
+            f"{_f(s['post_locality'])}" + (f"; EasyEdit's own post metrics rewrite_acc {_f(ee.get('rewrite_acc'))}, "
+                                            f"rephrase_acc {_f(ee.get('rephrase_acc'))}, locality "
+                                            f"{_f(ee.get('locality'))}" if ee else "") + ".\n")
+
+
+@figure("tokenizers")
+def _tokenizers() -> str:
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(ROOT / "integration" / "compare_tokenizers.py"), "10"], check=True,
+                         cwd=ROOT, env=_env(), capture_output=True, text=True)
+    lines = [line for line in run.stdout.splitlines() if "rephrase_acc" in line]
+    return "\n".join(f"- {line}" for line in lines) + "\n"
+
+
 # ---- the fact models (NOTES.md) ------------------------------------------------------
 
 def _fact_accuracy(family: str) -> str:
