@@ -68,15 +68,15 @@ def _table(header, rows) -> str:
     return "\n".join([_row(header), _row(["---"] * len(header))] + [_row(r) for r in rows]) + "\n"
 
 
-def bench_results(script: str, name: str, *args: str) -> dict:
+def bench_results(script: str, name: str, *args: str, python: str | None = None) -> dict:
     """The JSON of `python bench/SCRIPT --out bench/results/NAME.json ARGS`: rerun, or read (--from-results)."""
     import json
     import subprocess
 
     out = RESULTS / f"{name}.json"
     if not (FROM_RESULTS and out.is_file()):
-        subprocess.run([sys.executable, str(ROOT / "bench" / script), "--out", str(out), *args], check=True,
-                       cwd=ROOT)
+        subprocess.run([python or sys.executable, str(ROOT / "bench" / script), "--out", str(out), *args],
+                       check=True, cwd=ROOT)
     return json.loads(out.read_text(encoding="utf-8"))
 
 
@@ -117,6 +117,55 @@ def _throughput_projection() -> str:
             + _table(["model", "GPU", "GPUs per replica", "TFLOP/fact trace / edit", "s/fact trace / edit",
                       f"known_1000 tracing ({a['known_1000']:,} facts) on {n} GPUs",
                       f"CounterFact edits ({a['counterfact']:,}) on {n} GPUs"], rows))
+
+
+# The peers (nnsight, TransformerLens, pyvene) live in their own environment (the `bench` extra, installed next
+# to torch 2.13 with a constraints file); its interpreter is $ROME_LOCATE_BENCH_PYTHON.
+PEERS = ("nnsight", "nnsight-batched", "transformer_lens", "pyvene")
+PEER_RUNS = {  # results name -> bench/peers.py arguments
+    "peers-fact": ("--models", "fact-gpt2,fact-llama", "--modes", "row,full", "--facts", "8"),
+    "peers-medium-row": ("--models", "medium", "--modes", "row", "--facts", "3", "--no-atp",
+                         "--peers", "nnsight,transformer_lens,pyvene"),
+    "peers-medium-row-batched": ("--models", "medium", "--modes", "row", "--facts", "3", "--peers", "nnsight-batched"),
+    "peers-medium-full": ("--models", "medium", "--modes", "full", "--facts", "2", "--peers", "nnsight-batched"),
+}
+_MODEL_NAMES = {"fact-gpt2": "GPT-2 fact model (L8 d64)", "fact-llama": "LLaMA fact model (L8 d64)",
+                "medium": "random GPT-2-medium shape (L24 d1024)"}
+
+
+def _peer_rows() -> list[tuple[str, dict]]:
+    python = os.environ.get("ROME_LOCATE_BENCH_PYTHON")
+    return [(name, r) for name, args in PEER_RUNS.items()
+            for r in bench_results("peers.py", name, *args, python=python)["rows"]]
+
+
+@figure("peers")
+def _peers() -> str:
+    rows = []
+    for name, r in _peer_rows():
+        t = r["median_s"]
+        cells = [f"{t[p]:.3g}" if p in t else "–" for p in PEERS]
+        rows.append([_MODEL_NAMES.get(r["model"], r["model"]), f"{r['mode']} (T={r['tokens']:.1f}, {r['facts']} facts)",
+                     name, f"{t['rome-locate']:.3g}", *cells, f"{r['speedup_vs_fastest_peer']:.2f}x",
+                     "yes" if r["numbers_equal"] else "NO"])
+    return _table(["model", "mode", "run (bench/results/)", "rome-locate", *PEERS, "vs fastest peer",
+                   "numbers equal (1e-4)"], rows)
+
+
+@figure("peers-atp")
+def _peers_atp() -> str:
+    rows = []
+    for _, r in _peer_rows():
+        if "atp_speedup_vs_exact_full" not in r:
+            continue
+        t = r["median_s"]
+        rows.append([_MODEL_NAMES.get(r["model"], r["model"]), f"{t['rome-locate atp']:.3g}",
+                     f"{r['atp_speedup_vs_exact_full']:.1f}x", f"{r['atp_spearman_median']:.2f}",
+                     f"{r['atp_top1_layer_agreement']:.0%}", f"{t['rome-locate atp+verify L']:.3g}, "
+                     f"{r['atp_verified_speedup_vs_exact_full']:.1f}x, {r['atp_verified_top1_layer_agreement']:.0%}"])
+    return _table(["model", "atp s/fact", "faster than the exact full table", "Spearman with the exact table "
+                   "(median)", "top-1 layer agrees", "atp + top-L sites re-checked: s/fact, speed-up, top-1 agrees"],
+                  rows)
 
 
 # ---- the EasyEdit hand-off (integration/README.md) ----------------------------------
