@@ -249,8 +249,12 @@ def _add_edit_parsers(sub) -> None:
 
     p = sub.add_parser("stats", help="offline mom2 statistics of the rewrite modules, in EasyEdit's cache format")
     _add_model_args(p)
-    p.add_argument("--corpus", required=True, help="text file, one text a line")
-    p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to compute")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", default=None, help="text file, one text a line")
+    src.add_argument("--self-sample", type=int, default=None, metavar="N",
+                     help="no corpus: sample N texts from the model itself (seeded, 24 new tokens each, plain "
+                          "sampling; settings in a JSON beside each npz; mom2_dataset self_sample)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to compute (default: all)")
     p.add_argument("--stats-dir", required=True, help="EasyEdit's stats_dir")
     p.add_argument("--mom2-dataset", default="wikipedia", help="mom2_dataset field the file is named after")
     p.add_argument("--n-samples", type=int, default=100000,
@@ -333,16 +337,32 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .stats import compute_mom2
+    from .arch import arch_for
+    from .stats import compute_mom2, self_sample_mom2
 
     model, tok = load_model(args)
-    paths = compute_mom2(model, tok, args.arch, args.layers, args.corpus, args.stats_dir,
-                         model_name=args.model_name or args.model.rstrip("/").rsplit("/")[-1],
-                         mom2_dataset=args.mom2_dataset, n_samples=args.n_samples, dtype=args.mom2_dtype,
-                         progress=True)
+    arch = arch_for(model, args.arch)
+    layers = args.layers if args.layers is not None else list(range(arch.n_layers))
+    name = args.model_name or args.model.rstrip("/").rsplit("/")[-1]
+    if args.self_sample is not None:
+        paths = self_sample_mom2(model, tok, arch, layers, args.stats_dir, n_samples=args.self_sample,
+                                 model_name=name, dtype=args.mom2_dtype, progress=True)
+    else:
+        paths = compute_mom2(model, tok, arch, layers, args.corpus, args.stats_dir, model_name=name,
+                             mom2_dataset=args.mom2_dataset, n_samples=args.n_samples, dtype=args.mom2_dtype,
+                             progress=True)
     for path in paths:
         print(path)
     return 0
+
+
+def _self_sampled(model, tok, hparams, arch_file, every_layer: bool):
+    """The hyperparameters with self-sampled mom2 statistics where theirs are missing (notice on stderr)."""
+    from .arch import arch_for
+    from .stats import ensure_self_sampled
+
+    layers = list(range(arch_for(model, arch_file).n_layers)) if every_layer else list(hparams.layers)
+    return ensure_self_sampled(model, tok, hparams, layers, notice=lambda m: print(m, file=sys.stderr))
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
@@ -362,6 +382,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
 
         choices = [c for _, c in locate(model, tok, facts, progress=not args.quiet, arch=args.arch,
                                         noise=args.noise, kind=args.kind, **_trace_kwargs(args))]
+    if args.corpus is None:  # a given corpus wins; without one, missing statistics are self-sampled
+        hparams = _self_sampled(model, tok, hparams, args.arch, every_layer=args.layers != "fixed")
     outcomes = edit_facts(model, tok, facts, hparams, editor=args.editor, layers=args.layers, choices=choices,
                           out_dir=args.out, progress=not args.quiet, seed=args.seed, mom2_corpus=args.corpus)
     s = summary(outcomes)
@@ -447,6 +469,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .arch import arch_for
 
     arch = arch_for(model, args.arch)  # --arch serves families the map does not know
+    hparams = _self_sampled(model, tok, hparams, args.arch, every_layer=args.layers != "fixed" or args.sweep)
     located = None
     out = Path(args.out)
     if args.layers == "traced" or args.sweep:
