@@ -244,6 +244,23 @@ def _add_edit_parsers(sub) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override other fields, YAML values (e.g. v_lr=0.1 mom2_adjustment=true)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    v = p.add_argument_group("validation (default: choose layer and v* settings by trial edits on held-out facts)")
+    v.add_argument("--no-validate", action="store_true",
+                   help="trace only: write the dataset layer with ROME's default settings (no trial edits)")
+    v.add_argument("--test-fraction", type=float, default=0.5,
+                   help="share of the subjects kept for the test facts (default 0.5)")
+    v.add_argument("--budget", type=int, default=300, help="most trial edits of the search (default 300)")
+    v.add_argument("--grid", default="default", choices=["default", "paper"],
+                   help="v* settings searched: 8 around ROME's paper settings, or the paper's alone")
+    v.add_argument("--calibration-facts", type=int, default=40, help="most calibration facts (default 40)")
+    v.add_argument("--test-facts", type=int, default=40, help="most test facts (default 40)")
+    v.add_argument("--stats-dir", default="./data/stats", help="stats_dir field: where mom2 statistics are read "
+                   "and, when missing, written (default ./data/stats, EasyEdit's)")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--corpus", default=None, help="text file for the mom2 statistics (mom2_dataset corpus); "
+                     "without it, texts sampled from the model are used")
+    src.add_argument("--self-sample", type=int, default=3000, metavar="N",
+                     help="texts sampled from the model for the mom2 statistics when no corpus (default 3000)")
     _add_trace_args(p)
     p.set_defaults(func=_cmd_hparams)
 
@@ -310,6 +327,8 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     facts = load_facts(args.facts, limit=args.limit)
     model, tok = load_model(args)
     arch = arch_for(model, args.arch)
+    if not args.no_validate and args.layer is None:
+        return _validated_hparams(args, model, tok, arch, facts, overrides)
     if args.layer is not None:
         layer = args.layer
         header = f"Written by `rome-locate hparams` with --layer {layer} (not traced).\nfacts: {args.facts}"
@@ -333,6 +352,53 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
         header += "\nset by hand (--set): " + " ".join(args.set)
     path = write_hparams(h, args.output, header=header)
     print(f"layer {layer}; wrote {path}")
+    return 0
+
+
+def _validated_hparams(args: argparse.Namespace, model, tok, arch, facts, overrides: dict) -> int:
+    """`hparams` with validation: statistics, the search, then the YAML and its validation files."""
+    import dataclasses
+
+    from .hparams import DEFAULTS, generate_hparams, with_layer, write_hparams
+    from .stats import compute_mom2, ensure_self_sampled, missing_mom2_layers, stats_model_name
+    from .validate import GRIDS, header, run_validation, write_validation
+
+    if args.budget < 1:
+        raise ValueError(f"--budget must be >= 1 trial edit, got {args.budget}")
+    mom2 = (dict(mom2_dataset="corpus", mom2_n_samples=DEFAULTS["mom2_n_samples"]) if args.corpus else
+            dict(mom2_dataset="self_sample", mom2_n_samples=args.self_sample))
+    base = generate_hparams(model, arch, 0, args.model_name or args.model, device=_hparams_device(args),
+                            **{"mom2_adjustment": True, "stats_dir": args.stats_dir, **mom2, **overrides})
+    # Statistics are read where the YAML says, resolved from the working directory as EasyEdit does.
+    layers = list(range(arch.n_layers))
+    if args.corpus:
+        todo = missing_mom2_layers(model, base, layers)
+        if todo:
+            compute_mom2(model, tok, arch, todo, args.corpus, base.stats_dir,
+                         model_name=stats_model_name(model) or Path(args.model).name, mom2_dataset="corpus",
+                         n_samples=DEFAULTS["mom2_n_samples"], dtype=base.mom2_dtype, progress=not args.quiet)
+    else:
+        base = ensure_self_sampled(model, tok, base, layers, n_samples=args.self_sample,
+                                   notice=lambda m: print(m, file=sys.stderr))
+    trace_kwargs = dict(kind=args.kind, **_trace_kwargs(args))
+    v = run_validation(model, tok, facts, base, facts_file=args.facts, model_name=args.model,
+                       test_fraction=args.test_fraction, budget=args.budget, n_calibration=args.calibration_facts,
+                       n_test=args.test_facts, seed=args.seed, trace_kwargs=trace_kwargs, noise=args.noise,
+                       grid=GRIDS[args.grid](),
+                       progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    h = with_layer(dataclasses.replace(base, **v.chosen.setting.overrides()), v.chosen.layer)
+    text = header(v) + f"\nmodel: {args.model} ({arch.n_layers} layers)"
+    if overrides:
+        text += "\nset by hand (--set): " + " ".join(args.set)
+    path = write_hparams(h, args.output, header=text)
+    j, m = write_validation(v, path)
+    from .validate import verdict
+
+    print(f"verdict: {verdict(v)}")
+    for mode in v.test:
+        print(f"  {mode.name:34s} efficacy {mode.efficacy.text()}  paraphrase {mode.paraphrase.text()}  "
+              f"neighbourhood {mode.neighborhood.text()}")
+    print(f"layer {v.chosen.layer}; wrote {path}, {j} and {m} ({v.trials} trial edits, {v.seconds:.0f} s)")
     return 0
 
 
