@@ -289,8 +289,10 @@ def _add_edit_parsers(sub) -> None:
     p.add_argument("--hparams", required=True, help="ROME YAML (EasyEdit format)")
     p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"],
                    help="the built-in ROME or EasyEdit's (needs EASYEDIT_PATH or easyeditor importable)")
-    p.add_argument("--layers", default="fixed", choices=["fixed", "traced"],
-                   help="the hyperparameters' layer, or each fact's traced layer")
+    p.add_argument("--layers", default="fixed", choices=["fixed", "traced", "validated"],
+                   help="the hyperparameters' layer; each fact's traced layer among the validated candidates "
+                        "(the hyperparameters' layer when its trace margin is small); or the best of its top "
+                        "traced candidates by trial edits")
     p.add_argument("--limit", type=int, default=None, help="only the first N facts")
     p.add_argument("--out", required=True, help="directory for results.json")
     p.add_argument("--corpus", default=None,
@@ -431,6 +433,21 @@ def _self_sampled(model, tok, hparams, arch_file, every_layer: bool):
     return ensure_self_sampled(model, tok, hparams, layers, notice=lambda m: print(m, file=sys.stderr))
 
 
+def _per_fact_choices(args: argparse.Namespace, model, tok, facts, hparams, located) -> list:
+    """The located (or LayerChoice) records with each fact's layer set by the traced or validated rule."""
+    import dataclasses
+
+    from .arch import arch_for
+    from .validate import layer_rule, per_fact_layers
+
+    rule = layer_rule(args.hparams, hparams, arch_for(model, args.arch).n_layers)
+    print(f"--layers {args.layers}: candidates {list(rule.candidates)}, fallback layer {rule.fixed}, "
+          f"margin threshold {rule.threshold:.4g} ({rule.source})", file=sys.stderr)
+    layers = per_fact_layers(model, tok, facts, hparams, args.layers, located, rule, editor=args.editor,
+                             progress=not getattr(args, "quiet", getattr(args, "no_progress", False)))
+    return [(r, dataclasses.replace(c, layer=layers[str(c.fact_id)])) for r, c in located]
+
+
 def _cmd_edit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -443,14 +460,16 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
     hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
     choices = None
-    if args.layers == "traced":
-        from .locate import locate
-
-        choices = [c for _, c in locate(model, tok, facts, progress=not args.quiet, arch=args.arch,
-                                        noise=args.noise, kind=args.kind, **_trace_kwargs(args))]
     if args.corpus is None:  # a given corpus wins; without one, missing statistics are self-sampled
         hparams = _self_sampled(model, tok, hparams, args.arch, every_layer=args.layers != "fixed")
-    outcomes = edit_facts(model, tok, facts, hparams, editor=args.editor, layers=args.layers, choices=choices,
+    if args.layers != "fixed":
+        from .locate import locate
+
+        located = locate(model, tok, facts, progress=not args.quiet, arch=args.arch, noise=args.noise,
+                         kind=args.kind, **_trace_kwargs(args))
+        choices = _per_fact_choices(args, model, tok, facts, hparams, located)
+    outcomes = edit_facts(model, tok, facts, hparams, editor=args.editor,
+                          layers="fixed" if args.layers == "fixed" else "traced", choices=choices,
                           out_dir=args.out, progress=not args.quiet, seed=args.seed, mom2_corpus=args.corpus)
     s = summary(outcomes)
     print(f"{s['n']} edits ({args.editor}, layers {args.layers}: {s['layers']}): success {s['success_rate']:.1%}, "
@@ -481,8 +500,9 @@ def _add_eval_parsers(sub) -> None:
     _add_model_args(p)
     p.add_argument("--facts", required=True, help="facts file (CounterFact, EasyEdit, known_1000 or rome-locate JSON)")
     p.add_argument("--hparams", required=True, help="ROME hyperparameters YAML (EasyEdit format)")
-    p.add_argument("--layers", default="fixed", choices=["traced", "fixed"],
-                   help="edit each fact at its own traced layer, or at the hyperparameters' layer")
+    p.add_argument("--layers", default="fixed", choices=["traced", "validated", "fixed"],
+                   help="edit each fact at its own traced layer (among the validated candidates, with fallback), "
+                        "at the best of its top traced candidates by trial edits, or at the hyperparameters' layer")
     p.add_argument("--sweep", action="store_true", help="also edit at every layer and compare with the trace")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N facts")
     p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"], help="which ROME implementation")
@@ -538,7 +558,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     hparams = _self_sampled(model, tok, hparams, args.arch, every_layer=args.layers != "fixed" or args.sweep)
     located = None
     out = Path(args.out)
-    if args.layers == "traced" or args.sweep:
+    if args.layers != "fixed" or args.sweep:
         # The sweep compares edit success with the traced effect, so it traces too (resumable JSONL in --out).
         from .locate import locate
 
@@ -547,8 +567,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         # Full tables (tokens x layers) only for the report's heatmaps.
         located = locate(model, tok, facts, out=out / "locate.jsonl", progress=not args.no_progress,
                          noise=args.noise, full=not args.no_heatmaps, arch=arch, **kw)
+    if args.layers == "validated" or (args.layers == "traced" and located):
+        located = _per_fact_choices(args, model, tok, facts, hparams, located)
     try:
-        records, paths = run_pipeline(model, tok, facts, hparams, out, model_name=args.model, layers=args.layers,
+        records, paths = run_pipeline(model, tok, facts, hparams, out, model_name=args.model,
+                                      layers="fixed" if args.layers == "fixed" else "traced",
                                       sweep=list(range(arch.n_layers)) if args.sweep else False,
                                       trace_settings=trace_settings if located else None,
                                       located=located, generation=generation, editor=args.editor,

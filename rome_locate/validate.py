@@ -557,3 +557,62 @@ def write_validation(v: Validation, yaml_path) -> tuple[Any, Any]:
     j = write_json(Path(f"{stem}.validation.json"), v.to_json())
     m = write_text(Path(f"{stem}.validation.md"), markdown(v))
     return j, m
+
+
+# ---- per-fact layers for `edit` and `eval` ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """What the per-fact layer modes may choose from: the validated layer, its candidates, the margin threshold."""
+
+    fixed: int
+    candidates: tuple[int, ...]
+    threshold: float
+    source: str  # the validation file it came from, or why there was none
+
+
+def layer_rule(hparams_path, hparams, n_layers: int) -> LayerRule:
+    """The rule recorded beside a validated YAML (`<stem>.validation.json`).
+
+    A YAML without one (trace-only or hand-written) gets every editable layer
+    as candidates and threshold 0: the plain traced argmax, never the last layer.
+    """
+    from pathlib import Path
+
+    path = Path(hparams_path).with_suffix("")
+    path = Path(f"{path}.validation.json")
+    fixed = int(hparams.layers[0])
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        threshold = data.get("threshold")
+        return LayerRule(fixed, tuple(int(l) for l in data["candidates"]),
+                         math.inf if threshold is None else float(threshold), str(path))
+    return LayerRule(fixed, tuple(range(max(1, n_layers - 1))), 0.0, f"no {path.name}: plain traced argmax")
+
+
+def per_fact_layers(model, tok, facts: Sequence[Fact], hparams, mode: str, located, rule: LayerRule,
+                    editor: str = "builtin", progress: bool = False) -> dict[str, int]:
+    """fact id -> layer for `--layers traced` (rule with fallback) or `--layers validated` (trial edits)."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import _effects
+    from .hparams import with_layer
+
+    if mode not in ("traced", "validated"):
+        raise ValueError(f"per-fact layer mode must be traced or validated, got {mode!r}")
+    by_id = {str(c.fact_id): _effects(r) for r, c in located}
+    out = {}
+    for f in tqdm(facts, desc=f"layers ({mode})", unit="fact", disable=not progress):
+        if str(f.id) not in by_id:
+            raise ValueError(f"fact {f.id!r} ({f.prompt!r}) has no trace")
+        effects = by_id[str(f.id)]
+        if mode == "traced":
+            out[str(f.id)] = traced_layer(effects, rule.candidates, rule.fixed, rule.threshold)
+            continue
+        top = sorted(rule.candidates, key=lambda l: -effects[l])[:VALIDATED_TOP_K]
+        # Paraphrases are held apart: the pick sees the edit prompt and the neighbourhood only.
+        edit_only = replace(f, rephrase_prompts=())
+        out[str(f.id)] = validated_pick({l: trial_edit(model, tok, edit_only, with_layer(hparams, l), editor)
+                                         for l in top}, rule.fixed)
+    return out

@@ -126,7 +126,7 @@ def test_cli_stats_hparams_edit(tiny_tokenizer, tmp_path):
     assert (tmp_path / "stats" / "tiny-llama" / "c_stats" / "model.layers.1.mlp.down_proj_float32_mom2_20.npz").is_file()
     out = tmp_path / "h.yaml"
     assert main(["hparams", "--model", str(mdir), "--device", "cpu", "--facts", str(facts), "-o", str(out),
-                 "--samples", "2", "--quiet", "--set", f"stats_dir={tmp_path / 'stats'}", "mom2_dataset=c",
+                 "--samples", "2", "--quiet", "--no-validate", "--set", f"stats_dir={tmp_path / 'stats'}", "mom2_dataset=c",
                  "mom2_n_samples=20", "v_num_grad_steps=2", "context_template_length_params=[[4, 5]]"]) == 0
     text = out.read_text()
     assert "# facts: " in text and "mean effect per layer" in text and "v_loss_layer: 3" in text

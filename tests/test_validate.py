@@ -133,3 +133,31 @@ def test_hparams_clear_errors(tmp_path, capsys):
     assert rc == 2 and "no fact" in capsys.readouterr().err
     rc, _ = _hparams_cli(tmp_path, FM.facts_path("gpt2"), "--limit", "40", "--budget", "1")
     assert rc == 2 and "too small" in capsys.readouterr().err and not out.exists()
+
+
+def test_edit_per_fact_layers_stay_among_validated_candidates(tmp_path, capsys):
+    from rome_locate.cli import main
+    from rome_locate.hparams import generate_hparams, write_hparams
+
+    model, _ = FM.load_fact_model("gpt2")
+    yaml_path = tmp_path / "v.yaml"
+    h = generate_hparams(model, None, 2, str(FM.fact_model_dir("gpt2")), v_num_grad_steps=20, v_lr=1.0,
+                         clamp_norm_factor=100.0, v_weight_decay=0.0, context_template_length_params=[])
+    write_hparams(h, yaml_path)
+    (tmp_path / "v.validation.json").write_text(json.dumps({"candidates": [1, 2, 3], "threshold": None}))
+    base = ["edit", "--model", str(FM.fact_model_dir("gpt2")), "--device", "cpu", "--facts",
+            str(FM.counterfact_path("gpt2")), "--hparams", str(yaml_path), "--limit", "3", "--samples", "3",
+            "--quiet"]
+    # Threshold "inf" (None): every fact falls back to the validated layer.
+    assert main(base + ["--layers", "traced", "--out", str(tmp_path / "t")]) == 0
+    assert "candidates [1, 2, 3], fallback layer 2" in capsys.readouterr().err
+    data = json.loads((tmp_path / "t" / "results.json").read_text())
+    assert [o["layer"] for o in data["outcomes"]] == [2, 2, 2]
+    assert main(base + ["--layers", "validated", "--out", str(tmp_path / "v")]) == 0
+    data = json.loads((tmp_path / "v" / "results.json").read_text())
+    assert len(data["outcomes"]) == 3 and all(o["layer"] in (1, 2, 3) for o in data["outcomes"])
+    # Without a validation file: the plain traced argmax, never the last layer.
+    (tmp_path / "v.validation.json").unlink()
+    assert main(base + ["--layers", "traced", "--out", str(tmp_path / "p")]) == 0
+    data = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert all(0 <= o["layer"] < 7 for o in data["outcomes"])
