@@ -56,7 +56,8 @@ WARMUP = 150
 WEIGHT_DECAY = 0.01
 OBJECT_WEIGHT = 3.0  # loss weight of the object's first token
 
-# ROME settings that edit these tiny models (hparams/ROME/fact-*.yaml carry the same values). ROME's own
+# ROME settings the demo edits these tiny models with (set by hand; hparams/ROME/fact-*.yaml are instead
+# chosen by the validated `rome-locate hparams`, see their .validation.md). ROME's own
 # v_weight_decay 0.5 and clamp_norm_factor 4 are relative to GPT-2 XL's large MLP outputs and stop the
 # optimisation here, and the models never saw multi-sentence text, so no sampled context templates.
 ROME_OVERRIDES = {
