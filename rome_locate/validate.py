@@ -330,6 +330,8 @@ class Validation:
     seed: int
     test_fraction: float
     mom2: dict[str, Any]
+    calibration_ids: tuple[str, ...] = ()
+    test_ids: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -469,6 +471,7 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
         seconds=time.perf_counter() - t0, seed=seed, test_fraction=test_fraction,
         mom2={"mom2_adjustment": base_hparams.mom2_adjustment, "mom2_dataset": base_hparams.mom2_dataset,
               "mom2_n_samples": base_hparams.mom2_n_samples},
+        calibration_ids=tuple(f.id for f in calib), test_ids=tuple(f.id for f in test),
     )
 
 

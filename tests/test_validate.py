@@ -116,6 +116,7 @@ def test_hparams_validates_on_held_out_facts(tmp_path, capsys):
     assert h["layers"] == [v["chosen"]["layer"]] and h["layers"][0] in v["candidates"]
     assert h["v_lr"] == 0.5 and h["mom2_adjustment"] is True and h["mom2_dataset"] == "self_sample"
     assert v["n_calibration"] == 3 and v["n_test"] == 3 and v["requests_built"] is True
+    assert len(v["test_ids"]) == 3 and not set(v["test_ids"]) & set(v["calibration_ids"])
     assert [m["name"] for m in v["test"]][:3] == ["fixed", "traced", "validated"]
     assert (tmp_path / "h.validation.md").read_text().startswith("# Validated ROME hyperparameters")
     assert 0 <= v["test"][0]["efficacy"]["mean"] <= 1 and not math.isnan(v["test"][0]["efficacy"]["low"])
