@@ -280,6 +280,16 @@ def calibrate_threshold(effects: Sequence[Sequence[float]], results: Sequence[di
     return best_t
 
 
+def validated_tries(effects: Sequence[float], candidates: Sequence[int], fixed: int) -> list[int]:
+    """The layers `validated` trial-edits for a fact: the validated layer and its top traced other candidates.
+
+    The validated layer is always tried, so the pick never does worse than it on
+    the edit prompt and neighbourhood it is judged on.
+    """
+    others = sorted((l for l in candidates if l != fixed), key=lambda l: -effects[l])
+    return [fixed] + others[:VALIDATED_TOP_K - 1]
+
+
 def validated_pick(results: dict[int, TrialScores], fallback: int) -> int:
     """The layer whose trial edit did best on the edit prompt and its neighbourhood (paraphrases not used)."""
     def key(layer: int):
@@ -452,7 +462,7 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
             fixed.append(at[chosen.layer]); fixed_l.append(chosen.layer)
             tl = traced_layer(effects, candidates, chosen.layer, threshold)
             traced.append(at[tl]); traced_l.append(tl)
-            top = sorted(candidates, key=lambda l: -effects[l])[:VALIDATED_TOP_K]
+            top = validated_tries(effects, candidates, chosen.layer)
             # The validated pick is judged on the edit prompt and neighbours; its paraphrases are reported.
             edit_only = replace(f, rephrase_prompts=())
             vl = validated_pick({l: run(Config(l, chosen.setting), edit_only) for l in top}, chosen.layer)
@@ -529,8 +539,8 @@ def markdown(v: Validation) -> str:
     out += ["", "- fixed: every fact at the chosen layer.",
             f"- traced: the fact's traced argmax among the candidates {list(v.candidates)}, or the chosen layer "
             f"when its trace margin is below {v.threshold:.4g} (calibrated on the calibration facts).",
-            f"- validated: trial edits at the fact's top-{VALIDATED_TOP_K} traced candidates, the best on the edit "
-            "prompt and neighbourhood kept (its paraphrases are only reported).",
+            f"- validated: trial edits at the chosen layer and the fact's top-{VALIDATED_TOP_K - 1} other traced "
+            "candidate(s), the best on the edit prompt and neighbourhood kept (its paraphrases are only reported).",
             "- sweep-best: the best candidate layer per fact judged on all its test prompts (an oracle, not a "
             "method).", "",
             "## Search", "",
@@ -613,7 +623,7 @@ def per_fact_layers(model, tok, facts: Sequence[Fact], hparams, mode: str, locat
         if mode == "traced":
             out[str(f.id)] = traced_layer(effects, rule.candidates, rule.fixed, rule.threshold)
             continue
-        top = sorted(rule.candidates, key=lambda l: -effects[l])[:VALIDATED_TOP_K]
+        top = validated_tries(effects, rule.candidates, rule.fixed)
         # Paraphrases are held apart: the pick sees the edit prompt and the neighbourhood only.
         edit_only = replace(f, rephrase_prompts=())
         out[str(f.id)] = validated_pick({l: trial_edit(model, tok, edit_only, with_layer(hparams, l), editor)

@@ -162,3 +162,11 @@ def test_edit_per_fact_layers_stay_among_validated_candidates(tmp_path, capsys):
     assert main(base + ["--layers", "traced", "--out", str(tmp_path / "p")]) == 0
     data = json.loads((tmp_path / "p" / "results.json").read_text())
     assert all(0 <= o["layer"] < 7 for o in data["outcomes"])
+
+
+def test_validated_always_tries_the_validated_layer():
+    from rome_locate.validate import validated_tries
+
+    # The trace prefers layers 1 and 2, but the validated layer 0 is always among the tries.
+    assert validated_tries([0.1, 0.5, 0.4, 0.9], [0, 1, 2], fixed=0) == [0, 1]
+    assert validated_tries([0.1, 0.5, 0.4, 0.9], [0, 1, 2], fixed=1) == [1, 2]
