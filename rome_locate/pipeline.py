@@ -138,12 +138,6 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                                        workdir).edited
     elif edit_context is None:
         edit_context = functools.partial(edited, seed=seed)
-    if layers == "validated":
-        from .validate import validated_layers
-
-        picks = validated_layers(model, tok, facts, hparams, [p.trace for p in placements], layer_rule,
-                                 editor=editor, edit_context=edit_context, progress=progress)
-        placements = place(facts, hparams, layers, located, n_layers=n_layers, picks=picks)
     model_id = fingerprint(model)
 
     def settings() -> dict[str, Any]:
@@ -163,6 +157,12 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
 
     paths: dict[str, Path] = {}
     try:
+        if layers == "validated":  # trial edits with the editor the edits use (the scratch folder is cleaned up)
+            from .validate import validated_layers
+
+            picks = validated_layers(model, tok, facts, hparams, [p.trace for p in placements], layer_rule,
+                                     editor=editor, edit_context=edit_context, progress=progress)
+            placements = place(facts, hparams, layers, located, n_layers=n_layers, picks=picks)
         if sequential:
             evaluate_sequential(model, tok, facts, hparams, placements=placements, generation=generation,
                                 editor=editor, edit_context=edit_context, max_neighborhood=max_neighborhood,
