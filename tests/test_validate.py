@@ -115,6 +115,10 @@ def test_hparams_validates_on_held_out_facts(tmp_path, capsys):
     v = json.loads((tmp_path / "h.validation.json").read_text())
     assert h["layers"] == [v["chosen"]["layer"]] and h["layers"][0] in v["candidates"]
     assert h["v_lr"] == 0.5 and h["mom2_adjustment"] is True and h["mom2_dataset"] == "self_sample"
+    # bind_model's absolute paths, as the trace-only YAML: the model, and the statistics where --stats-dir said.
+    assert h["model_name"] == str(FM.fact_model_dir("gpt2").resolve())
+    assert h["stats_dir"] == str((tmp_path / "stats").resolve()) and (tmp_path / "stats").is_dir()
+    assert v["trace_settings"]["samples"] == 3 and v["model_fingerprint"]["digest"]
     assert v["n_calibration"] == 3 and v["n_test"] == 3 and v["requests_built"] is True
     assert len(v["test_ids"]) == 3 and not set(v["test_ids"]) & set(v["calibration_ids"])
     assert [m["name"] for m in v["test"]][:3] == ["fixed", "traced", "validated"]
