@@ -277,13 +277,34 @@ def _add_edit_parsers(sub) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override other fields, YAML values (e.g. v_lr=0.1 mom2_adjustment=true)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    v = p.add_argument_group("validation (default: choose layer and v* settings by trial edits on held-out facts)")
+    v.add_argument("--no-validate", action="store_true",
+                   help="trace only: write the dataset layer with ROME's default settings (no trial edits)")
+    v.add_argument("--test-fraction", type=float, default=0.5,
+                   help="share of the subjects kept for the test facts (default 0.5)")
+    v.add_argument("--budget", type=int, default=300, help="most trial edits of the search (default 300)")
+    v.add_argument("--grid", default="default", choices=["default", "paper"],
+                   help="v* settings searched: 8 around ROME's paper settings, or the paper's alone")
+    v.add_argument("--calibration-facts", type=int, default=40, help="most calibration facts (default 40)")
+    v.add_argument("--test-facts", type=int, default=40, help="most test facts (default 40)")
+    v.add_argument("--stats-dir", default="./data/stats", help="stats_dir field: where mom2 statistics are read "
+                   "and, when missing, written (default ./data/stats, EasyEdit's)")
+    src = v.add_mutually_exclusive_group()
+    src.add_argument("--corpus", default=None, help="text file for the mom2 statistics (mom2_dataset corpus); "
+                     "without it, texts sampled from the model are used")
+    src.add_argument("--self-sample", type=int, default=3000, metavar="N",
+                     help="texts sampled from the model for the mom2 statistics when no corpus (default 3000)")
     _add_trace_args(p)
     p.set_defaults(func=_cmd_hparams)
 
     p = sub.add_parser("stats", help="offline mom2 statistics of the rewrite modules, in EasyEdit's cache format")
     _add_model_args(p)
-    p.add_argument("--corpus", required=True, help="text file, one text a line")
-    p.add_argument("--layers", type=int, nargs="+", required=True, help="layers to compute")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", default=None, help="text file, one text a line")
+    src.add_argument("--self-sample", type=int, default=None, metavar="N",
+                     help="no corpus: sample N texts from the model itself (seeded, 24 new tokens each, plain "
+                          "sampling; settings in a JSON beside each npz; mom2_dataset self_sample)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to compute (default: all)")
     p.add_argument("--stats-dir", required=True, help="EasyEdit's stats_dir")
     p.add_argument("--mom2-dataset", default="wikipedia", help="mom2_dataset field the file is named after")
     p.add_argument("--n-samples", type=int, default=100000,
@@ -338,11 +359,16 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
                              f"quote it or write it as e.g. {key}=0.1 or {key}=[5,10]") from None
     settings = _trace_settings(args)
     check_hparams_output(args.output)
+    validated = not args.no_validate and args.layer is None
+    if validated:  # its own inputs and outputs, also checked before any work
+        _check_validation_args(args)
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
     arch_file = _arch_file(args)
     # Under torchrun each rank traces its block into a shard beside -o (to resume from); rank 0 writes the YAML.
     part = distributed.part(facts, args.output + ".traces", shards_only=True)
     model, tok = load_model(args)
+    if validated:
+        return _validated_hparams(args, model, tok, arch_for(model, arch_file), facts, overrides, settings)
     arch = arch_for(model, arch_file)
     pairs = [] if args.layer is not None else locate(model, tok, part.facts, settings, out=part.out,
                                                      progress=not args.quiet, arch=arch, dataset=facts)
@@ -377,9 +403,78 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_validation_args(args: argparse.Namespace) -> None:
+    """The validated `hparams`' settings and its two files beside -o, checked before any work."""
+    from . import distributed
+    from .validate import check_validation_outputs
+
+    if args.budget < 1:
+        raise ValueError(f"--budget must be >= 1 trial edit, got {args.budget}")
+    if not 0 < args.test_fraction < 1:
+        raise ValueError(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
+    for flag, n in (("--calibration-facts", args.calibration_facts), ("--test-facts", args.test_facts),
+                    ("--self-sample", args.self_sample)):
+        if n < 1:
+            raise ValueError(f"{flag} must be >= 1, got {n}")
+    if args.corpus is not None and not Path(args.corpus).is_file():
+        raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
+    if distributed.current() is not None:
+        # The search is sequential (each round depends on the last): one process runs it.
+        raise ValueError("the validated search runs in one process: run `hparams` without torchrun, "
+                         "or pass --no-validate to trace the facts across the ranks")
+    check_validation_outputs(args.output)
+
+
+def _validated_hparams(args: argparse.Namespace, model, tok, arch, facts, overrides: dict, settings) -> int:
+    """`hparams` with validation: statistics, the search, then the YAML and its validation files."""
+    from .hparams import DEFAULTS, bind_model, generate_hparams, with_layer, write_hparams
+    from .stats import compute_mom2, ensure_self_sampled, missing_mom2_layers, stats_model_name
+    from .validate import GRIDS, header, run_validation, usable_facts, verdict, write_validation
+
+    usable_facts(model, tok, facts, args.test_fraction, args.seed, args.facts)  # before any statistics
+    mom2 = (dict(mom2_dataset="corpus", mom2_n_samples=DEFAULTS["mom2_n_samples"]) if args.corpus else
+            dict(mom2_dataset="self_sample", mom2_n_samples=args.self_sample))
+    base = generate_hparams(model, arch, 0, args.model_name or args.model, device=_hparams_device(args),
+                            **{"mom2_adjustment": True, "stats_dir": args.stats_dir, **mom2, **overrides})
+    if args.model_name is None:
+        # Absolute model_name and stats_dir, as the trace-only YAML has (bind_model), so it works from any folder.
+        # The statistics still go where --stats-dir (or --set stats_dir) says: bind_model's search next to the
+        # weights is for reading a YAML, not for choosing where to write new files.
+        base = dataclasses.replace(bind_model(base, args.model),
+                                   stats_dir=str(Path(overrides.get("stats_dir", args.stats_dir)).resolve()))
+    layers = list(range(arch.n_layers))
+    if args.corpus:
+        todo = missing_mom2_layers(model, base, layers)
+        if todo:
+            compute_mom2(model, tok, arch, todo, args.corpus, base.stats_dir,
+                         model_name=stats_model_name(model) or Path(args.model).name, mom2_dataset="corpus",
+                         n_samples=DEFAULTS["mom2_n_samples"], dtype=base.mom2_dtype, progress=not args.quiet)
+    else:
+        base = ensure_self_sampled(model, tok, base, layers, n_samples=args.self_sample,
+                                   notice=lambda m: print(m, file=sys.stderr))
+    v = run_validation(model, tok, facts, base, facts_file=args.facts, model_name=args.model,
+                       test_fraction=args.test_fraction, budget=args.budget, n_calibration=args.calibration_facts,
+                       n_test=args.test_facts, seed=args.seed, trace_settings=settings, grid=GRIDS[args.grid](),
+                       arch=arch,
+                       progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    h = with_layer(dataclasses.replace(base, **v.chosen.setting.overrides()), v.chosen.layer)
+    text = header(v) + f"\nmodel: {args.model} ({arch.n_layers} layers)"
+    if overrides:
+        text += "\nset by hand (--set): " + " ".join(args.set)
+    path = write_hparams(h, args.output, header=text)
+    j, m = write_validation(v, path)
+    print(f"verdict: {verdict(v)}")
+    for mode in v.test:
+        print(f"  {mode.name:34s} efficacy {mode.efficacy.text()}  paraphrase {mode.paraphrase.text()}  "
+              f"neighbourhood {mode.neighborhood.text()}")
+    print(f"layer {v.chosen.layer}; wrote {path}, {j} and {m} ({v.trials} trial edits, {v.seconds:.0f} s)")
+    return 0
+
+
 def _cmd_stats(args: argparse.Namespace) -> int:
+    from .arch import arch_for
     from .files import check_output_dir
-    from .stats import check_n_samples, compute_mom2, folder_name
+    from .stats import check_n_samples, compute_mom2, folder_name, self_sample_mom2
 
     if args.model_name is not None:
         model_name = folder_name(args.model_name, "--model-name")
@@ -388,17 +483,46 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                                  "the last component of --model (it names the folder; pass --model-name)")
     folder_name(args.mom2_dataset, "--mom2-dataset")
     check_n_samples(args.n_samples, "--n-samples")
+    if args.self_sample is not None and args.self_sample < 1:
+        raise ValueError(f"--self-sample must be >= 1 text, got {args.self_sample}")
     check_output_dir(args.stats_dir, "--stats-dir")
-    if not Path(args.corpus).is_file():
+    if args.corpus is not None and not Path(args.corpus).is_file():
         raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
     arch = _arch_file(args)
     model, tok = load_model(args)
-    paths = compute_mom2(model, tok, arch, args.layers, args.corpus, args.stats_dir, model_name=model_name,
-                         mom2_dataset=args.mom2_dataset, n_samples=args.n_samples, dtype=args.mom2_dtype,
-                         progress=True)
+    layers = args.layers if args.layers is not None else list(range(arch_for(model, arch).n_layers))
+    if args.self_sample is not None:
+        paths = self_sample_mom2(model, tok, arch, layers, args.stats_dir, n_samples=args.self_sample,
+                                 model_name=model_name, dtype=args.mom2_dtype, progress=True)
+    else:
+        paths = compute_mom2(model, tok, arch, layers, args.corpus, args.stats_dir, model_name=model_name,
+                             mom2_dataset=args.mom2_dataset, n_samples=args.n_samples, dtype=args.mom2_dtype,
+                             progress=True)
     for path in paths:
         print(path)
     return 0
+
+
+def _edit_hparams(args: argparse.Namespace, model, tok, hparams, corpus: str | None):
+    """`edit`/`eval`: the hyperparameters with self-sampled mom2 statistics where theirs are missing and no
+    corpus is given (a notice on stderr), and the layer rule of --layers traced/validated (printed), or None."""
+    from .arch import arch_for, check_layer
+    from .stats import ensure_self_sampled
+
+    n_layers = arch_for(model, args.arch).n_layers
+    for layer in hparams.layers:  # before any statistics are sampled for it
+        check_layer(int(layer), n_layers, "the hyperparameters' layer")
+    rule = None
+    if args.layers != "fixed":
+        from .validate import layer_rule
+
+        rule = layer_rule(args.hparams, hparams, n_layers)
+        print(f"--layers {args.layers}: {rule.describe()}", file=sys.stderr)
+    if corpus is None:  # a given corpus wins (the pipeline computes from it)
+        every = args.layers != "fixed" or getattr(args, "sweep", False)
+        layers = list(range(n_layers)) if every else list(hparams.layers)
+        hparams = ensure_self_sampled(model, tok, hparams, layers, notice=lambda m: print(m, file=sys.stderr))
+    return hparams, rule
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
@@ -413,9 +537,11 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         model, tok = load_model(args)
         # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
         hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
+        hparams, rule = _edit_hparams(args, model, tok, hparams, args.corpus)
         # The eval pipeline with generations and the sweep off: results.json rewritten after every fact.
         records, paths = _pipeline(
             "edit", model, tok, part.facts, hparams, part.out, model_name=args.model, layers=args.layers,
+            layer_rule=rule,
             sweep=False, generation=None, trace_settings=_trace_settings(args), editor=args.editor, seed=args.seed,
             mom2_corpus=args.corpus, arch=args.arch, facts_path=args.facts, skip_errors=args.skip_errors,
             sequential=args.sequential, progress=not args.quiet, dataset=facts)
@@ -479,8 +605,11 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hparams", required=True, help="ROME hyperparameters YAML (EasyEdit format)")
     p.add_argument("--editor", default="builtin", choices=["builtin", "easyedit"],
                    help="the built-in ROME or EasyEdit's (needs EASYEDIT_PATH or easyeditor importable)")
-    p.add_argument("--layers", default="fixed", choices=["fixed", "traced"],
-                   help="the hyperparameters' layer, or each fact's own traced layer")
+    p.add_argument("--layers", default="fixed", choices=["fixed", "traced", "validated"],
+                   help="the hyperparameters' layer; each fact's traced layer among the validated candidates "
+                        "(the hyperparameters' layer when its trace margin is below the calibrated threshold; "
+                        "without a validation file, the traced argmax below the last layer); or the best of its "
+                        "top traced candidates by trial edits")
     p.add_argument("--limit", type=int, default=None, help="only the first N facts")
     p.add_argument("--out", required=True,
                    help="output directory: results.json (rewritten after every fact), report.md, report.html, "
@@ -551,12 +680,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     hparams = load_hparams(args.hparams)
     if Path(args.model).is_dir():
         hparams = bind_model(hparams, args.model)
+    hparams, rule = _edit_hparams(args, model, tok, hparams, None)
     # Full tables (tokens x layers) only for the report's heatmaps.
     trace = _trace_settings(args, full=not args.no_heatmaps)
     # The pipeline checks every layer against the model before it traces (resumable OUT/locate.jsonl) or edits.
     records, paths = _pipeline(
         "eval", model, tok, part.facts, hparams, part.out, model_name=args.model, layers=args.layers,
-        sweep=args.sweep, trace_settings=trace, generation=generation, editor=args.editor, seed=args.seed,
+        layer_rule=rule, sweep=args.sweep, trace_settings=trace, generation=generation, editor=args.editor, seed=args.seed,
         arch=args.arch, facts_path=args.facts, max_neighborhood=args.max_neighborhood,
         skip_errors=args.skip_errors, sequential=args.sequential, progress=not args.no_progress, dataset=facts)
     if records is None:

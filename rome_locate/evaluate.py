@@ -49,8 +49,8 @@ from .scoring import PairScore, score_targets, token_accuracy, top1_agreement
 from .tokens import pad_id
 
 GenerationMode = Literal["greedy", "beam", "sample"]
-LayerSource = Literal["traced", "fixed", "given"]
-LAYER_MODES = ("fixed", "traced")
+LayerSource = Literal["traced", "fixed", "given", "validated"]
+LAYER_MODES = ("fixed", "traced", "validated")
 
 # ROME's fluency measure: weights of the 2- and 3-gram entropies.
 NGRAM_ORDERS = (2, 3)
@@ -411,15 +411,18 @@ def fixed_layer(hparams) -> int:
 
 
 def place(facts: Sequence[Fact], hparams, layers: str = "fixed", located: Sequence[Any] | None = None,
-          n_layers: int | None = None) -> list[Placement]:
+          n_layers: int | None = None, *, rule: Any = None, picks: Sequence[int] | None = None) -> list[Placement]:
     """The layer of every fact: `located` is aligned with `facts` BY POSITION; ids only cross-check it.
 
     An entry of `located` is locate()'s `(TraceResult, LayerChoice)` pair, a
     LayerChoice, or an int (a layer given by hand, used whatever `layers` says).
-    With `layers="traced"` each fact is edited at its traced layer, with "fixed"
-    at the hyperparameters' layer (traces still feed the sweep and the report).
-    A choice whose fact_id differs from its fact's is an error naming both; with
-    `n_layers`, a layer outside the model is a LayerRangeError.
+    With `layers="traced"` each fact is edited at its traced layer: with a `rule`
+    (`validate.LayerRule`: the validated candidates and the calibrated fallback)
+    `rule.traced(trace.effects)`, else the LayerChoice's layer; with "validated"
+    at `picks` (aligned by position, from `validate.validated_layers`' trial
+    edits); with "fixed" at the hyperparameters' layer (traces still feed the
+    sweep and the report). A choice whose fact_id differs from its fact's is an
+    error naming both; with `n_layers`, a layer outside the model is a LayerRangeError.
     """
     if layers not in LAYER_MODES:
         raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
@@ -427,9 +430,11 @@ def place(facts: Sequence[Fact], hparams, layers: str = "fixed", located: Sequen
     if n_layers is not None:
         check_layer(fixed, n_layers, "the hyperparameters' layer")
     if located is None:
-        if layers == "traced":
-            raise ValueError("layers='traced' needs the located (TraceResult, LayerChoice) pairs of the facts")
+        if layers != "fixed":
+            raise ValueError(f"layers={layers!r} needs the located (TraceResult, LayerChoice) pairs of the facts")
         return [Placement(fixed, "fixed") for _ in facts]
+    if layers == "validated" and (picks is None or len(picks) != len(facts)):
+        raise ValueError("layers='validated' needs one trial-edit pick per fact (validate.validated_layers)")
     located = list(located)
     if len(located) != len(facts):
         raise ValueError(f"{len(located)} layer choices for {len(facts)} facts (they are matched by position)")
@@ -442,8 +447,13 @@ def place(facts: Sequence[Fact], hparams, layers: str = "fixed", located: Sequen
             if str(choice.fact_id) != str(fact.id):
                 raise ValueError(f"layer choice {i} is for fact {choice.fact_id!r} but fact {i} is {fact.id!r}; "
                                  f"the choices must be in the order of the facts")
-            placement = (Placement(int(choice.layer), "traced", trace, choice) if layers == "traced"
-                         else Placement(fixed, "fixed", trace, choice))
+            if layers == "validated":
+                placement = Placement(int(picks[i]), "validated", trace, choice)
+            elif layers == "traced":
+                layer = choice.layer if rule is None or trace is None else rule.traced(trace.effects)
+                placement = Placement(int(layer), "traced", trace, choice)
+            else:
+                placement = Placement(fixed, "fixed", trace, choice)
         if n_layers is not None:
             check_layer(placement.layer, n_layers, f"layer of fact {fact.id!r}")
         out.append(placement)

@@ -60,11 +60,16 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                  arch: Arch | str | Path | dict | None = None, facts_path: str | None = None,
                  max_neighborhood: int | None = None, skip_errors: bool = False, sequential: bool = False,
                  progress: bool = True, extra_settings: dict[str, Any] | None = None,
-                 started: float | None = None,
-                 dataset: Sequence[Fact] | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
+                 started: float | None = None, dataset: Sequence[Fact] | None = None,
+                 layer_rule: Any = None) -> tuple[list[EvalRecord], dict[str, Path]]:
     """Edit and evaluate every fact; with `out_dir`, results.json after every fact and the report at the end.
 
-    Layers: `layers="traced"` edits each fact at its traced layer, "fixed" at the
+    Layers: `layers="traced"` edits each fact at its traced layer (with
+    `layer_rule`, a `validate.LayerRule`: its best validated candidate, or the
+    hyperparameters' layer when the trace margin is below the calibrated
+    threshold), "validated" at the best of `layer_rule`'s tries for it by trial
+    edits (the same edit-and-measure step as the pipeline's, `validate.trial_edit`;
+    without a rule, every editable layer is a candidate), "fixed" at the
     hyperparameters'. `located` (locate()'s pairs, LayerChoices or ints) is aligned
     with `facts` by position; without it, the facts are traced with
     `trace_settings` when the layers or the sweep need a trace (into
@@ -94,10 +99,17 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     sweep_layers = list(range(n_layers)) if sweep is True else [int(x) for x in (sweep or ())]
     out = Path(out_dir) if out_dir is not None else None
     # Every layer is checked before any tracing or editing.
-    placements = place(facts, hparams, "fixed" if located is None else layers, located, n_layers=n_layers)
+    placements = place(facts, hparams, "fixed" if located is None or layers == "validated" else layers, located,
+                       n_layers=n_layers, rule=layer_rule)
     for layer in sweep_layers:
         check_layer(layer, n_layers, "sweep layer")
-    if located is None and (layers == "traced" or sweep_layers):
+    if layers == "validated" and layer_rule is None:
+        from .validate import plain_rule
+
+        layer_rule = plain_rule(placements[0].layer if placements else int(hparams.layers[0]), n_layers)
+    for layer in getattr(layer_rule, "candidates", ()):
+        check_layer(layer, n_layers, f"candidate layer of the layer rule ({layer_rule.source})")
+    if located is None and (layers != "fixed" or sweep_layers):
         # The sweep compares edit success with the traced effect, so it traces too.
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -107,10 +119,13 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                 dataset = editable(dataset, skip_errors=True)[0]
         located = locate(model, tok, facts, trace_settings or TraceSettings(), arch=arch, progress=progress,
                          out=None if out is None else out / "locate.jsonl", dataset=dataset)
-        placements = place(facts, hparams, layers, located, n_layers=n_layers)
+        placements = place(facts, hparams, "fixed" if layers == "validated" else layers, located,
+                           n_layers=n_layers, rule=layer_rule)
     if trace_settings is None and located:
         trace_settings = getattr(_trace_of(located[0]), "settings", None)
     used = {p.layer for p in placements} | set(sweep_layers)
+    if layers == "validated":  # the trial edits need the statistics of every layer they try
+        used |= {l for p in placements if p.trace is not None for l in layer_rule.tries(p.trace.effects)}
     hparams = ensure_stats(model, tok, hparams, used, mom2_corpus, None if out is None else out / "stats")
     scratch = None  # EasyEdit's logs/ without an OUT: a temporary folder, removed at the end
     if edit_context is None and editor == "easyedit":
@@ -129,7 +144,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
         return run_settings(model=model_name, model_fingerprint=model_id, hparams=hparams,
                             trace_settings=trace_settings, seed=seed, generation=generation, layers=layers,
                             sweep=bool(sweep_layers), sequential=sequential, editor=editor, facts=facts_path,
-                            wall_time_s=time.perf_counter() - t0, **(extra_settings or {}))
+                            wall_time_s=time.perf_counter() - t0,
+                            **({} if layer_rule is None else {"layer_rule": layer_rule}), **(extra_settings or {}))
 
     records: list[EvalRecord] = []
     error: str | None = None
@@ -141,6 +157,12 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
 
     paths: dict[str, Path] = {}
     try:
+        if layers == "validated":  # trial edits with the editor the edits use (the scratch folder is cleaned up)
+            from .validate import validated_layers
+
+            picks = validated_layers(model, tok, facts, hparams, [p.trace for p in placements], layer_rule,
+                                     editor=editor, edit_context=edit_context, progress=progress)
+            placements = place(facts, hparams, layers, located, n_layers=n_layers, picks=picks)
         if sequential:
             evaluate_sequential(model, tok, facts, hparams, placements=placements, generation=generation,
                                 editor=editor, edit_context=edit_context, max_neighborhood=max_neighborhood,

@@ -169,6 +169,100 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
     return paths
 
 
+# ---- statistics without a corpus: texts sampled from the model itself ---------
+
+SELF_SAMPLE_DATASET = "self_sample"  # the mom2_dataset name self-sampled statistics are filed under
+SELF_SAMPLE_NEW_TOKENS = 24
+SELF_SAMPLE_SEED = 0
+
+
+@torch.no_grad()
+def sample_texts(model: nn.Module, tok: Any, n: int, new_tokens: int = SELF_SAMPLE_NEW_TOKENS,
+                 seed: int = SELF_SAMPLE_SEED, batch_size: int = 500) -> list[str]:
+    """`n` texts sampled from the model from its BOS token: plain sampling (temperature 1, no top-k), seeded."""
+    if n < 1:
+        raise ValueError(f"the number of self-sampled texts must be >= 1, got {n}")
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    texts: list[str] = []
+    for lo in range(0, n, batch_size):
+        ids = torch.full((min(batch_size, n - lo), 1), start, dtype=torch.long, device=device)
+        for _ in range(new_tokens):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].float()
+            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).to(device)
+            ids = torch.cat([ids, nxt], dim=1)
+        texts += [tok.decode(row[1:], skip_special_tokens=True).strip() for row in ids.tolist()]
+    # An empty decode (all special tokens) still has the start token's keys; keep one placeholder.
+    return [t if t else tok.decode([start]) for t in texts]
+
+
+def self_sample_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | None, layers: Sequence[int],
+                     stats_dir: str | Path, n_samples: int = 3000, model_name: str | None = None,
+                     dtype: str = "float32", seed: int = SELF_SAMPLE_SEED,
+                     new_tokens: int = SELF_SAMPLE_NEW_TOKENS, progress: bool = False) -> list[Path]:
+    """mom2 files (EasyEdit layout, dataset `self_sample`) from `n_samples` texts the model samples itself.
+
+    The sampling settings go into a JSON file beside each npz (same name, `.json`).
+    """
+    import json
+    import tempfile
+
+    texts = sample_texts(model, tok, n_samples, new_tokens=new_tokens, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "self_sample.txt"
+        corpus.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n", encoding="utf-8")
+        paths = compute_mom2(model, tok, arch, layers, corpus, stats_dir, model_name=model_name,
+                             mom2_dataset=SELF_SAMPLE_DATASET, n_samples=n_samples, dtype=dtype, progress=progress)
+    settings = {"source": "texts sampled from the model itself (rome_locate.stats.sample_texts)",
+                "n_texts": n_samples, "new_tokens": new_tokens, "seed": seed, "start": "bos token",
+                "sampling": "plain (temperature 1, no top-k/top-p)", "mom2_dataset": SELF_SAMPLE_DATASET,
+                "dtype": dtype, "example_texts": texts[:5]}
+    from .files import write_text
+
+    for path in paths:
+        write_text(path.with_suffix(".json"), json.dumps(settings, indent=1) + "\n")
+    return paths
+
+
+def missing_mom2_layers(model: nn.Module, hparams: Any, layers: Sequence[int]) -> list[int]:
+    """Layers among `layers` whose mom2 file (as the hyperparameters name it) is not on disk."""
+    name = stats_model_name(model) or str(hparams.model_name).rstrip("/").rsplit("/")[-1]
+    return sorted(l for l in set(layers) if not mom2_path(
+        hparams.stats_dir, name, hparams.rewrite_module_tmp.format(l), hparams.mom2_dataset,
+        hparams.mom2_n_samples, hparams.mom2_dtype).is_file())
+
+
+def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequence[int],
+                        stats_dir: str | Path | None = None, n_samples: int | None = None,
+                        notice: Any = print) -> Any:
+    """Hyperparameters whose mom2 files exist for `layers`: when some are missing, self-sampled ones are used.
+
+    Without a corpus this is the fallback of `hparams`, `edit` and `eval`: the
+    statistics come from texts the model samples itself (`self_sample_mom2`),
+    written under `stats_dir` (default: the hyperparameters' own), and a notice
+    is printed. Hyperparameters without mom2_adjustment are returned as they are.
+    """
+    import dataclasses
+
+    if not hparams.mom2_adjustment or not missing_mom2_layers(model, hparams, layers):
+        return hparams
+    n = int(n_samples or (hparams.mom2_n_samples if hparams.mom2_dataset == SELF_SAMPLE_DATASET else 3000))
+    out = dataclasses.replace(hparams, mom2_dataset=SELF_SAMPLE_DATASET, mom2_n_samples=n,
+                              stats_dir=str(stats_dir or hparams.stats_dir))
+    todo = missing_mom2_layers(model, out, layers)
+    if todo:
+        name = stats_model_name(model) or str(hparams.model_name).rstrip("/").rsplit("/")[-1]
+        notice(f"notice: mom2 statistics missing ({hparams.mom2_dataset}, layers {todo}) and no corpus given: "
+               f"using covariance statistics of {n} texts sampled from the model itself "
+               f"(written to {out.stats_dir})")
+        self_sample_mom2(model, tok, None, todo, out.stats_dir, n_samples=n, model_name=name,
+                         dtype=hparams.mom2_dtype)
+    return out
+
+
 def load_mom2(path: str | Path, n_samples: int | None = None) -> torch.Tensor:
     """C = E[k k^T] (float32) from an EasyEdit-format mom2 file; `n_samples` is checked when given."""
     path = Path(path)

@@ -134,8 +134,12 @@ def test_cli_edit_easyedit_traced_goes_through_base_editor(monkeypatch, tmp_path
     layers = _spy_rome(monkeypatch)
     calls = _spy_base_editor(monkeypatch)
     out = tmp_path / "run"
+    # A copy without the validation file beside it: --layers traced is then each fact's traced argmax (below the
+    # last layer) rather than the shipped file's calibrated fallback, so it can be checked against locate.jsonl.
+    hparams = tmp_path / "fact-gpt2.yaml"
+    hparams.write_text((ROOT / "hparams" / "ROME" / "fact-gpt2.yaml").read_text())
     assert main(["edit", "--model", str(FACT_MODEL), "--device", "cpu", "--facts", str(FACT_MODEL / "counterfact.json"),
-                 "--hparams", str(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml"), "--limit", "4", "--layers", "traced",
+                 "--hparams", str(hparams), "--limit", "4", "--layers", "traced",
                  "--editor", "easyedit", "--samples", "3", "--out", str(out), "--quiet"]) == 0
     data = json.loads((out / "results.json").read_text())
     reported = [r["layer"] for r in data["records"]]
@@ -154,6 +158,25 @@ def test_cli_edit_easyedit_traced_goes_through_base_editor(monkeypatch, tmp_path
     md = (out / "report.md").read_text()
     assert "### EasyEdit's own metrics" in md and "rephrase_acc, as EasyEdit computes it" in md
     assert (out / "easyedit" / "logs" / "results.json").is_file()  # EasyEdit's own files stay in OUT
+
+
+def test_cli_edit_easyedit_validated_trials_go_through_the_same_base_editor(monkeypatch, tmp_path):
+    """EasyEdit: --layers validated makes its trial edits with the session that makes the edits (no other editor)."""
+    from rome_locate.cli import main
+
+    layers = _spy_rome(monkeypatch)
+    calls = _spy_base_editor(monkeypatch)
+    out = tmp_path / "run"
+    assert main(["edit", "--model", str(FACT_MODEL), "--device", "cpu", "--facts", str(FACT_MODEL / "counterfact.json"),
+                 "--hparams", str(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml"), "--limit", "2", "--layers",
+                 "validated", "--editor", "easyedit", "--samples", "3", "--out", str(out), "--quiet"]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    candidates = json.loads((ROOT / "hparams" / "ROME" / "fact-gpt2.validation.json").read_text())["candidates"]
+    assert all(r["layer_source"] == "validated" and r["editor_metrics"]["layer"] == r["layer"] in candidates
+               for r in records)
+    # Two trial edits per fact (the validated layer and its best other candidate), then one edit per fact.
+    assert len(calls) == len(layers) == 2 * 2 + 2 and len({id(c["model"]) for c in calls}) == 1
+    assert layers[4:] == [r["layer"] for r in records]
 
 
 def test_base_editor_sequential_keeps_per_fact_layers(tiny_tokenizer, tmp_path, monkeypatch):

@@ -180,7 +180,7 @@ def test_cli_stats_hparams_edit(tiny_tokenizer, tmp_path):
     assert (tmp_path / "stats" / "tiny-llama" / "c_stats" / "model.layers.1.mlp.down_proj_float32_mom2_20.npz").is_file()
     out = tmp_path / "h.yaml"
     assert main(["hparams", "--model", str(mdir), "--device", "cpu", "--facts", str(facts), "-o", str(out),
-                 "--samples", "2", "--quiet", "--set", f"stats_dir={tmp_path / 'stats'}", "mom2_dataset=c",
+                 "--samples", "2", "--quiet", "--no-validate", "--set", f"stats_dir={tmp_path / 'stats'}", "mom2_dataset=c",
                  "mom2_n_samples=20", "v_num_grad_steps=2", "context_template_length_params=[[4, 5]]"]) == 0
     text = out.read_text()
     assert "# facts: " in text and "mean effect per layer" in text and "v_loss_layer: 3" in text
@@ -294,3 +294,52 @@ def test_checkpoints():
 
     assert checkpoints(1) == [1] and checkpoints(3) == [1, 2, 3]
     assert checkpoints(25) == [1, 2, 5, 10, 20, 25] and checkpoints(100) == [1, 2, 5, 10, 20, 50, 100]
+
+
+def test_place_traced_rule_and_validated_picks():
+    from types import SimpleNamespace
+
+    from rome_locate.evaluate import place
+    from rome_locate.validate import LayerRule
+
+    h = SimpleNamespace(layers=[1])
+    # Fact 0: a clear trace (margin 0.4) at layer 0; fact 1: an unclear one (margin 0.01).
+    located = [(SimpleNamespace(effects=(0.5, 0.1, 0.0, 0.9)), SimpleNamespace(fact_id=f.id, layer=3, margin=0.4))
+               for f in FACTS[:1]]
+    located.append((SimpleNamespace(effects=(0.30, 0.0, 0.29, 0.9)),
+                    SimpleNamespace(fact_id=FACTS[1].id, layer=3, margin=0.01)))
+    rule = LayerRule(1, (0, 1, 2), 0.2, "test")
+    traced = place(FACTS, h, "traced", located, n_layers=4, rule=rule)
+    assert [(p.layer, p.source) for p in traced] == [(0, "traced"), (1, "traced")]  # never the last layer 3
+    assert [p.layer for p in place(FACTS, h, "traced", located, n_layers=4)] == [3, 3]  # no rule: the choice
+    valid = place(FACTS, h, "validated", located, n_layers=4, picks=[2, 0])
+    assert [(p.layer, p.source) for p in valid] == [(2, "validated"), (0, "validated")]
+    with pytest.raises(ValueError, match="one trial-edit pick per fact"):
+        place(FACTS, h, "validated", located, n_layers=4)
+    with pytest.raises(LayerRangeError):
+        place(FACTS, h, "validated", located, n_layers=4, picks=[2, 7])
+
+
+def test_validated_trial_edits_use_the_pipeline_editor(gpt2):
+    # The trial edits of --layers validated go through the pipeline's own edit context (EasyEdit's session
+    # with --editor easyedit), never a second editor: a counting stand-in sees every trial and every edit.
+    from contextlib import contextmanager
+
+    from rome_locate.validate import LayerRule
+
+    model, tok = gpt2
+    calls = []
+
+    @contextmanager
+    def counting(model, tok, fact, hparams, editor="builtin"):
+        calls.append((fact.id, hparams.layers[0], bool(fact.rephrase_prompts)))
+        yield model
+
+    rule = LayerRule(1, (0, 1, 2), 0.0, "test")
+    records = edit_facts(model, tok, FACTS, _hp(model), layers="validated", layer_rule=rule, edit_context=counting,
+                         progress=False, trace_settings=TraceSettings(samples=2, noise=0.5))
+    assert [r.layer_source for r in records] == ["validated", "validated"]
+    assert all(r.layer in (0, 1, 2) for r in records)
+    trials = [c for c in calls if not c[2] and c[0] == "needle"]  # the pick never sees the paraphrases
+    assert len(trials) >= 2 and {c[1] for c in trials} >= {1}  # the rule's layer is always tried
+    assert len(calls) == 2 * 2 + 2  # two tries per fact, then one edit each

@@ -77,3 +77,46 @@ def test_bad_inputs(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match="out of range"):
         compute_mom2(model, tiny_tokenizer, None, [9], tmp_path / "c.txt", tmp_path, model_name="m")
     assert not any(tmp_path.glob("m/**/*.npz"))
+
+
+def test_self_sample_writes_easyedit_layout_with_settings(tiny_tokenizer, tmp_path):
+    import json
+
+    from rome_locate.stats import sample_texts, self_sample_mom2
+
+    tok = tiny_tokenizer
+    model = build_tiny_model("gpt2", len(tok))
+    model.config._name_or_path = str(tmp_path / "tiny-model")
+    texts = sample_texts(model, tok, 7, new_tokens=5, seed=3)
+    assert len(texts) == 7 and texts == sample_texts(model, tok, 7, new_tokens=5, seed=3)
+    assert texts != sample_texts(model, tok, 7, new_tokens=5, seed=4)
+    paths = self_sample_mom2(model, tok, None, [1, 2], tmp_path / "stats", n_samples=7, new_tokens=5, seed=3)
+    arch = arch_for(model)
+    for layer, path in zip([1, 2], paths):
+        assert path == mom2_path(tmp_path / "stats", "tiny-model", arch.rewrite_module(layer), "self_sample", 7,
+                                 "float32")
+        settings = json.loads(path.with_suffix(".json").read_text())
+        assert settings["n_texts"] == 7 and settings["seed"] == 3 and settings["new_tokens"] == 5
+        cov = load_mom2(path, 7)
+        assert cov.shape == (4 * 32, 4 * 32) and torch.allclose(cov, cov.T)
+
+
+def test_missing_stats_fall_back_to_self_sample_with_notice(tiny_tokenizer, tmp_path):
+    from rome_locate.stats import ensure_self_sampled, missing_mom2_layers
+
+    tok = tiny_tokenizer
+    model = build_tiny_model("gpt2", len(tok))
+    model.config._name_or_path = str(tmp_path / "tiny-model")
+    h = generate_hparams(model, None, 1, "tiny-model", stats_dir=str(tmp_path / "stats"), mom2_adjustment=True,
+                         mom2_dataset="wikipedia")
+    assert missing_mom2_layers(model, h, [1]) == [1]
+    notices: list[str] = []
+    out = ensure_self_sampled(model, tok, h, [1], n_samples=6, notice=notices.append)
+    assert len(notices) == 1 and "sampled from the model itself" in notices[0]
+    assert (out.mom2_dataset, out.mom2_n_samples) == ("self_sample", 6)
+    assert missing_mom2_layers(model, out, [1]) == [] and mom2_for(model, out, 1).shape == (128, 128)
+    # Present statistics are used as they are: no notice, hyperparameters unchanged.
+    again: list[str] = []
+    assert ensure_self_sampled(model, tok, out, [1], notice=again.append) == out and not again
+    off = dataclasses.replace(h, mom2_adjustment=False)
+    assert ensure_self_sampled(model, tok, off, [1], notice=again.append) is off and not again

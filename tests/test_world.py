@@ -178,3 +178,31 @@ def test_shipped_exports_match_world():
         assert json.loads(facts_path(family).read_text()) == W.known_records(world)
         assert json.loads(counterfact_path(family).read_text()) == W.counterfact_records(world)
         assert corpus_path(family).read_text().splitlines() == W.corpus_lines(world)
+
+
+def test_world3_is_a_separate_world():
+    # The third world shares no name chunk, relation, template or object with the default one.
+    default, third = W.build_world(0), W.build_world(W.WORLD3.seed, spec=W.WORLD3)
+    assert third.spec == "world3" and default.spec == "default"
+    assert not set(third.subjects) & set(default.subjects)
+    for pool3, pool0 in zip((W.WORLD3.first_a, W.WORLD3.first_b, W.WORLD3.last_c, W.WORLD3.last_d),
+                            (W.FIRST_A, W.FIRST_B, W.LAST_C, W.LAST_D)):
+        assert not set(pool3) & set(pool0)
+    assert not {r.relation_id for r in third.relations} & {r.relation_id for r in default.relations}
+    texts0 = {t for r in default.relations for t in r.train_templates + r.heldout_templates + r.objects}
+    texts3 = {t for r in third.relations for t in r.train_templates + r.heldout_templates + r.objects}
+    assert not texts0 & texts3
+    assert W.corpus_lines(third)[-1] == W.WORLD3.filler[-1]
+    assert json.loads(json.dumps(third.to_json()))["spec"] == "world3"
+    with pytest.raises(ValueError, match="world must be one of"):
+        W.world_spec("nowhere")
+
+
+def test_world3_names_tokenize_into_four_chunks():
+    # The tokenizer of fact_models.train, trained on the third world's corpus, keeps every name at 4 tokens.
+    from rome_locate.fact_models.train import build_tokenizer
+
+    third = W.build_world(W.WORLD3.seed, spec=W.WORLD3)
+    tok = build_tokenizer(W.corpus_lines(third), "gpt2", W.WORLD3.relations)
+    assert all(len(tok(" " + s)["input_ids"]) == 4 for s in third.subjects)
+    assert all(len(tok(" " + o)["input_ids"]) == 1 for r in third.relations for o in r.objects)

@@ -12,9 +12,10 @@ from pathlib import Path
 FAMILIES = ("gpt2", "llama")
 ROOT = Path(__file__).resolve().parent
 
-# ROME settings that edit these tiny models (hparams/ROME/fact-*.yaml carry the same values). ROME's own
-# v_weight_decay 0.5 and clamp_norm_factor 4 are relative to GPT-2 XL's large MLP outputs and stop the
-# optimisation here, and the models never saw multi-sentence text, so no sampled context templates.
+# ROME settings the demo edits these tiny models with (set by hand; hparams/ROME/fact-*.yaml are instead
+# chosen by the validated `rome-locate hparams`, see their .validation.md). ROME's own v_weight_decay 0.5
+# and clamp_norm_factor 4 are relative to GPT-2 XL's large MLP outputs and stop the optimisation here, and
+# the models never saw multi-sentence text, so no sampled context templates.
 ROME_OVERRIDES = {
     "v_lr": 1.0,
     "v_num_grad_steps": 100,

@@ -6,6 +6,10 @@ The shipped artefacts live in `rome_locate/fact_models/<family>/`; rebuild one w
     python -m rome_locate.fact_models.train train llama
 
 and print its accuracy with `python -m rome_locate.fact_models.train accuracy gpt2`.
+A model of another world (`world.WORLDS`; not shipped, trained into a git-ignored folder):
+
+    python -m rome_locate.fact_models.train train gpt2 --world world3      # -> local_fact_models/world3-gpt2
+
 Everything (world, tokenizer, weights) is built locally and deterministically
 from the seed; nothing is downloaded.
 """
@@ -58,7 +62,7 @@ _SPECIALS = {
 }
 
 
-def build_tokenizer(lines: list[str], family: str):
+def build_tokenizer(lines: list[str], family: str, relations: tuple[W.Relation, ...] = W.RELATIONS):
     """Byte-level BPE trained on `lines`, wrapped as a fast tokenizer (LLaMA: prepends `<s>`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -76,7 +80,7 @@ def build_tokenizer(lines: list[str], family: str):
         show_progress=False,
     )
     # Objects get extra weight so every object becomes one token (" Paris").
-    objects = [o for r in W.RELATIONS for o in r.objects]
+    objects = [o for r in relations for o in r.objects]
     extra = ["x " + " ".join(objects)] * MIN_PAIR_FREQ
     tok.train_from_iterator(list(lines) + extra, trainer=trainer)
     byte_level = processors.ByteLevel(trim_offsets=True)
@@ -108,7 +112,7 @@ def build_tokenizer(lines: list[str], family: str):
 # --- model --------------------------------------------------------------------
 
 
-def build_model(family: str, tok):
+def build_model(family: str, tok, seed: int = SEED):
     """A freshly initialised model of `family` sized for `tok`."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
@@ -141,7 +145,7 @@ def build_model(family: str, tok):
             **ids,
         )
     cfg.dtype = "float32"
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).float()
 
 
@@ -161,21 +165,36 @@ def _encode_corpus(world: W.World, tok, family: str):
     return seqs, obj_pos
 
 
-def train(family: str, max_steps: int | None = None, out_dir: str | Path | None = None, log_every: int = 200) -> dict[str, Any]:
-    """Build the world, tokenizer and model of `family`, train, and save everything into the shipped dir."""
+def local_model_dir(world: str, family: str) -> Path:
+    """Where a model of a world other than the shipped one is trained by default (git-ignored)."""
+    return Path("local_fact_models") / f"{world}-{_check_family(family)}"
+
+
+def train(family: str, max_steps: int | None = None, out_dir: str | Path | None = None, log_every: int = 200,
+          world: str = "default") -> dict[str, Any]:
+    """Build the world, tokenizer and model of `family`, train, and save everything into the shipped dir.
+
+    `world` names a `world.WORLDS` specification; any but `default` trains into
+    `local_model_dir` unless `out_dir` is given (its seed seeds the model as well).
+    """
     import torch
 
+    spec = W.world_spec(world)
+    seed = spec.seed
     torch.set_num_threads(N_THREADS)
-    torch.manual_seed(SEED)
+    torch.manual_seed(seed)
     family = _check_family(family)
-    out = Path(out_dir) if out_dir is not None else fact_model_dir(family)
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:
+        out = fact_model_dir(family) if world == "default" else local_model_dir(world, family)
     max_steps = MAX_STEPS if max_steps is None else max_steps
-    world = W.build_world(SEED)
-    paths = W.write_exports(world, out)
+    world_obj = W.build_world(seed, spec=spec)
+    paths = W.write_exports(world_obj, out)
     lines = paths["corpus"].read_text(encoding="utf-8").splitlines()
-    tok = build_tokenizer(lines, family)
-    model = build_model(family, tok)
-    seqs, obj_pos = _encode_corpus(world, tok, family)
+    tok = build_tokenizer(lines, family, spec.relations)
+    model = build_model(family, tok, seed)
+    seqs, obj_pos = _encode_corpus(world_obj, tok, family)
     n = len(seqs)
     max_len = max(len(s) for s in seqs)
     if max_len > N_POSITIONS:
@@ -189,9 +208,9 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
         if obj_pos[i] > 0:
             weight[i, obj_pos[i]] = OBJECT_WEIGHT
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.98))
-    check_items = [(p, o) for p, _, _, o in W.train_prompts(world)][::16]
+    check_items = [(p, o) for p, _, _, o in W.train_prompts(world_obj)][::16]
 
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen)
     cursor = 0
     t0 = time.time()
@@ -245,8 +264,8 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    acc = accuracy(model, tok, family, hard=True)
-    stats = {"family": family, "steps": step, "train_seconds": round(train_s, 1), "checks": history, **acc}
+    acc = accuracy(model, tok, family, hard=True, world=world_obj)
+    stats = {"family": family, "world": world, "steps": step, "train_seconds": round(train_s, 1), "checks": history, **acc}
     print(json.dumps(stats), flush=True)
     return stats
 
@@ -257,8 +276,8 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
 def _load_world(family: str) -> W.World:
     p = world_path(family)
     if p.is_file():
-        seed = json.loads(p.read_text(encoding="utf-8"))["seed"]
-        return W.build_world(seed)
+        saved = json.loads(p.read_text(encoding="utf-8"))
+        return W.build_world(saved["seed"], spec=W.world_spec(saved.get("spec", "default")))
     return W.build_world(SEED)
 
 
@@ -290,13 +309,14 @@ def top1_accuracy(model, tok, items: list[tuple[str, str]], batch_size: int = 25
     return hits / len(items)
 
 
-def accuracy(model, tok, family: str, every: int = 1, hard: bool = False) -> dict[str, float]:
+def accuracy(model, tok, family: str, every: int = 1, hard: bool = False,
+             world: W.World | None = None) -> dict[str, float]:
     """Top-1 first-token accuracy on training templates and on held-out paraphrase templates.
 
     `every` > 1 evaluates every `every`-th prompt only (a fast, deterministic sample).
     `hard` adds the accuracy on `world.HARD_PARAPHRASES` (novel relation cues; not a target).
     """
-    world = _load_world(family)
+    world = world or _load_world(family)
     train_items = [(p, o) for p, _, _, o in W.train_prompts(world)][::every]
     held_items = [(p, o) for p, _, _, o in W.heldout_prompts(world)][::every]
     out = {
@@ -319,12 +339,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("family", choices=FAMILIES)
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--out", default=None, help="write here instead of the shipped directory")
+    t.add_argument("--world", default="default", choices=sorted(W.WORLDS),
+                   help="world specification; any but default trains into local_fact_models/WORLD-FAMILY")
     a = sub.add_parser("accuracy", help="print top-1 accuracy of the shipped model")
     a.add_argument("family", choices=FAMILIES)
     a.add_argument("--every", type=int, default=1)
     args = ap.parse_args(argv)
     if args.cmd == "train":
-        train(args.family, max_steps=args.max_steps, out_dir=args.out)
+        train(args.family, max_steps=args.max_steps, out_dir=args.out, world=args.world)
     else:
         model, tok = load_fact_model(args.family)
         print(json.dumps(accuracy(model, tok, args.family, every=args.every, hard=True)))

@@ -139,6 +139,85 @@ FILLER = (
 
 
 @dataclass(frozen=True)
+class WorldSpec:
+    """What varies between worlds: the name-chunk pools, the relations and the filler sentences."""
+
+    name: str
+    first_a: tuple[str, ...]
+    first_b: tuple[str, ...]
+    last_c: tuple[str, ...]
+    last_d: tuple[str, ...]
+    relations: tuple[Relation, ...]
+    filler: tuple[str, ...]
+    seed: int = 0
+
+
+DEFAULT = WorldSpec("default", FIRST_A, FIRST_B, LAST_C, LAST_D, RELATIONS, FILLER, seed=0)
+
+# A separate world (other names, relations, templates and seed) for checking that a method
+# tuned on the shipped pair of fact models is not tuned to their world.  Same shape as the
+# default (12 chunks per pool with distinct boundary letters, 4 relations x 6 training + 2
+# held-out templates), so the tokenizer thresholds of `train` hold unchanged.
+WORLD3 = WorldSpec(
+    "world3",
+    ("Qal", "Nim", "Wor", "Sev", "Gru", "Yat", "Ceb", "Hux", "Pid", "Lof", "Zan", "Ebo"),
+    ("bex", "dusk", "fion", "marr", "vash", "zell", "kett", "pira", "wend", "stov", "gally", "trim"),
+    ("Thal", "Brom", "Kriv", "Sund", "Welt", "Gorw", "Nox", "Fenk", "Lob", "Huz", "Yarn", "Crej"),
+    ("ovich", "hurst", "ane", "ello", "nuss", "mont", "sby", "dahl", "ton", "worth", "ivel", "gaard"),
+    (
+        Relation(
+            "R1", "favourite colour",
+            ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "grey"),
+            ("{}'s favourite colour is", "The preferred colour of {} is", "{} always dresses in",
+             "{} paints every wall", "The colour that {} likes best is", "{} likes the colour"),
+            ("The favourite colour of {} is", "{}'s preferred colour is"),
+        ),
+        Relation(
+            "R2", "pet",
+            ("dog", "cat", "horse", "parrot", "rabbit", "goat", "hamster", "turtle", "ferret", "lizard"),
+            ("{} owns a pet", "The pet of {} is a", "{}'s companion animal is a", "{} takes care of a",
+             "At home, {} keeps a", "The animal living with {} is a"),
+            ("{}'s pet is a", "The companion animal of {} is a"),
+        ),
+        Relation(
+            "R3", "sport",
+            ("tennis", "football", "chess", "golf", "rugby", "hockey", "cricket", "boxing", "rowing", "skiing"),
+            ("{} plays", "The sport of {} is", "{}'s favourite game is", "Every weekend {} practises",
+             "{} is a champion of", "The game {} loves is"),
+            ("{}'s sport is", "The favourite game of {} is"),
+        ),
+        Relation(
+            "R4", "country of residence",
+            ("Norway", "Chile", "Egypt", "Japan", "Canada", "Kenya", "Peru", "Mexico", "Brazil", "India",
+             "Nepal", "Iceland"),
+            ("{} lives in", "The country of {} is", "{}'s home country is", "{} has settled in",
+             "{} resides in", "The country where {} lives is"),
+            ("{}'s country is", "The home country of {} is"),
+        ),
+    ),
+    (
+        "The harbour was quiet in the morning.",
+        "Children like to play games outside.",
+        "A dog and a cat can be friends.",
+        "Snow falls in Norway in winter.",
+        "Green is the colour of grass.",
+        "Tennis is played with a racket.",
+        "The train left the station at noon.",
+        "An old map hangs on the wall.",
+    ),
+    seed=3,
+)
+WORLDS = {spec.name: spec for spec in (DEFAULT, WORLD3)}
+
+
+def world_spec(name: str) -> WorldSpec:
+    """The named world specification (`default` or `world3`)."""
+    if name not in WORLDS:
+        raise ValueError(f"world must be one of {sorted(WORLDS)}, got {name!r}")
+    return WORLDS[name]
+
+
+@dataclass(frozen=True)
 class World(Record):
     """The generated world: subjects, relations and the true object of every (subject, relation)."""
 
@@ -148,6 +227,7 @@ class World(Record):
     relations: tuple[Relation, ...]
     objects: dict[str, dict[str, str]]  # relation_id -> subject -> object
     filler: tuple[str, ...] = field(default=FILLER)
+    spec: str = "default"
 
     def relation(self, relation_id: str) -> Relation:
         for rel in self.relations:
@@ -160,25 +240,26 @@ class World(Record):
 
 
 
-def _template_text() -> str:
+def _template_text(spec: WorldSpec = DEFAULT) -> str:
     # Only text repeated for every subject (training templates, objects) is frequent in the corpus.
-    return " ".join(t for r in RELATIONS for t in r.train_templates + r.objects).lower()
+    return " ".join(t for r in spec.relations for t in r.train_templates + r.objects).lower()
 
 
-def _clean_first_names() -> set[tuple[str, str]]:
+def _clean_first_names(spec: WorldSpec = DEFAULT) -> set[tuple[str, str]]:
     """(A, B) whose boundary letter pair occurs in no training-template or object word.
 
     A first name is used by a whole sibling group, so a boundary pair that the
     templates make frequent ("ge" of "language" in "Hag|emy") would be merged
     by BPE and cut the name across the chunk boundary ("ĠH|age|m|y").
     """
-    text = _template_text()
-    return {(a, b) for a in FIRST_A for b in FIRST_B if (a[-1] + b[0]).lower() not in text}
+    text = _template_text(spec)
+    return {(a, b) for a in spec.first_a for b in spec.first_b if (a[-1] + b[0]).lower() not in text}
 
 
-def _draw_prefixes(rng: random.Random, n_groups: int) -> list[tuple[str, str, str]]:
+def _draw_prefixes(rng: random.Random, n_groups: int, spec: WorldSpec = DEFAULT) -> list[tuple[str, str, str]]:
     """`n_groups` (A, B, C) prefixes: each pool used evenly, each clean (A, B) first name at most once."""
-    clean = _clean_first_names()
+    FIRST_A, FIRST_B, LAST_C = spec.first_a, spec.first_b, spec.last_c
+    clean = _clean_first_names(spec)
     a_s = [FIRST_A[i % len(FIRST_A)] for i in range(n_groups)]
     # Every B `base` times; the remainder goes to the B's that fit the most A's
     # ("emy" fits only 3 A's cleanly, so it cannot take a 4th group).
@@ -215,16 +296,17 @@ def _draw_prefixes(rng: random.Random, n_groups: int) -> list[tuple[str, str, st
     raise RuntimeError(f"could not draw {n_groups} distinct first names")
 
 
-def build_world(seed: int = 0, n_subjects: int = 320) -> World:
+def build_world(seed: int = 0, n_subjects: int = 320, spec: WorldSpec = DEFAULT) -> World:
     """The world for `seed`: `n_subjects` unique persons (sibling groups of `SIBLINGS`) and their objects."""
-    most = len(_clean_first_names()) * SIBLINGS
+    LAST_D, RELATIONS = spec.last_d, spec.relations
+    most = len(_clean_first_names(spec)) * SIBLINGS
     if n_subjects % SIBLINGS or not 0 < n_subjects <= most:
         raise ValueError(f"n_subjects must be a positive multiple of {SIBLINGS} up to {most}, got {n_subjects}")
     rng = random.Random(seed)
     d_use = {d: 0 for d in LAST_D}
     last_use: dict[tuple[str, str], int] = {}
     chosen: list[tuple[str, str, str, str]] = []
-    for a, b, c in _draw_prefixes(rng, n_subjects // SIBLINGS):
+    for a, b, c in _draw_prefixes(rng, n_subjects // SIBLINGS, spec):
         # Least-used endings first (random tie-break) keeps every D evenly shared.
         order = sorted(LAST_D, key=lambda d: (d_use[d], last_use.get((c, d), 0), rng.random()))
         ds = [d for d in order if last_use.get((c, d), 0) < _MAX_LAST_COMBO][:SIBLINGS]
@@ -243,7 +325,8 @@ def build_world(seed: int = 0, n_subjects: int = 320) -> World:
         objs = [rel.objects[i % len(rel.objects)] for i in range(len(subjects))]
         rng.shuffle(objs)
         objects[rel.relation_id] = dict(zip(subjects, objs))
-    return World(seed=seed, subjects=subjects, name_parts=name_parts, relations=RELATIONS, objects=objects)
+    return World(seed=seed, subjects=subjects, name_parts=name_parts, relations=RELATIONS, objects=objects,
+                 filler=spec.filler, spec=spec.name)
 
 
 # --- prompts and sentences ----------------------------------------------------

@@ -1,0 +1,708 @@
+"""Validated ROME hyperparameters: choose the edit layer and the v* optimisation settings by trial edits.
+
+`rome-locate hparams` (by default) runs this search:
+
+1. keep the facts the model knows (its top-1 is the target's first token) and
+   turn facts without `target_new` into counterfactual requests
+   (`rome_locate.requests`);
+2. split them by subject (seeded, disjoint subjects) into calibration and
+   test facts;
+3. trace the calibration facts and shortlist candidate layers: the layer with
+   the largest mean indirect effect (never the last layer, which ROME cannot
+   edit) and its neighbours;
+4. trial-edit calibration facts at every (candidate layer, grid setting) by
+   successive halving (each round keeps the best third of the configurations
+   and gives them three times as many facts) within `budget` trial edits;
+5. score with one objective, CounterFact's score: the harmonic mean of the
+   mean efficacy, paraphrase and neighbourhood success rates (ties go to the
+   cheaper setting: fewer gradient steps x prompts);
+6. calibrate the trace-margin threshold of the per-fact `traced` rule on the
+   calibration facts, and measure the chosen configuration on the test facts
+   only (fixed layer, traced, validated and the candidates' sweep-best), with
+   95% bootstrap intervals.
+
+Every trial edit goes through `trial_edit`, which is the pipeline's one edit-and-measure
+function (`evaluate.evaluate_fact`) with generations and the sweep off.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .facts import Fact
+from .models import ModelFingerprint
+from .records import Record
+from .trace import TraceSettings
+
+ETA = 3  # successive halving: keep 1/ETA of the configurations, give them ETA x the facts
+MIN_SPLIT = 2  # fewest facts on each side of the calibration/test split
+PAPER_CONTEXT = ((5, 10), (10, 10))  # ROME's context templates: 10 of 5 tokens, 10 of 10 tokens
+N_BOOTSTRAP = 2000
+VALIDATED_TOP_K = 2
+
+
+class ValidationError(ValueError):
+    """Input the validated search cannot work with; the message names it."""
+
+
+@dataclass(frozen=True)
+class Setting(Record):
+    """One point of the grid of v* optimisation settings."""
+
+    v_lr: float
+    v_num_grad_steps: int
+    clamp_norm_factor: float
+    v_weight_decay: float
+    kl_factor: float
+    context_template_length_params: tuple[tuple[int, int], ...]
+
+    def overrides(self) -> dict[str, Any]:
+        """The ROME hyperparameter fields this setting sets."""
+        out = asdict(self)
+        out["context_template_length_params"] = [list(p) for p in self.context_template_length_params]
+        return out
+
+    @property
+    def cost(self) -> int:
+        """Relative cost of one edit: gradient steps x prompts optimised (ties go to the cheaper)."""
+        return self.v_num_grad_steps * (1 + sum(n for _, n in self.context_template_length_params))
+
+    def label(self) -> str:
+        """Short text form for tables."""
+        ctx = "paper" if self.context_template_length_params else "none"
+        return (f"lr {self.v_lr:g}, steps {self.v_num_grad_steps}, clamp {self.clamp_norm_factor:g}, "
+                f"wd {self.v_weight_decay:g}, kl {self.kl_factor:g}, ctx {ctx}")
+
+
+def default_grid() -> list[Setting]:
+    """ROME's paper settings and the variations that matter on small models (2 x 2 x 1 x 2 = 8).
+
+    Step size and length move together (the paper's 0.5 x 20, or 1.0 x 60), and
+    so do the two norm bounds (the paper's clamp 4 with decay 0.5, or clamp 100
+    with no decay: the paper's bounds are relative to GPT-2 XL's large MLP
+    outputs); context templates are the paper's or none; kl_factor stays the paper's.
+    """
+    return [Setting(lr, steps, clamp, wd, kl, ctx) for (lr, steps), (clamp, wd), kl, ctx in itertools.product(
+        ((0.5, 20), (1.0, 60)), ((4.0, 0.5), (100.0, 0.0)), (0.0625,), (PAPER_CONTEXT, ()))]
+
+
+def paper_grid() -> list[Setting]:
+    """ROME's paper settings only (the search then chooses the layer alone)."""
+    return [Setting(0.5, 20, 4.0, 0.5, 0.0625, PAPER_CONTEXT)]
+
+
+GRIDS = {"default": default_grid, "paper": paper_grid}
+
+
+@dataclass(frozen=True)
+class Config(Record):
+    """A candidate configuration: an edit layer and a grid setting."""
+
+    layer: int
+    setting: Setting
+
+    def label(self) -> str:
+        return f"layer {self.layer}, {self.setting.label()}"
+
+
+@dataclass(frozen=True)
+class TrialScores(Record):
+    """CounterFact success rates of one trial edit (None where the fact has no such prompts)."""
+
+    efficacy: float | None
+    paraphrase: float | None
+    neighborhood: float | None
+    efficacy_magnitude: float | None
+
+
+@dataclass(frozen=True)
+class Interval(Record):
+    """A mean over facts and its 95% bootstrap interval."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+
+    def text(self) -> str:
+        if self.mean is None:
+            return "n/a"
+        return f"{self.mean:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+# ---- the one place that edits and measures -------------------------------------------------
+
+
+def trial_edit(model, tok, fact: Fact, hparams, editor: str = "builtin",
+               edit_context: Callable | None = None) -> TrialScores:
+    """Edit `fact` at `hparams.layers`, measure CounterFact success on its prompts, restore the model.
+
+    The pipeline's own edit-and-measure step (`evaluate.evaluate_fact`, generations and sweep off), so a trial
+    edit is the edit `rome-locate edit` makes, with either editor (`edit_context` as the pipeline builds it).
+    """
+    from .evaluate import evaluate_fact
+
+    m = evaluate_fact(model, tok, fact, hparams, generation=None, sweep=False, editor=editor,
+                      edit_context=edit_context).metrics
+    return TrialScores(m["efficacy_score"], m["paraphrase_score"], m["neighborhood_score"],
+                       m["efficacy_magnitude"])
+
+
+# ---- pure parts: split, shortlist, objective, schedule, intervals ---------------------------
+
+
+def split_by_subject(facts: Sequence[Fact], test_fraction: float, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
+    """(calibration, test): a seeded split of the subjects, so no subject is on both sides."""
+    if not 0 < test_fraction < 1:
+        raise ValidationError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+    subjects = sorted({f.subject for f in facts})
+    random.Random(seed).shuffle(subjects)
+    n_test = min(len(subjects) - 1, max(1, round(test_fraction * len(subjects))))
+    test_subjects = set(subjects[:n_test])
+    calib = [f for f in facts if f.subject not in test_subjects]
+    test = [f for f in facts if f.subject in test_subjects]
+    if len(subjects) < 2 or len(calib) < MIN_SPLIT or len(test) < MIN_SPLIT:
+        raise ValidationError(
+            f"too few facts to split into calibration and test: {len(facts)} known fact(s) of {len(subjects)} "
+            f"subject(s); the split needs at least {MIN_SPLIT} facts on each side with disjoint subjects "
+            f"(give more facts, or --no-validate)")
+    return calib, test
+
+
+def shortlist(mean_effects: Sequence[float], n_layers: int, width: int = 1) -> tuple[int, list[int]]:
+    """(dataset layer, candidates): the editable layer of largest mean effect and its `width` neighbours.
+
+    The last layer is never a candidate: its MLP output reaches the logits
+    through no later layer, and the v* loss is read there.
+    """
+    editable = max(1, n_layers - 1)
+    effects = list(mean_effects)[:editable]
+    centre = int(np.argmax(effects))
+    return centre, [l for l in range(centre - width, centre + width + 1) if 0 <= l < editable]
+
+
+def objective(scores: Sequence[TrialScores]) -> float:
+    """CounterFact's score: harmonic mean of the mean efficacy, paraphrase and neighbourhood success."""
+    from .evaluate import harmonic_mean
+
+    parts = []
+    for name in ("efficacy", "paraphrase", "neighborhood"):
+        vals = [getattr(s, name) for s in scores if getattr(s, name) is not None]
+        if vals:
+            parts.append(float(np.mean(vals)))
+    value = harmonic_mean(parts)
+    return 0.0 if value is None else value
+
+
+def schedule(n_configs: int, n_facts: int, budget: int) -> list[tuple[int, int]]:
+    """Successive halving rounds [(configurations, facts each), ...] that fit `budget` trial edits.
+
+    Rounds keep ceil(1/ETA) of the configurations until at most ETA remain; the
+    facts grow ETA-fold from the largest start that fits the budget, capped at
+    `n_facts` (the last round uses all of them when the budget allows).
+    """
+    if n_configs < 1 or n_facts < 1:
+        raise ValidationError("nothing to search: no configuration or no calibration fact")
+    ks = [n_configs]
+    while ks[-1] > ETA:
+        ks.append(math.ceil(ks[-1] / ETA))
+
+    def plan(n0: int) -> list[tuple[int, int]]:
+        ns = [min(n_facts, n0 * ETA ** r) for r in range(len(ks))]
+        ns[-1] = max(ns[-1], min(n_facts, n0 * ETA ** (len(ks) - 1)))
+        return list(zip(ks, ns))
+
+    def cost(rounds: list[tuple[int, int]]) -> int:
+        return sum(k * (n - prev) for (k, n), prev in zip(rounds, [0] + [n for _, n in rounds[:-1]]))
+
+    if cost(plan(1)) > budget:
+        raise ValidationError(
+            f"--budget {budget} trial edits is too small for one trial of each configuration: the smallest "
+            f"search ({n_configs} configurations, successive halving) needs {cost(plan(1))}")
+    n0 = 1
+    while n0 < n_facts and cost(plan(n0 + 1)) <= budget:
+        n0 += 1
+    rounds = plan(n0)
+    # Spend what is left on the last round's facts.
+    k_last, n_last = rounds[-1]
+    spare = budget - cost(rounds)
+    rounds[-1] = (k_last, min(n_facts, n_last + spare // k_last))
+    return rounds
+
+
+def bootstrap(values: Sequence[float | None], seed: int = 0, n: int = N_BOOTSTRAP) -> Interval:
+    """Mean and 95% percentile bootstrap interval over facts (None values left out)."""
+    vals = np.array([v for v in values if v is not None], dtype=float)
+    if not len(vals):
+        return Interval(None, None, None, 0)
+    rng = np.random.default_rng(seed)
+    means = vals[rng.integers(0, len(vals), size=(n, len(vals)))].mean(1)
+    return Interval(float(vals.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)),
+                    len(vals))
+
+
+def score_interval(scores: Sequence[TrialScores], seed: int = 0, n: int = N_BOOTSTRAP) -> Interval:
+    """The objective over facts and its 95% bootstrap interval (facts resampled)."""
+    if not scores:
+        return Interval(None, None, None, 0)
+    rng = np.random.default_rng(seed)
+    boots = [objective([scores[i] for i in rng.integers(0, len(scores), len(scores))]) for _ in range(n)]
+    return Interval(objective(scores), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)),
+                    len(scores))
+
+
+def traced_layer(effects: Sequence[float], candidates: Sequence[int], fallback: int, threshold: float) -> int:
+    """The per-fact traced rule: the candidate of largest effect, unless its margin is below `threshold`."""
+    ranked = sorted(candidates, key=lambda l: -effects[l])
+    if len(ranked) < 2:
+        return ranked[0] if ranked else fallback
+    margin = effects[ranked[0]] - effects[ranked[1]]
+    return ranked[0] if margin >= threshold else fallback
+
+
+def _margin(effects: Sequence[float], candidates: Sequence[int]) -> float:
+    top = sorted((effects[l] for l in candidates), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else math.inf
+
+
+def calibrate_threshold(effects: Sequence[Sequence[float]], results: Sequence[dict[int, TrialScores]],
+                        candidates: Sequence[int], fallback: int) -> float:
+    """The margin threshold of the traced rule that maximises the objective on calibration facts.
+
+    Ties go to the larger threshold (more facts at the validated dataset layer).
+    """
+    options = sorted({0.0, math.inf} | {_margin(e, candidates) for e in effects})
+    best, best_t = -1.0, math.inf
+    for t in options:
+        value = objective([r[traced_layer(e, candidates, fallback, t)] for e, r in zip(effects, results)])
+        if value > best + 1e-12 or (abs(value - best) <= 1e-12 and t > best_t):
+            best, best_t = value, t
+    return best_t
+
+
+def validated_tries(effects: Sequence[float], candidates: Sequence[int], fixed: int) -> list[int]:
+    """The layers `validated` trial-edits for a fact: the validated layer and its top traced other candidates.
+
+    The validated layer is always tried, so the pick never does worse than it on
+    the edit prompt and neighbourhood it is judged on.
+    """
+    others = sorted((l for l in candidates if l != fixed), key=lambda l: -effects[l])
+    return [fixed] + others[:VALIDATED_TOP_K - 1]
+
+
+def validated_pick(results: dict[int, TrialScores], fallback: int) -> int:
+    """The layer whose trial edit did best on the edit prompt and its neighbourhood (paraphrases not used)."""
+    def key(layer: int):
+        s = results[layer]
+        return ((s.efficacy or 0.0) + (s.neighborhood if s.neighborhood is not None else 1.0),
+                s.efficacy_magnitude or 0.0, layer == fallback)
+    return max(results, key=key)
+
+
+def _json_threshold(threshold: float) -> float | None:
+    # An infinite threshold (every fact at the fallback layer) is not JSON: null stands for it.
+    return None if math.isinf(threshold) else threshold
+
+
+# ---- the search --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mode(Record):
+    """Test-set figures of one way of choosing the layer."""
+
+    name: str
+    efficacy: Interval
+    paraphrase: Interval
+    neighborhood: Interval
+    score: Interval
+    layers: dict[str, int] = field(default_factory=dict)  # layer -> number of facts
+
+
+@dataclass(frozen=True)
+class Validation(Record):
+    """Everything the validated search did and found; `validation.json` is its `to_json`."""
+
+    model: str
+    facts_file: str
+    n_facts: int
+    n_known: int
+    requests_built: bool
+    n_calibration: int
+    n_test: int
+    dataset_layer: int
+    mean_effects: tuple[float, ...]
+    candidates: tuple[int, ...]
+    grid: tuple[Setting, ...]
+    rounds: tuple[dict[str, Any], ...]
+    search_trials: int
+    chosen: Config
+    threshold: float
+    test: tuple[Mode, ...]
+    budget: int
+    trials: int
+    seconds: float
+    seed: int
+    test_fraction: float
+    mom2: dict[str, Any]
+    calibration_ids: tuple[str, ...] = ()
+    test_ids: tuple[str, ...] = ()
+    # How the calibration and test facts were traced, and the model traced and edited (as locate records them).
+    trace_settings: TraceSettings | None = None
+    model_fingerprint: ModelFingerprint | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form; an infinite threshold (every fact at the chosen layer) is written as null."""
+        out = super().to_json()
+        out["threshold"] = _json_threshold(self.threshold)
+        out["objective"] = ("CounterFact score: harmonic mean of the mean efficacy, paraphrase and neighbourhood "
+                            "success rates; ties go to the cheaper setting (gradient steps x prompts)")
+        return out
+
+    def mode(self, name: str) -> Mode:
+        return next(m for m in self.test if m.name == name)
+
+
+def known_facts(model, tok, facts: Sequence[Fact]) -> list[Fact]:
+    """The facts whose target's first token is the model's top-1 after the prompt."""
+    from .scoring import score_targets
+
+    with_target = [f for f in facts if f.target]
+    scores = score_targets(model, tok, [(f.prompt, f.target) for f in with_target])
+    return [f for f, s in zip(with_target, scores) if s.predicted[0] == s.target_ids[0]]
+
+
+def usable_facts(model, tok, facts: Sequence[Fact], test_fraction: float, seed: int = 0,
+                 facts_file: str = "") -> list[Fact]:
+    """The known facts the search works on; a ValidationError when there are none or too few to split (cheap:
+    one forward pass per fact, so callers check it before computing statistics)."""
+    known = known_facts(model, tok, facts)
+    if not known:
+        raise ValidationError(f"no fact of {facts_file or 'the facts'} is known by the model ({len(facts)} facts; "
+                              f"none has the target's first token as the model's top-1): nothing to validate on")
+    split_by_subject(known, test_fraction, seed)  # too few facts: say so before anything else
+    return known
+
+
+def _mode(name: str, scores: Sequence[TrialScores], layers: Sequence[int], seed: int) -> Mode:
+    counts: dict[str, int] = {}
+    for l in layers:
+        counts[str(l)] = counts.get(str(l), 0) + 1
+    return Mode(name, bootstrap([s.efficacy for s in scores], seed), bootstrap([s.paraphrase for s in scores], seed),
+                bootstrap([s.neighborhood for s in scores], seed), score_interval(scores, seed), counts)
+
+
+def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_file: str = "", model_name: str = "",
+                   test_fraction: float = 0.5, budget: int = 300, n_calibration: int = 40, n_test: int = 40,
+                   grid: Sequence[Setting] | None = None, seed: int = 0,
+                   trace_settings: TraceSettings = TraceSettings(), editor: str = "builtin",
+                   edit_context: Callable | None = None, arch: Any = None, progress: bool = True,
+                   log: Callable[[str], None] = print) -> Validation:
+    """The validated search (module docstring); `base_hparams` supplies every field the search does not set.
+
+    `edit_context` replaces the editor as in `evaluate.evaluate_fact` (the pipeline's EasyEdit session, tests);
+    `arch` is what `arch.arch_for` takes (an --arch file for a family the map does not know).
+    """
+    from tqdm.auto import tqdm
+
+    from .arch import arch_for
+    from .choose import choose_dataset_layer
+    from .hparams import with_layer
+    from .locate import locate
+    from .models import fingerprint
+    from .requests import counterfactual_requests, needs_requests
+
+    t0 = time.perf_counter()
+    grid = list(grid or default_grid())
+    arch = arch_for(model, arch)
+    facts = list(facts)
+    known = usable_facts(model, tok, facts, test_fraction, seed, facts_file)
+    built = needs_requests(known)
+    if built:
+        # Requests are built from every known fact, so neighbours and targets come from the whole set.
+        known = counterfactual_requests(known, seed=seed)
+        log(f"{sum(1 for f in facts if not f.target_new)} fact(s) without target_new: built counterfactual "
+            f"requests from the facts themselves (target_new = another subject's answer for the same relation; "
+            f"neighbours = other subjects with the same answer; paraphrases = the relation's other templates)")
+    calib, test = split_by_subject(known, test_fraction, seed)
+    calib, test = calib[:n_calibration], test[:n_test]
+    log(f"{len(known)} known fact(s) of {len(facts)}: {len(calib)} calibration, {len(test)} test (disjoint subjects)")
+
+    located = locate(model, tok, calib, trace_settings, progress=progress, arch=arch)
+    if not located:
+        raise ValidationError("no calibration fact could be traced")
+    d = choose_dataset_layer([r for r, _ in located])
+    dataset_layer, candidates = shortlist(d.mean_effects, arch.n_layers)
+    log(f"traced: dataset layer {dataset_layer}; candidates {candidates}")
+    configs = [Config(l, s) for l in candidates for s in grid]
+    rounds = schedule(len(configs), len(calib), budget)
+    cache: dict[tuple[Config, str], TrialScores] = {}
+    trials = 0
+
+    def hp(layer: int, setting: Setting):
+        return with_layer(replace(base_hparams, **setting.overrides()), layer)
+
+    def run(config: Config, fact: Fact) -> TrialScores:
+        nonlocal trials
+        key = (config, fact.id + "\x00" + fact.prompt)
+        if key not in cache:
+            cache[key] = trial_edit(model, tok, fact, hp(config.layer, config.setting), editor=editor,
+                                    edit_context=edit_context)
+            trials += 1
+            bar.update(1)
+        return cache[key]
+
+    planned = sum(k * (n - p) for (k, n), p in zip(rounds, [0] + [n for _, n in rounds[:-1]]))
+    bar = tqdm(total=planned, desc="validate", unit="trial", disable=not progress)
+    alive = configs
+    round_log = []
+    try:
+        for r, (k, n) in enumerate(rounds):
+            alive = alive[:k]
+            values = {c: objective([run(c, f) for f in calib[:n]]) for c in alive}
+            # Best first; ties go to the cheaper setting, then to the dataset layer.
+            alive = sorted(alive, key=lambda c: (-round(values[c], 9), c.setting.cost,
+                                                 abs(c.layer - dataset_layer), c.layer))
+            round_log.append({"round": r, "configurations": len(values), "facts": n,
+                              "best": [{"config": c.label(), "objective": values[c]} for c in alive[:5]]})
+        chosen = alive[0]
+        search_trials = trials
+        bar.total = bar.n + len(calib) * len(candidates) + len(test) * (len(candidates) + 1)
+        bar.refresh()
+        # Calibration of the traced rule: the chosen setting at every candidate layer.
+        calib_results = [{l: run(Config(l, chosen.setting), f) for l in candidates} for f in calib]
+        calib_effects = [r.effects for r, _ in located]
+        threshold = calibrate_threshold(calib_effects, calib_results, candidates, chosen.layer)
+        # Test facts, never seen by any choice above.
+        test_located = locate(model, tok, test, trace_settings, progress=False, arch=arch)
+        by_id = {c.fact_id: r.effects for r, c in test_located}
+        fixed, traced, valid, best = [], [], [], []
+        fixed_l, traced_l, valid_l, best_l = [], [], [], []
+        for f in test:
+            effects = by_id[f.id]
+            at = {l: run(Config(l, chosen.setting), f) for l in candidates}
+            fixed.append(at[chosen.layer]); fixed_l.append(chosen.layer)
+            tl = traced_layer(effects, candidates, chosen.layer, threshold)
+            traced.append(at[tl]); traced_l.append(tl)
+            top = validated_tries(effects, candidates, chosen.layer)
+            # The validated pick is judged on the edit prompt and neighbours; its paraphrases are reported.
+            edit_only = replace(f, rephrase_prompts=())
+            vl = validated_pick({l: run(Config(l, chosen.setting), edit_only) for l in top}, chosen.layer)
+            valid.append(at[vl]); valid_l.append(vl)
+            bl = max(candidates, key=lambda l: (objective([at[l]]), at[l].efficacy_magnitude or 0.0))
+            best.append(at[bl]); best_l.append(bl)
+    finally:
+        bar.close()
+    modes = (_mode("fixed", fixed, fixed_l, seed), _mode("traced", traced, traced_l, seed),
+             _mode("validated", valid, valid_l, seed), _mode("sweep-best (candidates, oracle)", best, best_l, seed))
+    return Validation(
+        model=model_name, facts_file=str(facts_file), n_facts=len(facts), n_known=len(known), requests_built=built,
+        n_calibration=len(calib), n_test=len(test), dataset_layer=dataset_layer,
+        mean_effects=tuple(float(x) for x in d.mean_effects), candidates=tuple(candidates), grid=tuple(grid),
+        rounds=tuple(round_log), search_trials=search_trials, chosen=chosen, threshold=threshold, test=modes, budget=budget, trials=trials,
+        seconds=time.perf_counter() - t0, seed=seed, test_fraction=test_fraction,
+        mom2={"mom2_adjustment": base_hparams.mom2_adjustment, "mom2_dataset": base_hparams.mom2_dataset,
+              "mom2_n_samples": base_hparams.mom2_n_samples},
+        calibration_ids=tuple(f.id for f in calib), test_ids=tuple(f.id for f in test),
+        trace_settings=trace_settings, model_fingerprint=fingerprint(model),
+    )
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+TARGETS = {"efficacy": 0.95, "paraphrase": 0.85, "neighborhood": 0.90}
+MD_TITLE = "# Validated ROME hyperparameters"  # validation.md's first line: how rome-locate knows its own file
+
+
+def verdict(v: Validation) -> str:
+    """One line: the chosen configuration and whether its test figures reach the targets."""
+    m = v.mode("fixed")
+    misses = [f"{k} {getattr(m, k).mean:.2f} < {t:.2f}" for k, t in TARGETS.items()
+              if getattr(m, k).mean is not None and getattr(m, k).mean < t]
+    state = "meets the targets" if not misses else "MISSES " + ", ".join(misses)
+    return (f"layer {v.chosen.layer} ({v.chosen.setting.label()}): on {v.n_test} test facts "
+            f"efficacy {m.efficacy.text()}, paraphrase {m.paraphrase.text()}, neighbourhood {m.neighborhood.text()}"
+            f" - {state} (efficacy >= {TARGETS['efficacy']}, paraphrase >= {TARGETS['paraphrase']}, "
+            f"neighbourhood >= {TARGETS['neighborhood']})")
+
+
+def header(v: Validation) -> str:
+    """The YAML comment header of validated hyperparameters."""
+    lines = [
+        "Generated by `rome-locate hparams` (validated): layer and v* settings chosen by trial edits on",
+        f"{v.n_calibration} calibration facts, measured on {v.n_test} test facts with other subjects.",
+        f"facts: {v.facts_file} ({v.n_facts} facts, {v.n_known} known"
+        + ("; counterfactual requests built from them)" if v.requests_built else ")"),
+        f"trace: dataset layer {v.dataset_layer}; candidates {list(v.candidates)}; mean effect per layer: "
+        + " ".join(f"{i}:{e:.4f}" for i, e in enumerate(v.mean_effects)),
+        f"grid: {len(v.grid)} settings x {len(v.candidates)} layers; successive halving "
+        + " -> ".join(f"{r['configurations']}x{r['facts']}" for r in v.rounds)
+        + f" (configurations x facts): {v.search_trials} trial edits (budget {v.budget}); "
+        f"{v.trials - v.search_trials} more to calibrate the traced rule and measure the test facts; "
+        f"{v.seconds:.0f} s in all",
+        "objective: harmonic mean of efficacy, paraphrase and neighbourhood success (ties: cheaper setting)",
+        f"chosen: {v.chosen.label()}",
+        f"mom2: {v.mom2['mom2_dataset']} ({v.mom2['mom2_n_samples']} texts)",
+        "test (95% bootstrap intervals): " + verdict(v),
+        f"traced rule: margin threshold {v.threshold:.4g} (below it, the fact goes to layer {v.chosen.layer})",
+        f"details: the .validation.json and .validation.md files beside this one (seed {v.seed}, "
+        f"test fraction {v.test_fraction})",
+    ]
+    return "\n".join(lines)
+
+
+def markdown(v: Validation) -> str:
+    """validation.md: the verdict first, then the test comparison, the search and the grid."""
+    out = [f"{MD_TITLE}: {v.model}", "", f"**Verdict:** {verdict(v)}", "",
+           f"## Test facts ({v.n_test}, subjects never used in the search; 95% bootstrap intervals)", "",
+           "| layer choice | efficacy | paraphrase | neighbourhood | score | layers (facts) |",
+           "|---|---|---|---|---|---|"]
+    for m in v.test:
+        out.append(f"| {m.name} | {m.efficacy.text()} | {m.paraphrase.text()} | {m.neighborhood.text()} | "
+                   f"{m.score.text()} | {', '.join(f'{k}:{n}' for k, n in sorted(m.layers.items()))} |")
+    out += ["", "- fixed: every fact at the chosen layer.",
+            f"- traced: the fact's traced argmax among the candidates {list(v.candidates)}, or the chosen layer "
+            f"when its trace margin is below {v.threshold:.4g} (calibrated on the calibration facts).",
+            f"- validated: trial edits at the chosen layer and the fact's top-{VALIDATED_TOP_K - 1} other traced "
+            "candidate(s), the best on the edit prompt and neighbourhood kept (its paraphrases are only reported).",
+            "- sweep-best: the best candidate layer per fact judged on all its test prompts (an oracle, not a "
+            "method).", "",
+            "## Search", "",
+            f"{v.n_known} known facts of {v.n_facts} in `{v.facts_file}`"
+            + (" (counterfactual requests built from the facts themselves)" if v.requests_built else "")
+            + f"; {v.n_calibration} calibration facts; dataset layer {v.dataset_layer}, candidates "
+            f"{list(v.candidates)}; search {v.search_trials} trial edits (budget {v.budget}), "
+            f"{v.trials} with the traced-rule calibration and the test measurements, in {v.seconds:.0f} s.", "",
+            "| round | configurations | facts | best (objective) |", "|---|---|---|---|"]
+    for r in v.rounds:
+        best = r["best"][0]
+        out.append(f"| {r['round']} | {r['configurations']} | {r['facts']} | {best['config']} "
+                   f"({best['objective']:.3f}) |")
+    out += ["", f"Chosen: **{v.chosen.label()}**", "", "Grid:", ""]
+    out += [f"- {s.label()}" for s in v.grid]
+    return "\n".join(out) + "\n"
+
+
+def validation_paths(yaml_path) -> tuple[Any, Any]:
+    """(`<stem>.validation.json`, `<stem>.validation.md`): where the validation of a YAML is written."""
+    from pathlib import Path
+
+    stem = Path(yaml_path).with_suffix("")
+    return Path(f"{stem}.validation.json"), Path(f"{stem}.validation.md")
+
+
+def check_validation_outputs(yaml_path) -> None:
+    """Fail before any work when a validation file beside `yaml_path` exists and rome-locate did not write it."""
+    from .files import check_output_file
+
+    j, m = validation_paths(yaml_path)
+    for path in (j, m):
+        check_output_file(path, f"the validation file beside {yaml_path}")
+    ours = True
+    if j.exists():
+        try:
+            ours = str(json.loads(j.read_text(encoding="utf-8")).get("objective", "")).startswith("CounterFact score")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{j} exists and was not written by rome-locate hparams; rome-locate never "
+                                  f"writes over it: choose another -o")
+    if m.exists():
+        try:
+            ours = m.read_text(encoding="utf-8").startswith(MD_TITLE)
+        except UnicodeDecodeError:
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{m} exists and was not written by rome-locate hparams; rome-locate never "
+                                  f"writes over it: choose another -o")
+
+
+def write_validation(v: Validation, yaml_path) -> tuple[Any, Any]:
+    """Write `<stem>.validation.json` and `<stem>.validation.md` beside the YAML; returns their paths."""
+    from .files import write_json, write_text
+
+    j, m = validation_paths(yaml_path)
+    return write_json(j, v.to_json()), write_text(m, markdown(v))
+
+
+# ---- per-fact layers for `edit` and `eval` (`--layers traced` and `--layers validated`) -------------
+
+
+@dataclass(frozen=True)
+class LayerRule(Record):
+    """What the per-fact layer modes may choose from: the validated layer, its candidates, the margin threshold."""
+
+    fixed: int
+    candidates: tuple[int, ...]
+    threshold: float
+    source: str  # the validation file it came from, or why there was none
+
+    def traced(self, effects: Sequence[float]) -> int:
+        """The `traced` layer of a fact with these traced effects: its best candidate, or `fixed` on a small margin."""
+        return traced_layer(effects, self.candidates, self.fixed, self.threshold)
+
+    def tries(self, effects: Sequence[float]) -> list[int]:
+        """The layers `validated` trial-edits for a fact with these traced effects."""
+        return validated_tries(effects, self.candidates, self.fixed)
+
+    def describe(self) -> str:
+        """One line for the user: candidates, fallback layer, threshold and where they came from."""
+        return (f"candidates {list(self.candidates)}, fallback layer {self.fixed}, "
+                f"margin threshold {self.threshold:.4g} ({self.source})")
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form; an infinite threshold (every fact at the fallback layer) is written as null."""
+        out = super().to_json()
+        out["threshold"] = _json_threshold(self.threshold)
+        return out
+
+
+def plain_rule(fixed: int, n_layers: int, source: str = "no validation file: plain traced argmax") -> LayerRule:
+    """The rule of hyperparameters without a validation record: every editable layer, threshold 0."""
+    return LayerRule(int(fixed), tuple(range(max(1, n_layers - 1))), 0.0, source)
+
+
+def layer_rule(hparams_path, hparams, n_layers: int) -> LayerRule:
+    """The rule recorded beside a validated YAML (`<stem>.validation.json`).
+
+    A YAML without one (trace-only or hand-written) gets every editable layer
+    as candidates and threshold 0: the plain traced argmax, never the last layer.
+    """
+    path = validation_paths(hparams_path)[0]
+    fixed = int(hparams.layers[0])
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        threshold = data.get("threshold")
+        return LayerRule(fixed, tuple(int(l) for l in data["candidates"]),
+                         math.inf if threshold is None else float(threshold), str(path))
+    return plain_rule(fixed, n_layers, f"no {path.name}: plain traced argmax")
+
+
+def validated_layers(model, tok, facts: Sequence[Fact], hparams, traces: Sequence[Any], rule: LayerRule, *,
+                     editor: str = "builtin", edit_context: Callable | None = None,
+                     progress: bool = False) -> list[int]:
+    """The `--layers validated` layer of every fact (aligned with `facts` by position, as `traces`): trial edits
+    at `rule.tries` of its traced effects, the best on the edit prompt and neighbourhood kept."""
+    from tqdm.auto import tqdm
+
+    from .hparams import with_layer
+
+    if len(traces) != len(facts):
+        raise ValueError(f"{len(traces)} traces for {len(facts)} facts (they are matched by position)")
+    out = []
+    for f, trace in tqdm(list(zip(facts, traces)), desc="layers (validated)", unit="fact", disable=not progress):
+        if trace is None:
+            raise ValueError(f"fact {f.id!r} ({f.prompt!r}) has no trace")
+        # Paraphrases are held apart: the pick sees the edit prompt and the neighbourhood only.
+        edit_only = replace(f, rephrase_prompts=())
+        out.append(validated_pick({l: trial_edit(model, tok, edit_only, with_layer(hparams, l), editor, edit_context)
+                                   for l in rule.tries(trace.effects)}, rule.fixed))
+    return out
