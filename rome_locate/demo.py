@@ -95,8 +95,8 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
     _print(f"[3/5] hyperparameters: {source}; every fact is edited at its layer {hparams.layers[0]} (lr "
            f"{hparams.v_lr:g}, {hparams.v_num_grad_steps} steps, clamp {hparams.clamp_norm_factor:g}, weight decay "
            f"{hparams.v_weight_decay:g}, mom2 {hparams.mom2_dataset}), chosen by trial edits and measured on "
-           f"held-out facts; these {len(facts)} fact(s) trace to dataset layer {dataset.layer} (shown, not used; "
-           f"the sweep compares both)", quiet)
+           f"held-out facts; these {len(facts)} fact(s) trace to dataset layer {dataset.layer} (shown, not used"
+           + ("; the sweep compares both)" if sweep else ")"), quiet)
     _print("[4/5] editing and evaluating" + (" with a sweep over every layer" if sweep else ""), quiet)
     try:
         records, paths = run_pipeline(
