@@ -22,14 +22,39 @@ def _print(msg: str, quiet: bool) -> None:
         print(msg, flush=True)
 
 
-def _fixed_hparams(model, family: str, layer: int):
-    """ROME hyperparameters for the shipped model at `layer`, with the settings that edit it and its stats."""
-    from .fact_models import ROME_OVERRIDES, fact_model_dir
-    from .hparams import generate_hparams
+def shipped_hparams_path(family: str) -> Path:
+    """The validated YAML shipped for a fact model, `hparams/ROME/fact-{family}.yaml` beside the package."""
+    import rome_locate
 
-    model_dir = fact_model_dir(family)
-    return generate_hparams(model, None, layer, model_name=str(model_dir), stats_dir=str(model_dir / "stats"),
-                            **ROME_OVERRIDES)
+    return Path(rome_locate.__file__).resolve().parents[1] / "hparams" / "ROME" / f"fact-{family}.yaml"
+
+
+def _validated_hparams(family: str):
+    """The shipped validated hyperparameters of `family`, bound to the shipped model and its statistics.
+
+    They live in the repository's hparams/ folder, outside the package: a
+    non-editable install has no copy, and the demo stops with a clear message
+    rather than run a 15-minute validation or edit with settings nobody tested.
+    """
+    from .fact_models import fact_model_dir
+    from .hparams import bind_model, load_hparams
+
+    path = shipped_hparams_path(family)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the demo edits with the validated {path.name}, which is not at {path} (a non-editable install ships "
+            f"no hparams/ folder): run it from a source checkout (pip install -e .), or write the file with "
+            f"`rome-locate hparams --model {fact_model_dir(family)} --facts "
+            f"{fact_model_dir(family) / 'counterfact.json'} -o {path.name}`")
+    # Ours, not EasyEdit's class: the demo edits with the built-in editor.
+    return bind_model(load_hparams(path, easyedit=False), fact_model_dir(family)), path
+
+
+def _source_text(path: Path) -> str:
+    """Where the demo's settings come from, relative to the repository when they are inside it."""
+    root = path.parents[2]
+    return (f"{path.relative_to(root).as_posix()} (validated by rome-locate hparams; test figures in its "
+            f"{path.stem}.validation.md)")
 
 
 def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: int = 4, *, sweep: bool = True,
@@ -46,6 +71,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
     if n_facts < 1:
         raise ValueError(f"n_facts must be >= 1, got {n_facts}")
     t0 = time.perf_counter()
+    hparams, hp_path = _validated_hparams(family)  # before any work: a missing file stops the demo at once
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _print(f"[1/5] loading the shipped {family} fact model from {fact_model_dir(family)}", quiet)
@@ -65,16 +91,20 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
                f"({'known' if result.known else 'not known'}), traced layer {choice.layer} "
                f"(margin {choice.margin:.3f})", quiet)
     dataset = choose_dataset_layer([r for r, _ in located])
-    hparams = _fixed_hparams(model, family, dataset.layer)
-    _print(f"[3/5] hyperparameters: fixed layer {dataset.layer} (largest mean effect over the facts); "
-           f"each fact is edited at its own traced layer", quiet)
+    source = _source_text(hp_path)
+    _print(f"[3/5] hyperparameters: {source}; every fact is edited at its layer {hparams.layers[0]} (lr "
+           f"{hparams.v_lr:g}, {hparams.v_num_grad_steps} steps, clamp {hparams.clamp_norm_factor:g}, weight decay "
+           f"{hparams.v_weight_decay:g}, mom2 {hparams.mom2_dataset}), chosen by trial edits and measured on "
+           f"held-out facts; these {len(facts)} fact(s) trace to dataset layer {dataset.layer} (shown, not used"
+           + ("; the sweep compares both)" if sweep else ")"), quiet)
     _print("[4/5] editing and evaluating" + (" with a sweep over every layer" if sweep else ""), quiet)
     try:
         records, paths = run_pipeline(
-            model, tok, facts, hparams, out_dir, model_name=str(fact_model_dir(family)), layers="traced",
+            model, tok, facts, hparams, out_dir, model_name=str(fact_model_dir(family)), layers="fixed",
             sweep=sweep, trace_settings=DEMO_TRACE, located=located, generation=generation, editor="builtin",
             edit_context=edit_context, facts_path=str(facts_file), progress=progress,
-            extra_settings={"demo": {"family": family, "n_facts": n_facts, "dataset_layer": dataset.layer}},
+            extra_settings={"demo": {"family": family, "n_facts": n_facts, "dataset_layer": dataset.layer,
+                                     "hparams_source": source}},
             started=t0)
     finally:
         _print(f"      ({time.perf_counter() - t0:.1f} s so far)", quiet)

@@ -43,6 +43,7 @@ import torch
 from .arch import check_layer
 from .facts import Fact
 from .hparams import with_layer
+from .intervals import Interval, bootstrap, overlap
 from .models import input_device
 from .records import Record
 from .scoring import PairScore, score_targets, token_accuracy, top1_agreement
@@ -688,6 +689,44 @@ def _at_layer(sweep: Sequence[LayerScore], layer: int | None) -> LayerScore | No
     return next((s for s in sweep if s.layer == layer), None)
 
 
+def _bounds(iv: Interval) -> list[float] | None:
+    return None if iv.mean is None else [iv.low, iv.high]
+
+
+def _strategy_row(values: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One strategy's means over its facts and their 95% bootstrap intervals (`intervals[field] = [low, high]`)."""
+    ivs = {f: bootstrap([v.get(f) for v in values]) for f in STRATEGY_FIELDS}
+    return {"n": len(values), **{f: iv.mean for f, iv in ivs.items()},
+            "intervals": {f: _bounds(iv) for f, iv in ivs.items()}}
+
+
+def _interval_of(row: Mapping[str, Any], field: str) -> Interval:
+    bounds = (row.get("intervals") or {}).get(field)
+    return Interval(row.get(field), *(bounds or (None, None)), row.get("n", 0))
+
+
+def verdict(strategies: Mapping[str, Mapping[str, Any]], field: str = "score") -> str | None:
+    """One line: the best layer choice by ROME score (the sweep-best oracle left out) and traced vs fixed."""
+    ranked = {k: _interval_of(v, field) for k, v in strategies.items() if k != "sweep best"}
+    ranked = {k: iv for k, iv in ranked.items() if iv.mean is not None}
+    if not ranked:
+        return None
+    best = max(ranked, key=lambda k: ranked[k].mean)  # first listed wins a tie
+    line = f"best layer choice by ROME score: {best} {ranked[best].text()}"
+    others = [k for k in ranked if k != best]
+    if others:
+        line += " (" + ", ".join(f"{k} {ranked[k].text()}" for k in others) + ")"
+    if "traced" in ranked and "fixed" in ranked:
+        t, f = ranked["traced"], ranked["fixed"]
+        how = "beats" if t.mean > f.mean else "trails" if t.mean < f.mean else "ties"
+        line += (f"; the traced layer {how} the fixed one, "
+                 + ("95% intervals overlap: not a clear difference" if overlap(t, f)
+                    else "95% intervals do not overlap"))
+    if "sweep best" in strategies:
+        line += f"; sweep-best oracle {_interval_of(strategies['sweep best'], field).text()}"
+    return line + "."
+
+
 def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
     """Dataset summary: mean of every metric, traced vs fixed vs sweep-best, and effect/success rank correlations."""
     keys = sorted({k for r in records for k in r.metrics})
@@ -696,23 +735,22 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
     strategies: dict[str, dict[str, Any]] = {}
     swept = [r for r in records if r.sweep]
     if swept:
-        picks = {
+        picks: dict[str, list[LayerScore | None]] = {}
+        validated = [r for r in swept if r.layer_source == "validated"]
+        if validated:  # the layer the trial edits picked, which is the layer the fact was edited at
+            picks["validated"] = [_at_layer(r.sweep, r.layer) for r in validated]
+        picks.update({
             "traced": [_at_layer(r.sweep, r.traced_layer) for r in swept],
             "fixed": [_at_layer(r.sweep, r.fixed_layer) for r in swept],
             "sweep best": [best_layer_score(r.sweep) for r in swept],
-        }
+        })
         for name, chosen in picks.items():
             chosen = [c for c in chosen if c is not None]
             if chosen:
-                row: dict[str, Any] = {"n": len(chosen)}
-                row.update({f: _mean(getattr(c, f) for c in chosen) for f in STRATEGY_FIELDS})
-                strategies[name] = row
+                strategies[name] = _strategy_row([{f: getattr(c, f) for f in STRATEGY_FIELDS} for c in chosen])
     else:
         for source in sorted({r.layer_source for r in records}):
-            rows = [r for r in records if r.layer_source == source]
-            row = {"n": len(rows)}
-            row.update({f: _mean(r.metrics.get(f) for r in rows) for f in STRATEGY_FIELDS})
-            strategies[source] = row
+            strategies[source] = _strategy_row([r.metrics for r in records if r.layer_source == source])
 
     per_fact, xs, ys = {}, [], []
     for r in swept:
@@ -729,6 +767,7 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
         "n_facts": len(records),
         # The figures `rome-locate edit` prints (EasyEdit's names; "post" is after the edit).
         "success_rate": means.get("success"),
+        "success_rate_interval": _bounds(bootstrap([r.metrics.get("success") for r in records])),
         "pre_rewrite_acc": means.get("rewrite_acc_pre"),
         "post_rewrite_acc": means.get("rewrite_acc"),
         "post_rephrase_acc": means.get("rephrase_acc"),
@@ -736,6 +775,7 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
         "layers": sorted({r.layer for r in records}),
         "means": means,
         "strategies": strategies,
+        "verdict": verdict(strategies),
         "spearman_per_fact": per_fact,
         "spearman_per_fact_mean": _mean(per_fact.values()),
         "spearman_pooled": pooled,

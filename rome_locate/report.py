@@ -318,13 +318,19 @@ def _sweep_rows(rec: EvalRecord) -> list[list[str]]:
 SWEEP_HEADER = ("layer", "", "indirect effect", "efficacy", "efficacy magn.", "paraphrase", "neighbourhood",
                 "ROME score", "rewrite score")
 STRATEGY_HEADER = ("layer choice", "facts", "efficacy", "paraphrase", "neighbourhood", "ROME score",
-                   "efficacy magn.", "rewrite score")
+                   "efficacy magn.", "rewrite score")  # each a mean [95% bootstrap interval] over the facts
+
+
+def _with_interval(row: Mapping[str, Any], field: str) -> str:
+    bounds = (row.get("intervals") or {}).get(field)
+    return _fmt(row[field]) + ("" if bounds is None else f" [{_fmt(bounds[0])}, {_fmt(bounds[1])}]")
 
 
 def _strategy_rows(summary: Mapping[str, Any]) -> list[list[str]]:
-    return [[name, str(row["n"]), _fmt(row["efficacy_score"]), _fmt(row["paraphrase_score"]),
-             _fmt(row["neighborhood_score"]), _fmt(row["score"]), _fmt(row["efficacy_magnitude"]),
-             _fmt(row["rewrite_score"])] for name, row in summary["strategies"].items()]
+    fields = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score", "efficacy_magnitude",
+              "rewrite_score")
+    return [[name, str(row["n"]), *(_with_interval(row, f) for f in fields)]
+            for name, row in summary["strategies"].items()]
 
 
 def _layer_line(rec: EvalRecord) -> str:
@@ -397,12 +403,14 @@ def _markdown(records, settings, summary, images, plot, out_dir: Path, error, im
     md = [f"# {title}", ""]
     if error:
         md += [f"> **Run stopped with an error:** {error}", f"> This report covers the {len(records)} fact(s) that finished.", ""]
+    if summary.get("verdict"):
+        md += [f"**Verdict:** {summary['verdict']}", ""]
     md += ["## Settings", "", _md_table(("setting", "value"), _settings_rows(settings)), ""]
     if settings.get("hparams"):
         md += ["Hyperparameters:", "", "```json", json.dumps(settings["hparams"], indent=2), "```", ""]
     md += ["## Summary", "", f"{summary['n_facts']} fact(s) evaluated.", "", "### Mean of every metric", "",
            _md_table(("metric", "mean"), [[k, _fmt(v)] for k, v in summary["means"].items()]), "",
-           "### Traced vs fixed vs sweep", "", _md_table(STRATEGY_HEADER, _strategy_rows(summary)), ""]
+           "### Traced vs fixed vs sweep (mean [95% bootstrap interval])", "", _md_table(STRATEGY_HEADER, _strategy_rows(summary)), ""]
     if _editor_rows(summary):
         md += ["### EasyEdit's own metrics (mean over the facts)", "",
                _md_table(("metric", "before", "after"), _editor_rows(summary)), ""]
@@ -440,12 +448,14 @@ def _html(records, settings, summary, images, plot, error, image_errors, title) 
     if error:
         h.append(f"<div class='error'><b>Run stopped with an error:</b> {e(error)}<br>"
                  f"This report covers the {len(records)} fact(s) that finished.</div>")
+    if summary.get("verdict"):
+        h.append(f"<p class='verdict'><b>Verdict:</b> {e(summary['verdict'])}</p>")
     h += ["<h2 id='settings'>Settings</h2>", _html_table(("setting", "value"), _settings_rows(settings))]
     if settings.get("hparams"):
         h.append(f"<details><summary>Hyperparameters</summary><pre>{e(json.dumps(settings['hparams'], indent=2))}</pre></details>")
     h += ["<h2 id='summary'>Summary</h2>", f"<p>{summary['n_facts']} fact(s) evaluated.</p>",
           "<h3>Mean of every metric</h3>", _html_table(("metric", "mean"), [[k, _fmt(v)] for k, v in summary["means"].items()]),
-          "<h3>Traced vs fixed vs sweep</h3>", _html_table(STRATEGY_HEADER, _strategy_rows(summary))]
+          "<h3>Traced vs fixed vs sweep (mean [95% bootstrap interval])</h3>", _html_table(STRATEGY_HEADER, _strategy_rows(summary))]
     if _editor_rows(summary):
         h += ["<h3>EasyEdit's own metrics (mean over the facts)</h3>",
               _html_table(("metric", "before", "after"), _editor_rows(summary))]
@@ -504,12 +514,19 @@ def print_summary(records: Sequence[EvalRecord], quiet: bool = False) -> None:
         if gen is not None:
             print(f"  before: {gen.prompt}{gen.before!r}\n  after:  {gen.prompt}{gen.after!r}")
     s = summarize(records)
+    if s["verdict"]:
+        print(f"verdict: {s['verdict']}")
     for name, row in s["strategies"].items():
-        print(f"{name:>10}: efficacy {f(row['efficacy_score'])} paraphrase {f(row['paraphrase_score'])} "
-              f"neighbourhood {f(row['neighborhood_score'])} rewrite score {f(row['rewrite_score'])} (n={row['n']})")
+        print(f"{name:>10}: efficacy {_with_interval(row, 'efficacy_score')} paraphrase "
+              f"{_with_interval(row, 'paraphrase_score')} neighbourhood {_with_interval(row, 'neighborhood_score')} "
+              f"rewrite score {_with_interval(row, 'rewrite_score')} (n={row['n']})")
     if s["spearman_pooled"] is not None:
         print(f"Spearman(traced effect, edit success) pooled {f(s['spearman_pooled'])}, "
               f"mean per fact {f(s['spearman_per_fact_mean'])}")
+
+
+def _rate_interval(bounds: Sequence[float] | None) -> str:
+    return "" if bounds is None else f" [95% interval {bounds[0]:.1%}, {bounds[1]:.1%}]"
 
 
 def edit_summary_line(summary: Mapping[str, Any], editor: str, layers: str) -> str:
@@ -518,7 +535,8 @@ def edit_summary_line(summary: Mapping[str, Any], editor: str, layers: str) -> s
         return f", {label} {summary[key]:.3f}" if summary.get(key) is not None else ""
 
     line = (f"{summary['n_facts']} edits ({editor}, layers {layers}: {summary['layers']}): "
-            f"success {summary['success_rate']:.1%}" + opt("post rewrite_acc", "post_rewrite_acc")
+            f"success {summary['success_rate']:.1%}" + _rate_interval(summary.get("success_rate_interval"))
+            + opt("post rewrite_acc", "post_rewrite_acc")
             + opt("rephrase_acc", "post_rephrase_acc") + opt("locality", "post_locality"))
     ee = (summary.get("editor_metrics") or {}).get("post")
     if ee:

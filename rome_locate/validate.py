@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .facts import Fact
+from .intervals import N_BOOTSTRAP, Interval, bootstrap
 from .models import ModelFingerprint
 from .records import Record
 from .trace import TraceSettings
@@ -45,7 +46,6 @@ from .trace import TraceSettings
 ETA = 3  # successive halving: keep 1/ETA of the configurations, give them ETA x the facts
 MIN_SPLIT = 2  # fewest facts on each side of the calibration/test split
 PAPER_CONTEXT = ((5, 10), (10, 10))  # ROME's context templates: 10 of 5 tokens, 10 of 10 tokens
-N_BOOTSTRAP = 2000
 VALIDATED_TOP_K = 2
 
 
@@ -121,21 +121,6 @@ class TrialScores(Record):
     paraphrase: float | None
     neighborhood: float | None
     efficacy_magnitude: float | None
-
-
-@dataclass(frozen=True)
-class Interval(Record):
-    """A mean over facts and its 95% bootstrap interval."""
-
-    mean: float | None
-    low: float | None
-    high: float | None
-    n: int
-
-    def text(self) -> str:
-        if self.mean is None:
-            return "n/a"
-        return f"{self.mean:.2f} [{self.low:.2f}, {self.high:.2f}]"
 
 
 # ---- the one place that edits and measures -------------------------------------------------
@@ -236,17 +221,6 @@ def schedule(n_configs: int, n_facts: int, budget: int) -> list[tuple[int, int]]
     spare = budget - cost(rounds)
     rounds[-1] = (k_last, min(n_facts, n_last + spare // k_last))
     return rounds
-
-
-def bootstrap(values: Sequence[float | None], seed: int = 0, n: int = N_BOOTSTRAP) -> Interval:
-    """Mean and 95% percentile bootstrap interval over facts (None values left out)."""
-    vals = np.array([v for v in values if v is not None], dtype=float)
-    if not len(vals):
-        return Interval(None, None, None, 0)
-    rng = np.random.default_rng(seed)
-    means = vals[rng.integers(0, len(vals), size=(n, len(vals)))].mean(1)
-    return Interval(float(vals.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)),
-                    len(vals))
 
 
 def score_interval(scores: Sequence[TrialScores], seed: int = 0, n: int = N_BOOTSTRAP) -> Interval:

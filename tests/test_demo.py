@@ -149,15 +149,33 @@ def test_demo_on_shipped_fact_model(tmp_path, capsys):
     assert obj["complete"] is True
     [rec] = obj["records"]
     n_layers = model.config.n_layer
-    assert rec["layer_source"] == "traced" and len(rec["sweep"]) == n_layers
-    assert rec["layer"] == rec["traced_layer"] and 0 <= rec["layer"] < n_layers
+    # The demo edits with the shipped validated YAML, at its layer, and says so.
+    from rome_locate.demo import shipped_hparams_path
+    from rome_locate.hparams import read_config
+
+    yaml_layer = read_config(shipped_hparams_path("gpt2"))["layers"][0]
+    assert rec["layer_source"] == "fixed" and len(rec["sweep"]) == n_layers
+    assert rec["layer"] == rec["fixed_layer"] == yaml_layer
+    assert obj["settings"]["demo"]["hparams_source"].startswith("hparams/ROME/fact-gpt2.yaml (validated")
+    assert obj["settings"]["hparams"]["v_num_grad_steps"] == read_config(shipped_hparams_path("gpt2"))["v_num_grad_steps"]
+    assert "hparams/ROME/fact-gpt2.yaml (validated" in printed
     # The fact model knows the fact: before the edit the true object beats the new one.
     assert rec["metrics"]["efficacy_score_pre"] == 0.0 and rec["metrics"]["p_true_pre"] > 0.5
     assert rec["metrics"]["p_new"] != rec["metrics"]["p_new_pre"]  # the edit did something, and was undone
-    traced = next(s for s in rec["sweep"] if s["layer"] == rec["traced_layer"])
+    edited = next(s for s in rec["sweep"] if s["layer"] == rec["layer"])
     best = next(s for s in rec["sweep"] if s["layer"] == rec["best_layer"])
-    assert traced["efficacy_magnitude"] == pytest.approx(rec["metrics"]["efficacy_magnitude"])
-    assert (best["score"], best["efficacy_magnitude"]) >= (traced["score"], traced["efficacy_magnitude"])
+    assert edited["efficacy_magnitude"] == pytest.approx(rec["metrics"]["efficacy_magnitude"])
+    assert (best["score"], best["efficacy_magnitude"]) >= (edited["score"], edited["efficacy_magnitude"])
     assert [g["group"] for g in rec["generations"]][:1] == ["edit"] and all(g["before"] for g in rec["generations"])
     page = paths["html"].read_text()
     assert page.count("src='data:image/png;base64,") == 2  # the fact's heatmap and the sweep plot
+
+
+def test_demo_without_the_validated_yaml_says_so(tmp_path, monkeypatch):
+    # A non-editable install has no hparams/ folder: the demo stops before any work, naming the file.
+    from rome_locate import demo
+
+    monkeypatch.setattr(demo, "shipped_hparams_path", lambda family: tmp_path / "hparams" / f"fact-{family}.yaml")
+    with pytest.raises(FileNotFoundError, match="fact-gpt2.yaml"):
+        demo.run_demo(tmp_path / "out", family="gpt2", n_facts=1, progress=False, quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -249,8 +249,38 @@ def test_summary_strategies_and_correlation(gpt2):
     assert s["spearman_per_fact"] == {"f0": pytest.approx(1.0), "f1": pytest.approx(1.0)}
     assert s["strategies"]["sweep best"]["rewrite_score"] >= s["strategies"]["traced"]["rewrite_score"]
     assert s["means"]["efficacy_score"] == pytest.approx(_mean_of(recs, "efficacy_score"))
+    for row in s["strategies"].values():  # every mean with its 95% interval around it
+        low, high = row["intervals"]["score"]
+        assert low <= row["score"] <= high
+    assert s["verdict"].startswith("best layer choice by ROME score: ")
+    low, high = s["success_rate_interval"]
+    assert low <= s["success_rate"] <= high
     with pytest.raises(ValueError, match="needs the located"):
         evaluate(model, tok, facts, FakeHParams(), layers="traced", edit_context=bias_edit, progress=False)
+
+
+
+def test_validated_records_and_summary_say_validated(gpt2):
+    # --layers validated: the records, the summary's strategies and the report name the validated picks as such.
+    from types import SimpleNamespace
+
+    from rome_locate.evaluate import place
+    from rome_locate.report import print_summary
+
+    model, tok = gpt2
+    facts = [Fact(**{**FACT.to_json(), "id": f"f{i}"}) for i in range(2)]
+    located = [(SimpleNamespace(effects=(0.1, 0.2, 0.3, 0.4)), SimpleNamespace(fact_id=f.id, layer=2, margin=0.1))
+               for f in facts]
+    hp = FakeHParams(layers=[0])
+    placements = place(facts, hp, "validated", located, n_layers=4, picks=[1, 3])
+    recs = evaluate(model, tok, facts, hp, placements=placements, sweep=True, edit_context=bias_edit, progress=False)
+    assert [(r.layer, r.layer_source) for r in recs] == [(1, "validated"), (3, "validated")]
+    s = summarize(recs)
+    assert list(s["strategies"]) == ["validated", "traced", "fixed", "sweep best"]
+    sweep_at = [next(x for x in r.sweep if x.layer == r.layer) for r in recs]
+    assert s["strategies"]["validated"]["rewrite_score"] == pytest.approx(
+        sum(x.rewrite_score for x in sweep_at) / 2)
+    print_summary(recs)
 
 
 def _mean_of(recs, key):

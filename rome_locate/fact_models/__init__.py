@@ -1,4 +1,5 @@
-"""The shipped fact models: where they and their data live, how to load them, and the ROME settings that edit them.
+"""The shipped fact models: where they and their data live, and how to load them (the ROME settings that edit them
+are the validated hparams/ROME/fact-*.yaml).
 
 `train.py` rebuilds them (`python -m rome_locate.fact_models.train train gpt2`)
 from the synthetic world of `world.py`; this module imports neither, so asking
@@ -12,21 +13,7 @@ from pathlib import Path
 FAMILIES = ("gpt2", "llama")
 ROOT = Path(__file__).resolve().parent
 
-# ROME settings the demo edits these tiny models with (set by hand; hparams/ROME/fact-*.yaml are instead
-# chosen by the validated `rome-locate hparams`, see their .validation.md). ROME's own v_weight_decay 0.5
-# and clamp_norm_factor 4 are relative to GPT-2 XL's large MLP outputs and stop the optimisation here, and
-# the models never saw multi-sentence text, so no sampled context templates.
-ROME_OVERRIDES = {
-    "v_lr": 1.0,
-    "v_num_grad_steps": 100,
-    "v_weight_decay": 0.0,
-    "clamp_norm_factor": 100.0,
-    "context_template_length_params": [],
-    "mom2_adjustment": True,
-    "mom2_dataset": "corpus",
-}
-
-__all__ = ["FAMILIES", "ROME_OVERRIDES", "corpus_path", "counterfact_path", "fact_model_dir", "facts_path",
+__all__ = ["FAMILIES", "corpus_path", "counterfact_path", "fact_model_dir", "facts_path",
            "load_fact_model", "world_path"]
 
 
