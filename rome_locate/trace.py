@@ -11,8 +11,11 @@ hook on each restored module that writes the captured clean values back.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Literal, Sequence
 
@@ -22,15 +25,13 @@ from torch import nn
 
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
-from .hooks import captured, get_module, patched
+from .hooks import captured, get_module, patched, started_at
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]
 AnswerSource = Literal["top1", "target"]
 NOISE_DRAWS: tuple[str, ...] = ("torch", "rome", "replace")
-# Rows per forward. On CPU, activations of more rows fall out of cache and each row gets slower
-# (measured on 1 thread: 24 layers, 30 tokens, 250 rows: 40-row chunks 1.6x faster than 256-row ones).
-CPU_MAX_BATCH = 64
+# Rows per forward on an accelerator; on CPU see `CPU_CHUNK_BYTES`.
 ACCELERATOR_MAX_BATCH = 1024
 
 
@@ -253,51 +254,144 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
 
 
 # ---- restored runs -------------------------------------------------------------
+#
+# Every restored run shares work with the corrupted run: nothing below the bottom of its restoration
+# window differs from it, and (causal attention) nothing before the restored token. So the corrupted
+# run is made once, keeping each block's output; a group of restored sites then starts at the lowest
+# window bottom among them, fed the corrupted state there (`started_at`), and optionally at the
+# earliest restored token, with the positions before it read from a key/value cache.
 
 
-def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corruption, stop: int, groups: int,
-                  embed: str):
-    """Key/value cache of the corrupted prompt positions [0, stop), repeated for `groups` groups, or None.
+@dataclass(frozen=True)
+class _Costs:
+    """Measured forward costs of one model on its device, in seconds."""
 
-    Attention is causal, so restoring a token changes nothing before it: those
-    positions are computed once per chunk instead of once per row.
-    """
+    call: float  # per block run, however small the batch (kernel launches, Python)
+    token: float  # per row-position through one block
+
+
+_COSTS: "weakref.WeakKeyDictionary[nn.Module, _Costs]" = weakref.WeakKeyDictionary()
+# Activation bytes of one forward that still stay in a CPU core's caches (the rows bound of a chunk there):
+# on 1 thread, 24 layers d128, 30 tokens, 40-row chunks ran 1.6x faster than 256-row ones; 4 MiB is 64 rows.
+CPU_CHUNK_BYTES = 4 << 20
+
+
+def _costs(model: nn.Module, input_ids: torch.Tensor, n_blocks: int, keep_last: bool) -> _Costs:
+    """The model's `_Costs`, measured once per model (so repeated traces group sites alike) by timing
+    forwards of the prompt with 1 and with 8 rows, best of two each."""
+    known = _COSTS.get(model)
+    if known is not None:
+        return known
+    sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
+    times: dict[int, float] = {}
+    for rows in (1, 8, 1, 8):
+        sync()
+        t0 = time.perf_counter()
+        _last_probs(model, input_ids.expand(rows, -1), keep_last)
+        sync()
+        times[rows] = min(times.get(rows, float("inf")), time.perf_counter() - t0)
+    tokens = input_ids.shape[1]
+    token = max(times[8] - times[1], 0.0) / (7 * tokens * n_blocks)
+    call = max(times[1] - token * tokens * n_blocks, 0.0) / n_blocks
+    _COSTS[model] = _Costs(call=call, token=max(token, 1e-12))
+    return _COSTS[model]
+
+
+def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corruption, stop: int, embed: str):
+    """Key/value cache of the corrupted prompt positions [0, stop) for the S sample rows, or None."""
     S = corruption.samples
     with patched(model, {embed: corruption.edit(1, 0, stop)}, tokens=(S, stop)):
         out = model(input_ids=input_ids[:, :stop].expand(S, -1), use_cache=True)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
+    return cache
+
+
+def _repeated(cache, groups: int):
+    """A fresh copy of `cache` with each row repeated `groups` times (sample-major), for one forward."""
+    cache = copy.deepcopy(cache)
     if groups > 1:
         cache.batch_repeat_interleave(groups)
     return cache
 
 
+def _chunks(sites: list[tuple[int, int, int]], S: int, L: int, T: int, costs: _Costs, max_rows: int,
+            reuse_prefix: bool) -> list[list[tuple[int, int, int]]]:
+    """Split (token, bottom block, index) sites, sorted, into forwards of equal site count, the count
+    chosen to minimise the modelled time: per block run `costs.call`, per row-position-block `costs.token`."""
+    best: tuple[float, int] = (float("inf"), 1)
+    for k in range(1, max(1, max_rows // S) + 1):
+        total = 0.0
+        for i in range(0, len(sites), k):
+            chunk = sites[i:i + k]
+            blocks = L - min(lo for _, lo, _ in chunk)
+            positions = T - (min(t for t, _, _ in chunk) if reuse_prefix else 0)
+            total += blocks * (costs.call + costs.token * len(chunk) * S * positions)
+        best = min(best, (total, k))
+    k = best[1]
+    return [sites[i:i + k] for i in range(0, len(sites), k)]
+
+
+def _max_rows(model: nn.Module, T: int) -> int:
+    """Rows per forward: on CPU as many as keep one MLP's activations within `CPU_CHUNK_BYTES`."""
+    device, dtype = _device_dtype(model)
+    if device.type != "cpu":
+        return ACCELERATOR_MAX_BATCH
+    cfg = getattr(model, "config", None)
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 1024
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) \
+        or getattr(cfg, "ffn_dim", None) or 4 * d
+    per_row = T * int(inner) * torch.finfo(dtype).bits // 8
+    return max(1, min(ACCELERATOR_MAX_BATCH, CPU_CHUNK_BYTES // max(per_row, 1)))
+
+
 def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind: Kind, clean: dict[str, torch.Tensor],
                      corruption: _Corruption, sites: Sequence[tuple[int, int | None]], window: int, answer_id: int,
-                     max_batch: int, keep_last: bool, reuse_prefix: bool = True) -> list[float]:
+                     max_batch: int | None, keep_last: bool, reuse_prefix: bool | None = None) -> list[float]:
     """p_restored(answer) for each (token, layer) site (layer None: no restoration), several sites per forward."""
     S = corruption.samples
     L = arch.n_layers
     T = input_ids.shape[1]
-    per_chunk = max(1, max_batch // S)
     device = input_ids.device
-    out: list[float] = []
-    for begin in range(0, len(sites), per_chunk):
-        chunk = sites[begin:begin + per_chunk]
+    blocks = [arch.layer_module_tmp.format(i) for i in range(L)]
+
+    # The corrupted run: the baseline, and the state every block hands on.
+    arity: dict[str, int | None] = {}
+    with patched(model, {arch.embed: corruption.edit(1)}, tokens=(S, T)), \
+            captured(model, blocks, tokens=(S, T), arity=arity) as states:
+        p_corrupt = float(_last_probs(model, input_ids.expand(S, -1), keep_last)[:, answer_id].mean())
+    costs = _costs(model, input_ids, L, keep_last)
+    if reuse_prefix is None:
+        # Measured (1 thread, 24 layers d1024): on CPU the cached forward costs more than the prefix it saves.
+        reuse_prefix = device.type != "cpu"
+    max_rows = max_batch if max_batch is not None else _max_rows(model, T)
+
+    restored = [(t, max(0, layer - window // 2), i) for i, (t, layer) in enumerate(sites) if layer is not None]
+    restored.sort()
+    out: list[float] = [p_corrupt] * len(sites)
+    prefixes: dict[int, Any] = {}
+    for chunk in _chunks(restored, S, L, T, costs, max(max_rows, S), reuse_prefix):
         g = len(chunk)
-        start = min(t for t, _ in chunk) if reuse_prefix else 0
-        cache = _prefix_cache(model, input_ids, corruption, start, g, arch.embed) if start > 0 else None
+        bottom = min(lo for _, lo, _ in chunk)
+        start = min(t for t, _, _ in chunk) if reuse_prefix else 0
+        cache = None
+        if start > 0:
+            if start not in prefixes:
+                prefixes[start] = _prefix_cache(model, input_ids, corruption, start, arch.embed)
+            cache = prefixes[start]
         if cache is None:
             start = 0
+        else:
+            cache = _repeated(cache, g)
         # For each restored module: which rows (sample-major, row s·g + j) get which token's clean value.
         rows_of: dict[int, list[int]] = {}
         toks_of: dict[int, list[int]] = {}
-        for j, (token, layer) in enumerate(chunk):
-            for m in (window_layers(layer, window, L) if layer is not None else ()):
+        for j, (token, _, i) in enumerate(chunk):
+            for m in window_layers(sites[i][1], window, L):
                 rows_of.setdefault(m, []).extend(s * g + j for s in range(S))
                 toks_of.setdefault(m, []).extend([token] * S)
-        edits = {arch.embed: corruption.edit(g, start, T)}
+        edits = {arch.embed: corruption.edit(g, start, T)} if bottom == 0 else {}
         for m in sorted(rows_of):
             name = arch.module(kind, m)
             rows = torch.tensor(rows_of[m], device=device)
@@ -311,9 +405,12 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
                 return h
 
             edits[name] = restore
-        with patched(model, edits, tokens=(g * S, T - start)):
+        state = states[blocks[bottom - 1]][:, start:].repeat_interleave(g, dim=0) if bottom > 0 else None
+        with patched(model, edits, tokens=(g * S, T - start)), \
+                started_at(model, blocks, bottom, state, arity.get(blocks[0])):
             probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
-        out.extend(probs.view(S, g).mean(dim=0).tolist())
+        for j, p in enumerate(probs.view(S, g).mean(dim=0).tolist()):
+            out[chunk[j][2]] = p
     return out
 
 
@@ -321,7 +418,7 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
                samples: int = 10, window: int = 10, noise: float | None = None, noise_draws: NoiseDraws = "torch",
                answer: AnswerSource = "top1", full: bool = False, seed: int = 0,
                replacements: Sequence[str] | None = None, occurrence: int = 0,
-               max_batch: int | None = None, reuse_prefix: bool = True) -> TraceResult:
+               max_batch: int | None = None, reuse_prefix: bool | None = None) -> TraceResult:
     """Trace one fact: p_clean, p_corrupt and p_restored at the last subject token (or every token if `full`).
 
     `noise=None` uses 3 × the std of this fact's subject embeddings (`locate`
@@ -331,10 +428,11 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
     `replacements`; `samples` becomes the number of replacements used).
     The fast path (`full=False`) computes only the last-subject-token row;
     `full=True` computes the whole tokens × layers table, T times the work.
-    `max_batch` bounds the rows of one forward (default 64 on CPU, 1024 on an
-    accelerator); `reuse_prefix` computes the
-    positions before the restored token once per forward, from a key/value
-    cache (models without one fall back to whole-prompt runs).
+    `max_batch` bounds the rows of one forward (default: on CPU as many as keep
+    one MLP's activations in cache, 1024 on an accelerator); `reuse_prefix`
+    computes the positions before the restored token once, from a key/value
+    cache (default: on accelerators only; models without one fall back to
+    whole-prompt runs).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -350,8 +448,6 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
     arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
     L = arch.n_layers
     device, dtype = _device_dtype(model)
-    if max_batch is None:
-        max_batch = CPU_MAX_BATCH if device.type == "cpu" else ACCELERATOR_MAX_BATCH
     (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence)
     input_ids = torch.tensor([ids], device=device)
     keep_last = _keeps_last_logits(model)
