@@ -37,6 +37,7 @@ from .trace import (
     _sequence_logprob,
     effective_window,
     noise_level,
+    trace_fact,
     window_layers,
 )
 
@@ -185,3 +186,17 @@ def attribution_trace(model: nn.Module, tok, fact: Fact, *, arch=None, kind: Kin
         noise_draws=noise_draws, target_logprob=target_logprob,
     )
     return AtpResult(trace=trace, estimated=tuple(tuple(r) for r in estimated), verified=tuple(verified))
+
+
+def tracer(method: str = "exact", verify_top: int = 0):
+    """The per-fact trace function for `method` ("exact": `trace_fact`; "atp": attribution patching, its
+    TraceResult), called as `trace_fact` is; atp always fills the whole table."""
+    if method == "exact":
+        return trace_fact
+    if method != "atp":
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+    def trace(model, tok, fact, full: bool = True, max_batch=None, reuse_prefix=None, **kwargs) -> TraceResult:
+        return attribution_trace(model, tok, fact, verify_top=verify_top, **kwargs).trace
+
+    return trace

@@ -32,6 +32,10 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer", default="top1", choices=["top1", "target"],
                    help="measure p(model's clean top-1) as ROME does, or p(first token of the target)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator")
+    p.add_argument("--method", default="exact", choices=["exact", "atp"],
+                   help="exact restored runs, or attribution patching: one forward and backward estimate the table")
+    p.add_argument("--verify-top", type=int, default=0, metavar="K",
+                   help="with --method atp: re-check the K largest estimated effects with exact runs")
 
 
 def load_model(args: argparse.Namespace):
@@ -130,7 +134,7 @@ def _add_locate_parsers(sub) -> None:
 
 def _trace_kwargs(args: argparse.Namespace) -> dict:
     return dict(samples=args.samples, window=args.window, noise_draws=args.noise_draws, answer=args.answer,
-                seed=args.seed)
+                seed=args.seed, method=args.method, verify_top=args.verify_top)
 
 
 def _fmt_row(values) -> str:
@@ -142,7 +146,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from .choose import choose_layer
     from .facts import Fact
     from .locate import parse_noise
-    from .trace import noise_level, trace_fact
+    from .atp import tracer
+    from .trace import noise_level
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -157,9 +162,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     if level is None:
         level = noise_level(model, tok, [fact], arch, factor=factor)
     results = {}
+    kwargs = _trace_kwargs(args)
+    trace = tracer(kwargs.pop("method"), kwargs.pop("verify_top"))
     for kind in kinds:
-        results[kind] = trace_fact(model, tok, fact, arch=arch, kind=kind, noise=level, full=True,
-                                   occurrence=args.occurrence, **_trace_kwargs(args))
+        results[kind] = trace(model, tok, fact, arch=arch, kind=kind, noise=level, full=True,
+                              occurrence=args.occurrence, **kwargs)
     r = next(iter(results.values()))
     b, e = r.subject_range
     print(f"tokens: {list(r.tokens)}")

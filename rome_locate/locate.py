@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Arch, arch_for
+from .atp import tracer
 from .choose import LayerChoice, choose_layer
 from .facts import Fact
 from .files import safe_name, write_text
@@ -84,10 +85,13 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], *, out: str | Path | No
     row) to draw its heatmap, and the average-effect plot is drawn at the end.
     A rerun with the same `out` skips facts already there (matched by id and
     prompt). `skip_errors` warns and goes on when a fact cannot be traced.
+    `method="atp"` (with `verify_top`) estimates each table by attribution patching.
     """
     facts = list(facts)
     arch = arch_for(model, arch)
     kind = trace_kwargs.get("kind", "mlp")
+    method, verify_top = trace_kwargs.pop("method", "exact"), trace_kwargs.pop("verify_top", 0)
+    trace = trace_fact if method == "exact" else tracer(method, verify_top)
     draws = trace_kwargs.get("noise_draws", "torch")
     level, factor = parse_noise(noise)
     if draws == "replace":
@@ -121,7 +125,7 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], *, out: str | Path | No
                 result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
             else:
                 try:
-                    result = trace_fact(model, tok, fact, arch=arch, noise=level, **trace_kwargs)
+                    result = trace(model, tok, fact, arch=arch, noise=level, **trace_kwargs)
                 except ValueError as exc:
                     if not skip_errors:
                         raise ValueError(f"fact {fact.id!r}: {exc}") from None
