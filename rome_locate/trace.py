@@ -266,42 +266,59 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
 class _Costs:
     """Measured forward costs of one model on its device, in seconds."""
 
-    call: float  # per block run, however small the batch (kernel launches, Python)
+    forward: float  # per forward, blocks aside (embedding, LM head on one position, mask building)
+    block: float  # per block run, however small the batch (reading its weights, kernel launches)
     token: float  # per row-position through one block
 
 
 _COSTS: "weakref.WeakKeyDictionary[nn.Module, _Costs]" = weakref.WeakKeyDictionary()
-# Activation bytes of one forward that still stay in a CPU core's caches (the rows bound of a chunk there):
-# on 1 thread, 24 layers d128, 30 tokens, 40-row chunks ran 1.6x faster than 256-row ones; 4 MiB is 64 rows.
+# Activation bytes of one forward that still stay in a CPU core's caches: on 1 thread, 24 layers d128,
+# 30 tokens, 40-row chunks ran 1.6x faster than 256-row ones (4 MiB is 64 rows there). Larger models
+# read more weight bytes per forward, which more rows share, so 64 rows is the least a chunk may hold.
 CPU_CHUNK_BYTES = 4 << 20
+CPU_MIN_ROWS = 64
 
 
-def _costs(model: nn.Module, input_ids: torch.Tensor, n_blocks: int, keep_last: bool) -> _Costs:
-    """The model's `_Costs`, measured once per model (so repeated traces group sites alike) by timing
-    forwards of the prompt with 1 and with 8 rows, best of two each."""
+def _costs(model: nn.Module, arch: Arch, input_ids: torch.Tensor, keep_last: bool) -> _Costs:
+    """The model's `_Costs`, measured once per model (so repeated traces group sites alike): the embedding
+    and the LM head alone, and whole forwards of the prompt with 1 and with 16 rows, best of two each."""
     known = _COSTS.get(model)
     if known is not None:
         return known
     sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
-    times: dict[int, float] = {}
-    for rows in (1, 8, 1, 8):
-        sync()
-        t0 = time.perf_counter()
-        _last_probs(model, input_ids.expand(rows, -1), keep_last)
-        sync()
-        times[rows] = min(times.get(rows, float("inf")), time.perf_counter() - t0)
-    tokens = input_ids.shape[1]
-    token = max(times[8] - times[1], 0.0) / (7 * tokens * n_blocks)
-    call = max(times[1] - token * tokens * n_blocks, 0.0) / n_blocks
-    _COSTS[model] = _Costs(call=call, token=max(token, 1e-12))
+    L, T = arch.n_layers, input_ids.shape[1]
+    kw: dict[str, Any] = {"logits_to_keep": 1} if keep_last else {}
+    embed, norm, head = (get_module(model, n) for n in (arch.embed, arch.ln_f_module, arch.lm_head_module))
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(2):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    try:
+        forward = timed(lambda: head(norm(embed(input_ids))[:, -1:]))
+    except (RuntimeError, ValueError, TypeError):  # the embedding is projected before the blocks (OPT-350m)
+        forward = 0.0
+    one = timed(lambda: model(input_ids=input_ids, use_cache=False, **kw))
+    many = timed(lambda: model(input_ids=input_ids.expand(16, -1), use_cache=False, **kw))
+    token = max(many - one, 0.0) / (15 * T * L)
+    block = max(one - forward - token * T * L, 0.0) / L
+    _COSTS[model] = _Costs(forward=forward, block=block, token=max(token, 1e-12))
     return _COSTS[model]
 
 
-def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corruption, stop: int, embed: str):
+def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corruption, stop: int, embed: str,
+                  keep_last: bool):
     """Key/value cache of the corrupted prompt positions [0, stop) for the S sample rows, or None."""
     S = corruption.samples
+    kw: dict[str, Any] = {"logits_to_keep": 1} if keep_last else {}
     with patched(model, {embed: corruption.edit(1, 0, stop)}, tokens=(S, stop)):
-        out = model(input_ids=input_ids[:, :stop].expand(S, -1), use_cache=True)
+        out = model(input_ids=input_ids[:, :stop].expand(S, -1), use_cache=True, **kw)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
@@ -318,8 +335,8 @@ def _repeated(cache, groups: int):
 
 def _chunks(sites: list[tuple[int, int, int]], S: int, L: int, T: int, costs: _Costs, max_rows: int,
             reuse_prefix: bool) -> list[list[tuple[int, int, int]]]:
-    """Split (token, bottom block, index) sites, sorted, into forwards of equal site count, the count
-    chosen to minimise the modelled time: per block run `costs.call`, per row-position-block `costs.token`."""
+    """Split (token, bottom block, index) sites, in order, into forwards of equal site count, the count
+    chosen to minimise the modelled time (`_Costs`)."""
     best: tuple[float, int] = (float("inf"), 1)
     for k in range(1, max(1, max_rows // S) + 1):
         total = 0.0
@@ -327,14 +344,15 @@ def _chunks(sites: list[tuple[int, int, int]], S: int, L: int, T: int, costs: _C
             chunk = sites[i:i + k]
             blocks = L - min(lo for _, lo, _ in chunk)
             positions = T - (min(t for t, _, _ in chunk) if reuse_prefix else 0)
-            total += blocks * (costs.call + costs.token * len(chunk) * S * positions)
+            total += costs.forward + blocks * (costs.block + costs.token * len(chunk) * S * positions)
         best = min(best, (total, k))
     k = best[1]
     return [sites[i:i + k] for i in range(0, len(sites), k)]
 
 
 def _max_rows(model: nn.Module, T: int) -> int:
-    """Rows per forward: on CPU as many as keep one MLP's activations within `CPU_CHUNK_BYTES`."""
+    """Rows per forward: on CPU as many as keep one MLP's activations within `CPU_CHUNK_BYTES` (at least
+    `CPU_MIN_ROWS`)."""
     device, dtype = _device_dtype(model)
     if device.type != "cpu":
         return ACCELERATOR_MAX_BATCH
@@ -343,42 +361,44 @@ def _max_rows(model: nn.Module, T: int) -> int:
     inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) \
         or getattr(cfg, "ffn_dim", None) or 4 * d
     per_row = T * int(inner) * torch.finfo(dtype).bits // 8
-    return max(1, min(ACCELERATOR_MAX_BATCH, CPU_CHUNK_BYTES // max(per_row, 1)))
+    return max(CPU_MIN_ROWS, min(ACCELERATOR_MAX_BATCH, CPU_CHUNK_BYTES // max(per_row, 1)))
 
 
 def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind: Kind, clean: dict[str, torch.Tensor],
                      corruption: _Corruption, sites: Sequence[tuple[int, int | None]], window: int, answer_id: int,
                      max_batch: int | None, keep_last: bool, reuse_prefix: bool | None = None) -> list[float]:
-    """p_restored(answer) for each (token, layer) site (layer None: no restoration), several sites per forward."""
+    """p_restored(answer) for each (token, layer) site (layer None: no restoration), several sites per forward.
+
+    The first forward holds the corrupted baseline (which restores nothing) and starts at block 0; the
+    states its baseline rows hand from block to block feed the forwards that start higher.
+    """
     S = corruption.samples
     L = arch.n_layers
     T = input_ids.shape[1]
     device = input_ids.device
     blocks = [arch.layer_module_tmp.format(i) for i in range(L)]
-
-    # The corrupted run: the baseline, and the state every block hands on.
-    arity: dict[str, int | None] = {}
-    with patched(model, {arch.embed: corruption.edit(1)}, tokens=(S, T)), \
-            captured(model, blocks, tokens=(S, T), arity=arity) as states:
-        p_corrupt = float(_last_probs(model, input_ids.expand(S, -1), keep_last)[:, answer_id].mean())
-    costs = _costs(model, input_ids, L, keep_last)
+    costs = _costs(model, arch, input_ids, keep_last)
     if reuse_prefix is None:
         # Measured (1 thread, 24 layers d1024): on CPU the cached forward costs more than the prefix it saves.
         reuse_prefix = device.type != "cpu"
-    max_rows = max_batch if max_batch is not None else _max_rows(model, T)
+    max_rows = max(max_batch if max_batch is not None else _max_rows(model, T), S)
 
-    restored = [(t, max(0, layer - window // 2), i) for i, (t, layer) in enumerate(sites) if layer is not None]
-    restored.sort()
-    out: list[float] = [p_corrupt] * len(sites)
+    restored = sorted((t, max(0, layer - window // 2), i) for i, (t, layer) in enumerate(sites) if layer is not None)
+    # The baseline first, at the earliest token any site restores, so its states cover every later forward.
+    first = min((t for t, _, _ in restored), default=0)
+    plan = [(first, 0, -1)] + restored
+    out: list[float] = [0.0] * len(sites)
+    states: dict[str, torch.Tensor] = {}
+    arity: dict[str, int | None] = {}
     prefixes: dict[int, Any] = {}
-    for chunk in _chunks(restored, S, L, T, costs, max(max_rows, S), reuse_prefix):
+    for n, chunk in enumerate(_chunks(plan, S, L, T, costs, max_rows, reuse_prefix)):
         g = len(chunk)
         bottom = min(lo for _, lo, _ in chunk)
         start = min(t for t, _, _ in chunk) if reuse_prefix else 0
         cache = None
         if start > 0:
             if start not in prefixes:
-                prefixes[start] = _prefix_cache(model, input_ids, corruption, start, arch.embed)
+                prefixes[start] = _prefix_cache(model, input_ids, corruption, start, arch.embed, keep_last)
             cache = prefixes[start]
         if cache is None:
             start = 0
@@ -388,7 +408,7 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
         rows_of: dict[int, list[int]] = {}
         toks_of: dict[int, list[int]] = {}
         for j, (token, _, i) in enumerate(chunk):
-            for m in window_layers(sites[i][1], window, L):
+            for m in (window_layers(sites[i][1], window, L) if i >= 0 else ()):
                 rows_of.setdefault(m, []).extend(s * g + j for s in range(S))
                 toks_of.setdefault(m, []).extend([token] * S)
         edits = {arch.embed: corruption.edit(g, start, T)} if bottom == 0 else {}
@@ -405,12 +425,24 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
                 return h
 
             edits[name] = restore
-        state = states[blocks[bottom - 1]][:, start:].repeat_interleave(g, dim=0) if bottom > 0 else None
-        with patched(model, edits, tokens=(g * S, T - start)), \
-                started_at(model, blocks, bottom, state, arity.get(blocks[0])):
-            probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
+        if n == 0:
+            # Group 0 is the baseline: rows 0, g, 2g, ... of every block's output are the corrupted states.
+            with patched(model, edits, tokens=(g * S, T - start)), \
+                    captured(model, blocks, tokens=(g * S, T - start), arity=arity) as kept:
+                probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
+            states = {name: v[0::g] for name, v in kept.items()}
+            base = start
+        else:
+            state = states[blocks[bottom - 1]][:, start - base:].repeat_interleave(g, dim=0) if bottom > 0 else None
+            with patched(model, edits, tokens=(g * S, T - start)), \
+                    started_at(model, blocks, bottom, state, arity.get(blocks[0])):
+                probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
         for j, p in enumerate(probs.view(S, g).mean(dim=0).tolist()):
-            out[chunk[j][2]] = p
+            i = chunk[j][2]
+            if i < 0:
+                out = [p if site[1] is None else x for site, x in zip(sites, out)]
+            else:
+                out[i] = p
     return out
 
 
