@@ -134,3 +134,24 @@ def test_bad_arguments_name_themselves(sharp_model):
         attribution_trace(model, tok, FACT, verify_top=-1)
     with pytest.raises(ValueError, match="kind"):
         attribution_trace(model, tok, FACT, kind="resid")
+
+
+def test_cli_trace_and_locate_take_method_atp(tiny_tokenizer, tmp_path, capsys):
+    from test_locate import FACTS, _save_tiny
+
+    from rome_locate import cli
+
+    model_dir = _save_tiny(tmp_path, tiny_tokenizer, "gpt2")
+    code = cli.main(["trace", "--model", str(model_dir), "--prompt", FACTS[2].prompt, "--subject", "Miles Davis",
+                     "--device", "cpu", "--samples", "2", "--kinds", "mlp", "--method", "atp", "--verify-top", "3"])
+    assert code == 0
+    assert "choice (mlp): layer" in capsys.readouterr().out
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": f.prompt, "subject": f.subject, "target_new": f.target}) + "\n"
+                             for f in FACTS[:2]))
+    out = tmp_path / "out.jsonl"
+    code = cli.main(["locate", "--model", str(model_dir), "--facts", str(facts), "--out", str(out), "--device", "cpu",
+                     "--samples", "2", "--quiet", "--method", "atp"])
+    assert code == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 2 and all(line["table"] is not None for line in lines)
