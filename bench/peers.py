@@ -114,6 +114,48 @@ def nnsight_impl(lm, arch, job: Job):
         return [[run(t, layer) for layer in range(job.L)] for t in job.tokens], low
 
 
+def nnsight_batched_impl(lm, arch, job: Job, max_rows: int = 64):
+    """nnsight 0.8, as a user who batches: the sites' S-row groups stacked into traces of up to `max_rows` rows."""
+    def envoy(name: str):
+        obj = lm
+        for part in name.split("."):
+            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+        return obj
+
+    embed, head = envoy(arch.embed), envoy(arch.lm_head_module)
+    mlps = [envoy(arch.module("mlp", m)) for m in range(job.L)]
+    sites = [(job.e - 1, None)] + [(t, layer) for t in job.tokens for layer in range(job.L)]
+    per = max(1, max_rows // SAMPLES)
+    with torch.no_grad():
+        clean: list = []
+        with lm.trace(job.ids):
+            for m in mlps:
+                clean.append(m.output.save())
+            logits = head.output.save()
+        answer = int(logits[0, -1].argmax())
+        scores: list[float] = []
+        for i in range(0, len(sites), per):
+            chunk = sites[i:i + per]
+            g = len(chunk)
+            # Row j*S + s is sample s of site j.
+            plan = {m: [(j, t) for j, (t, layer) in enumerate(chunk) if layer is not None and m in job.layers(layer)]
+                    for m in range(job.L)}
+            ids, noise, b, e, n_layers, embed_, head_, mlps_, clean_ = (
+                job.ids.expand(g * SAMPLES, -1), job.noise.repeat(g, 1, 1), job.b, job.e, job.L, embed, head, mlps,
+                clean)
+            rows_of = {m: torch.tensor([j * SAMPLES + s for j, _ in plan[m] for s in range(SAMPLES)]) for m in plan}
+            toks_of = {m: torch.tensor([t for _, t in plan[m] for _ in range(SAMPLES)]) for m in plan}
+            with lm.trace(ids):
+                embed_.output[:, b:e] += noise
+                for m in range(n_layers):
+                    if len(rows_of[m]):
+                        mlps_[m].output[rows_of[m], toks_of[m]] = clean_[m][0, toks_of[m]]
+                probs = head_.output[:, -1].softmax(dim=-1)[:, answer].save()
+            scores += probs.view(g, SAMPLES).mean(dim=1).tolist()
+    low, flat = scores[0], scores[1:]
+    return [flat[k * job.L:(k + 1) * job.L] for k in range(len(job.tokens))], low
+
+
 # ---- TransformerLens -----------------------------------------------------------
 
 
@@ -221,6 +263,11 @@ def _implementations(model, tok, peers: list[str]) -> dict[str, Callable]:
 
         lm = LanguageModel(copy.deepcopy(model), tokenizer=tok)
         impls["nnsight"] = lambda job: nnsight_impl(lm, arch, job)
+    if "nnsight-batched" in peers:
+        from nnsight import LanguageModel
+
+        lm_b = LanguageModel(copy.deepcopy(model), tokenizer=tok)
+        impls["nnsight-batched"] = lambda job: nnsight_batched_impl(lm_b, arch, job)
     if "transformer_lens" in peers:
         from transformer_lens.model_bridge import TransformerBridge
 
@@ -306,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="fact-gpt2,fact-llama,medium")
     ap.add_argument("--modes", default="row,full")
     ap.add_argument("--facts", type=int, default=5, help="facts per model (the first one's times are dropped)")
-    ap.add_argument("--peers", default="nnsight,transformer_lens,pyvene")
+    ap.add_argument("--peers", default="nnsight,nnsight-batched,transformer_lens,pyvene")
     ap.add_argument("--no-atp", action="store_true", help="skip attribution patching in full mode")
     ap.add_argument("--out", default="bench/results/peers.json")
     args = ap.parse_args(argv)
