@@ -327,27 +327,38 @@ def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corrup
 
 def _repeated(cache, groups: int):
     """A fresh copy of `cache` with each row repeated `groups` times (sample-major), for one forward."""
-    cache = copy.deepcopy(cache)
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        # The forward replaces a layer's tensors (concatenation) instead of writing into them, so copying
+        # the layer objects is enough; a deep copy of the tensors would cost more than the forward saves.
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in layers]
+    else:
+        cache = copy.deepcopy(cache)
     if groups > 1:
         cache.batch_repeat_interleave(groups)
     return cache
+
+
+def _plan_cost(chunks: list[list[tuple[int, int, int]]], S: int, L: int, T: int, costs: _Costs,
+               reuse_prefix: bool) -> float:
+    """Modelled seconds of the forwards `chunks` need, prefix caches included."""
+    total = 0.0
+    starts = set()
+    for chunk in chunks:
+        blocks = L - min(lo for _, lo, _ in chunk)
+        start = min(t for t, _, _ in chunk) if reuse_prefix else 0
+        starts.add(start)
+        total += costs.forward + blocks * (costs.block + costs.token * len(chunk) * S * (T - start))
+    return total + sum(costs.forward + L * (costs.block + costs.token * S * t) for t in starts if t > 0)
 
 
 def _chunks(sites: list[tuple[int, int, int]], S: int, L: int, T: int, costs: _Costs, max_rows: int,
             reuse_prefix: bool) -> list[list[tuple[int, int, int]]]:
     """Split (token, bottom block, index) sites, in order, into forwards of equal site count, the count
     chosen to minimise the modelled time (`_Costs`)."""
-    best: tuple[float, int] = (float("inf"), 1)
-    for k in range(1, max(1, max_rows // S) + 1):
-        total = 0.0
-        for i in range(0, len(sites), k):
-            chunk = sites[i:i + k]
-            blocks = L - min(lo for _, lo, _ in chunk)
-            positions = T - (min(t for t, _, _ in chunk) if reuse_prefix else 0)
-            total += costs.forward + blocks * (costs.block + costs.token * len(chunk) * S * positions)
-        best = min(best, (total, k))
-    k = best[1]
-    return [sites[i:i + k] for i in range(0, len(sites), k)]
+    plans = [[sites[i:i + k] for i in range(0, len(sites), k)] for k in range(1, max(1, max_rows // S) + 1)]
+    return min(plans, key=lambda plan: _plan_cost(plan, S, L, T, costs, reuse_prefix))
 
 
 def _max_rows(model: nn.Module, T: int) -> int:
@@ -378,16 +389,18 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
     device = input_ids.device
     blocks = [arch.layer_module_tmp.format(i) for i in range(L)]
     costs = _costs(model, arch, input_ids, keep_last)
-    if reuse_prefix is None:
-        # Measured here (1 thread, interleaved): with the prefix cache the GPT-2 fact model's row was 1.03-1.15x
-        # and its full table 1.3x faster, the 24-layer d1024 row 1.13x; so it is on wherever the model has one.
-        reuse_prefix = True
     max_rows = max(max_batch if max_batch is not None else _max_rows(model, T), S)
 
     restored = sorted((t, max(0, layer - window // 2), i) for i, (t, layer) in enumerate(sites) if layer is not None)
     # The baseline first, at the earliest token any site restores, so its states cover every later forward.
     first = min((t for t, _, _ in restored), default=0)
     plan = [(first, 0, -1)] + restored
+    if reuse_prefix is None:
+        # The cache saves the positions before the restored token but costs a forward per distinct start:
+        # the cost model decides (on CPU it paid off for the 24-layer d1024 model's row and the fact models'
+        # full tables, and about broke even for their rows).
+        reuse_prefix = min((True, False), key=lambda r: _plan_cost(
+            _chunks(plan, S, L, T, costs, max_rows, r), S, L, T, costs, r))
     out: list[float] = [0.0] * len(sites)
     states: dict[str, torch.Tensor] = {}
     arity: dict[str, int | None] = {}
@@ -488,7 +501,8 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
     names = [arch.module(kind, layer) for layer in range(L)]
 
     was_training = model.training
-    model.eval()
+    if was_training or any(m.training for m in model.modules()):
+        model.eval()  # walking every module costs more than a small model's forward: only when needed
     try:
         with torch.no_grad():
             with captured(model, names, tokens=tuple(input_ids.shape)) as clean:
@@ -528,7 +542,8 @@ def trace_fact(model: nn.Module, tok, fact: Fact, *, arch: Arch | None = None, k
             p_corrupt, *flat = _restored_scores(model, input_ids, arch, kind, clean, corruption, sites, w,
                                                 answer_id, max_batch, keep_last, reuse_prefix)
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
     grid = [tuple(flat[i * L:(i + 1) * L]) for i in range(len(rows))]
     table = tuple(grid) if full else None
