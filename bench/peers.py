@@ -246,13 +246,7 @@ def _load(name: str):
                                        tie_word_embeddings=False)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # a peaked prediction, as a trained model has
-    return model, tok, load_facts(_fact_path_gpt2())
-
-
-def _fact_path_gpt2():
-    from rome_locate.fact_model import facts_path
-
-    return facts_path("gpt2")
+    return model, tok, load_facts(facts_path("gpt2"))
 
 
 def _implementations(model, tok, peers: list[str]) -> dict[str, Callable]:
