@@ -63,12 +63,13 @@ def patched(model: nn.Module, edits: Mapping[str, Edit], tokens: tuple[int, int]
 
 @contextmanager
 def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool = True,
-             tokens: tuple[int, int] | None = None,
-             arity: dict[str, int | None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+             tokens: tuple[int, int] | None = None, arity: dict[str, int | None] | None = None,
+             rows: slice | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, the returned dict fills with each named module's main output.
 
     With `tokens=(batch, seq)`, an output flattened over tokens is stored as (batch, seq, d).
     With `arity`, it also fills with each module's output tuple length (None: a bare tensor).
+    With `rows`, only those batch rows are kept.
     """
     cache: dict[str, torch.Tensor] = {}
     handles = []
@@ -78,6 +79,8 @@ def captured(model: nn.Module, names: list[str] | tuple[str, ...], detach: bool 
 
             def hook(_mod, _inp, output, name=name):
                 out = _per_token(_main(output), tokens)
+                if rows is not None:
+                    out = out[rows]
                 # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
                 cache[name] = out.detach().clone() if detach else out
                 if arity is not None:

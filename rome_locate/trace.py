@@ -442,9 +442,9 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
         if n == 0:
             # Group 0 is the baseline: rows 0, g, 2g, ... of every block's output are the corrupted states.
             with patched(model, edits, tokens=(g * S, T - start)), \
-                    captured(model, blocks, tokens=(g * S, T - start), arity=arity) as kept:
+                    captured(model, blocks, tokens=(g * S, T - start), arity=arity, rows=slice(0, None, g)) as kept:
                 probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
-            states = {name: v[0::g] for name, v in kept.items()}
+            states = kept
             base = start
         else:
             state = states[blocks[bottom - 1]][:, start - base:].repeat_interleave(g, dim=0) if bottom > 0 else None
