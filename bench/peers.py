@@ -78,17 +78,19 @@ def rome_locate_impl(model, tok, fact: Fact, level: float, full: bool):
 # ---- nnsight ---------------------------------------------------------------------
 
 
+def _envoy(lm, name: str):
+    """The nnsight envoy of the module called `name` (digits index module lists)."""
+    obj = lm
+    for part in name.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
 def nnsight_impl(lm, arch, job: Job):
     """nnsight 0.8: a trace per site; modules in the order the model runs them."""
 
-    def envoy(name: str):
-        obj = lm
-        for part in name.split("."):
-            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-        return obj
-
-    embed, head = envoy(arch.embed), envoy(arch.lm_head_module)
-    mlps = [envoy(arch.module("mlp", m)) for m in range(job.L)]
+    embed, head = _envoy(lm, arch.embed), _envoy(lm, arch.lm_head_module)
+    mlps = [_envoy(lm, arch.module("mlp", m)) for m in range(job.L)]
     with torch.no_grad():
         clean: list = []  # filled inside the trace: nnsight hands back saved values, not new local lists
         with lm.trace(job.ids):
@@ -116,14 +118,8 @@ def nnsight_impl(lm, arch, job: Job):
 
 def nnsight_batched_impl(lm, arch, job: Job, max_rows: int = 64):
     """nnsight 0.8, as a user who batches: the sites' S-row groups stacked into traces of up to `max_rows` rows."""
-    def envoy(name: str):
-        obj = lm
-        for part in name.split("."):
-            obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-        return obj
-
-    embed, head = envoy(arch.embed), envoy(arch.lm_head_module)
-    mlps = [envoy(arch.module("mlp", m)) for m in range(job.L)]
+    embed, head = _envoy(lm, arch.embed), _envoy(lm, arch.lm_head_module)
+    mlps = [_envoy(lm, arch.module("mlp", m)) for m in range(job.L)]
     sites = [(job.e - 1, None)] + [(t, layer) for t in job.tokens for layer in range(job.L)]
     per = max(1, max_rows // SAMPLES)
     with torch.no_grad():
