@@ -32,6 +32,10 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer", default="top1", choices=["top1", "target"],
                    help="measure p(model's clean top-1) as ROME does, or p(first token of the target)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator")
+    p.add_argument("--method", default="exact", choices=["exact", "atp"],
+                   help="exact restored runs, or attribution patching: one forward and backward estimate the table")
+    p.add_argument("--verify-top", type=int, default=0, metavar="K",
+                   help="with --method atp: re-check the K largest estimated effects with exact runs")
 
 
 def load_model(args: argparse.Namespace):
@@ -47,7 +51,8 @@ def _trace_settings(args: argparse.Namespace, full: bool = False):
     from .trace import TraceSettings
 
     return TraceSettings(kind=args.kind, samples=args.samples, window=args.window, noise=args.noise,
-                         noise_draws=args.noise_draws, answer=args.answer, seed=args.seed, full=full)
+                         noise_draws=args.noise_draws, answer=args.answer, seed=args.seed, full=full,
+                         method=args.method, verify_top=args.verify_top)
 
 
 def _cmd_fact_model(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The only code that registers hooks: read or rewrite named modules' outputs, read their inputs, always cleaned up."""
+"""The only code that registers hooks or stands in for modules: read or rewrite named modules' outputs, read their
+inputs, skip blocks (`started_at`); always cleaned up."""
 
 from __future__ import annotations
 
@@ -87,18 +88,25 @@ def patched(model: nn.Module, rewrites: Mapping[str, Rewrite], tokens: tuple[int
 
 @contextmanager
 def captured(model: nn.Module, names: Sequence[str], detach: bool = True,
-             tokens: tuple[int, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+             tokens: tuple[int, int] | None = None, arity: dict[str, int | None] | None = None,
+             rows: slice | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, the returned dict fills with each named module's main output.
 
     With `tokens=(batch, seq)`, an output flattened over tokens is stored as (batch, seq, d).
+    With `arity`, it also fills with each module's output tuple length (None: a bare tensor).
+    With `rows`, only those batch rows are kept.
     """
     cache: dict[str, torch.Tensor] = {}
 
     def keeper(name: str) -> Callable:
         def hook(_mod, _inp, output):
             out = _per_token(_main(output), tokens)
+            if rows is not None:
+                out = out[rows]
             # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
             cache[name] = out.detach().clone() if detach else out
+            if arity is not None:
+                arity[name] = len(output) if isinstance(output, tuple) else None
 
         return hook
 
@@ -131,6 +139,48 @@ def captured_inputs(model: nn.Module, names: Sequence[str], tokens: tuple[int, i
             yield cache
         except StopForward:
             pass
+
+
+class _Relay(nn.Module):
+    """Stands in for a block that is not run: hands on its input, or `state`, shaped as the block's output."""
+
+    def __init__(self, block: nn.Module, state: torch.Tensor | None, arity: int | None):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: the model's module tree stays as it was
+        self.state = state
+        self.arity = arity
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        h = hidden_states if self.state is None else self.state
+        return h if self.arity is None else (h,) + (None,) * (self.arity - 1)
+
+    def __getattr__(self, name: str):
+        # Decoder loops read per-block attributes (attention_type, layer_idx): answer with the block's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+
+@contextmanager
+def started_at(model: nn.Module, blocks: Sequence[str], start: int, state: torch.Tensor,
+               arity: int | None) -> Iterator[None]:
+    """Within the block, blocks[:start] are not run and blocks[start] receives `state` as its hidden states.
+
+    `arity` is the blocks' output tuple length (None: they return a bare tensor), as `captured` records it.
+    """
+    swapped = []
+    try:
+        for i in range(start):
+            parent_name, _, child = blocks[i].rpartition(".")
+            parent = get_module(model, parent_name)
+            block = parent._modules[child]
+            parent._modules[child] = _Relay(block, state if i == start - 1 else None, arity)
+            swapped.append((parent, child, block))
+        yield
+    finally:
+        for parent, child, block in reversed(swapped):
+            parent._modules[child] = block
 
 
 def hook_count(model: nn.Module) -> int:

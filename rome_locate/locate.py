@@ -145,7 +145,8 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     cannot be traced (a ValueError: subject not in the prompt, prompt too long,
     NaN in the model). `dataset`, when `facts` is a shard of it (torchrun), is
     where the noise level and the replacement subjects come from, so that a
-    shard is traced as the whole is.
+    shard is traced as the whole is. `settings.method="atp"` (with
+    `verify_top`) estimates each table by attribution patching.
     """
     out_path = check_out(out) if out is not None else None
     plots = check_output_dir(plots_dir, "--plots") if plots_dir is not None else None

@@ -11,12 +11,14 @@ hook on each restored module that writes the captured clean values back.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -24,18 +26,18 @@ from torch import nn
 
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
-from .hooks import captured, get_module, patched
+from .hooks import captured, get_module, patched, started_at
 from .models import ModelFingerprint, context_length, input_device, model_dtype
 from .records import Record, non_finite
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]
 AnswerSource = Literal["top1", "target"]
+Method = Literal["exact", "atp"]
 NOISE_DRAWS: tuple[str, ...] = ("torch", "rome", "replace")
 ANSWERS: tuple[str, ...] = ("top1", "target")
-# Rows per forward. On CPU, activations of more rows fall out of cache and each row gets slower
-# (measured on 1 thread: 24 layers, 30 tokens, 250 rows: 40-row chunks 1.6x faster than 256-row ones).
-CPU_MAX_BATCH = 64
+METHODS: tuple[str, ...] = ("exact", "atp")
+# Rows per forward on an accelerator; on CPU see `CPU_CHUNK_BYTES`.
 ACCELERATOR_MAX_BATCH = 1024
 
 
@@ -50,6 +52,10 @@ class TraceSettings(Record):
     of the subjects' token embeddings, computed once per model and dataset.
     `full` traces every token (the heatmap's table), not only the last subject
     token's row, about T times the work.
+    `method` "exact" makes the restored runs; "atp" estimates the whole table by
+    attribution patching (atp.py: one forward and backward per fact), and then
+    `verify_top` K re-checks its K largest estimated effects with exact runs.
+    Both change the numbers, so they are recorded and checked on resume like the rest.
     """
 
     kind: Kind = "mlp"
@@ -60,6 +66,8 @@ class TraceSettings(Record):
     answer: AnswerSource = "top1"
     seed: int = 0
     full: bool = False
+    method: Method = "exact"
+    verify_top: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -68,7 +76,9 @@ class TraceSettings(Record):
             raise ValueError(f"noise_draws must be one of {NOISE_DRAWS}, got {self.noise_draws!r}")
         if self.answer not in ANSWERS:
             raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
-        for name in ("samples", "window", "seed"):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("samples", "window", "seed", "verify_top"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -76,6 +86,10 @@ class TraceSettings(Record):
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.verify_top < 0:
+            raise ValueError(f"verify_top must be >= 0, got {self.verify_top}")
+        if self.verify_top and self.method != "atp":
+            raise ValueError("verify_top re-checks attribution-patching estimates: it needs method='atp'")
         object.__setattr__(self, "noise", _normalised_noise(self.noise))
 
     @property
@@ -302,51 +316,157 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
 
 
 # ---- restored runs -------------------------------------------------------------
+#
+# Every restored run shares work with the corrupted run: nothing below the bottom of its restoration
+# window differs from it, and (causal attention) nothing before the restored token. So the corrupted
+# run is made once, keeping each block's output; a group of restored sites then starts at the lowest
+# window bottom among them, fed the corrupted state there (`started_at`), and optionally at the
+# earliest restored token, with the positions before it read from a key/value cache.
 
 
-def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corruption, stop: int, groups: int,
-                  embed: str):
-    """Key/value cache of the corrupted prompt positions [0, stop), repeated for `groups` groups, or None.
+@dataclass(frozen=True)
+class _Costs:
+    """Forward costs the chunking plan weighs, in row-positions through one block."""
 
-    Attention is causal, so restoring a token changes nothing before it: those
-    positions are computed once per chunk instead of once per row.
-    """
+    forward: float  # per forward, blocks aside (embedding, LM head on one position, mask building)
+    block: float  # per block run, however small the batch (reading its weights, kernel launches)
+    token: float  # per row-position through one block
+
+
+# Fixed figures, not timings taken at run time: the plan decides which rows share a forward, which
+# changes the last bits of the numbers, and a fact must give the same bytes in every run (resumes,
+# torchrun shards against one process). On this project's CPU (1 thread; the fact models and a 24-layer
+# d1024 GPT-2) a block run cost 22-140 row-positions and a forward's fixed part 8-35, timed by
+# issue 13's run-time measurement; 32 stands for both. On an accelerator (not measured here) a block's
+# kernel launches outweigh hundreds of rows, so chunks there are as large as `max_batch` allows.
+CPU_COSTS = _Costs(forward=32.0, block=32.0, token=1.0)
+ACCELERATOR_COSTS = _Costs(forward=4096.0, block=4096.0, token=1.0)
+# Activation bytes of one forward that still stay in a CPU core's caches: on 1 thread, 24 layers d128,
+# 30 tokens, 40-row chunks ran 1.6x faster than 256-row ones (4 MiB is 64 rows there). Larger models
+# read more weight bytes per forward, which more rows share, so 64 rows is the least a chunk may hold.
+CPU_CHUNK_BYTES = 4 << 20
+CPU_MIN_ROWS = 64
+
+
+def _costs(model: nn.Module) -> _Costs:
+    """The `_Costs` the plan uses for `model`'s device."""
+    return CPU_COSTS if input_device(model).type == "cpu" else ACCELERATOR_COSTS
+
+
+def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corruption, stop: int, embed: str,
+                  keep_last: bool):
+    """Key/value cache of the corrupted prompt positions [0, stop) for the S sample rows, or None."""
     S = corruption.samples
+    kw: dict[str, Any] = {"logits_to_keep": 1} if keep_last else {}
     with patched(model, {embed: corruption.edit(1, 0, stop)}, tokens=(S, stop)):
-        out = model(input_ids=input_ids[:, :stop].expand(S, -1), use_cache=True)
+        out = model(input_ids=input_ids[:, :stop].expand(S, -1), use_cache=True, **kw)
     cache = getattr(out, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
+    return cache
+
+
+def _repeated(cache, groups: int):
+    """A fresh copy of `cache` with each row repeated `groups` times (sample-major), for one forward."""
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, list):
+        # The forward replaces a layer's tensors (concatenation) instead of writing into them, so copying
+        # the layer objects is enough; a deep copy of the tensors would cost more than the forward saves.
+        cache = copy.copy(cache)
+        cache.layers = [copy.copy(layer) for layer in layers]
+    else:
+        cache = copy.deepcopy(cache)
     if groups > 1:
         cache.batch_repeat_interleave(groups)
     return cache
 
 
+def _plan_cost(chunks: list[list[tuple[int, int, int]]], S: int, L: int, T: int, costs: _Costs,
+               reuse_prefix: bool) -> float:
+    """Modelled seconds of the forwards `chunks` need, prefix caches included."""
+    total = 0.0
+    starts = set()
+    for chunk in chunks:
+        blocks = L - min(lo for _, lo, _ in chunk)
+        start = min(t for t, _, _ in chunk) if reuse_prefix else 0
+        starts.add(start)
+        total += costs.forward + blocks * (costs.block + costs.token * len(chunk) * S * (T - start))
+    return total + sum(costs.forward + L * (costs.block + costs.token * S * t) for t in starts if t > 0)
+
+
+def _chunks(sites: list[tuple[int, int, int]], S: int, L: int, T: int, costs: _Costs, max_rows: int,
+            reuse_prefix: bool) -> list[list[tuple[int, int, int]]]:
+    """Split (token, bottom block, index) sites, in order, into forwards of equal site count, the count
+    chosen to minimise the modelled time (`_Costs`)."""
+    plans = [[sites[i:i + k] for i in range(0, len(sites), k)] for k in range(1, max(1, max_rows // S) + 1)]
+    return min(plans, key=lambda plan: _plan_cost(plan, S, L, T, costs, reuse_prefix))
+
+
+def _max_rows(model: nn.Module, T: int) -> int:
+    """Rows per forward: on CPU as many as keep one MLP's activations within `CPU_CHUNK_BYTES` (at least
+    `CPU_MIN_ROWS`)."""
+    device, dtype = input_device(model), model_dtype(model)
+    if device.type != "cpu":
+        return ACCELERATOR_MAX_BATCH
+    cfg = getattr(model, "config", None)
+    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 1024
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) \
+        or getattr(cfg, "ffn_dim", None) or 4 * d
+    per_row = T * int(inner) * torch.finfo(dtype).bits // 8
+    return max(CPU_MIN_ROWS, min(ACCELERATOR_MAX_BATCH, CPU_CHUNK_BYTES // max(per_row, 1)))
+
+
 def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind: Kind, clean: dict[str, torch.Tensor],
                      corruption: _Corruption, sites: Sequence[tuple[int, int | None]], window: int, answer_id: int,
-                     max_batch: int, keep_last: bool, reuse_prefix: bool = True) -> list[float]:
-    """p_restored(answer) for each (token, layer) site (layer None: no restoration), several sites per forward."""
+                     max_batch: int | None, keep_last: bool, reuse_prefix: bool | None = None) -> list[float]:
+    """p_restored(answer) for each (token, layer) site (layer None: no restoration), several sites per forward.
+
+    The first forward holds the corrupted baseline (which restores nothing) and starts at block 0; the
+    states its baseline rows hand from block to block feed the forwards that start higher.
+    """
     S = corruption.samples
     L = arch.n_layers
     T = input_ids.shape[1]
-    per_chunk = max(1, max_batch // S)
     device = input_ids.device
-    out: list[float] = []
-    for begin in range(0, len(sites), per_chunk):
-        chunk = sites[begin:begin + per_chunk]
+    blocks = [arch.layer_module_tmp.format(i) for i in range(L)]
+    costs = _costs(model)
+    max_rows = max(max_batch if max_batch is not None else _max_rows(model, T), S)
+
+    restored = sorted((t, max(0, layer - window // 2), i) for i, (t, layer) in enumerate(sites) if layer is not None)
+    # The baseline first, at the earliest token any site restores, so its states cover every later forward.
+    first = min((t for t, _, _ in restored), default=0)
+    plan = [(first, 0, -1)] + restored
+    if reuse_prefix is None:
+        # The cache saves the positions before the restored token but costs a forward per distinct start:
+        # the cost model decides (on CPU it paid off for the 24-layer d1024 model's row and the fact models'
+        # full tables, and about broke even for their rows).
+        reuse_prefix = min((True, False), key=lambda r: _plan_cost(
+            _chunks(plan, S, L, T, costs, max_rows, r), S, L, T, costs, r))
+    out: list[float] = [0.0] * len(sites)
+    states: dict[str, torch.Tensor] = {}
+    arity: dict[str, int | None] = {}
+    prefixes: dict[int, Any] = {}
+    for n, chunk in enumerate(_chunks(plan, S, L, T, costs, max_rows, reuse_prefix)):
         g = len(chunk)
-        start = min(t for t, _ in chunk) if reuse_prefix else 0
-        cache = _prefix_cache(model, input_ids, corruption, start, g, arch.embed) if start > 0 else None
+        bottom = min(lo for _, lo, _ in chunk)
+        start = min(t for t, _, _ in chunk) if reuse_prefix else 0
+        cache = None
+        if start > 0:
+            if start not in prefixes:
+                prefixes[start] = _prefix_cache(model, input_ids, corruption, start, arch.embed, keep_last)
+            cache = prefixes[start]
         if cache is None:
             start = 0
+        else:
+            cache = _repeated(cache, g)
         # For each restored module: which rows (sample-major, row s·g + j) get which token's clean value.
         rows_of: dict[int, list[int]] = {}
         toks_of: dict[int, list[int]] = {}
-        for j, (token, layer) in enumerate(chunk):
-            for m in (window_layers(layer, window, L) if layer is not None else ()):
+        for j, (token, _, i) in enumerate(chunk):
+            for m in (window_layers(sites[i][1], window, L) if i >= 0 else ()):
                 rows_of.setdefault(m, []).extend(s * g + j for s in range(S))
                 toks_of.setdefault(m, []).extend([token] * S)
-        edits = {arch.embed: corruption.edit(g, start, T)}
+        edits = {arch.embed: corruption.edit(g, start, T)} if bottom == 0 else {}
         for m in sorted(rows_of):
             name = arch.module(kind, m)
             rows = torch.tensor(rows_of[m], device=device)
@@ -361,16 +481,135 @@ def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind
                 return h
 
             edits[name] = restore
-        with patched(model, edits, tokens=(g * S, T - start)):
-            probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
-        out.extend(probs.view(S, g).mean(dim=0).tolist())
+        if n == 0:
+            # Group 0 is the baseline: rows 0, g, 2g, ... of every block's output are the corrupted states.
+            with patched(model, edits, tokens=(g * S, T - start)), \
+                    captured(model, blocks, tokens=(g * S, T - start), arity=arity, rows=slice(0, None, g)) as kept:
+                probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
+            states = kept
+            base = start
+        else:
+            state = states[blocks[bottom - 1]][:, start - base:].repeat_interleave(g, dim=0) if bottom > 0 else None
+            with patched(model, edits, tokens=(g * S, T - start)), \
+                    started_at(model, blocks, bottom, state, arity.get(blocks[0])):
+                probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
+        for j, p in enumerate(probs.view(S, g).mean(dim=0).tolist()):
+            i = chunk[j][2]
+            if i < 0:
+                out = [p if site[1] is None else x for site, x in zip(sites, out)]
+            else:
+                out[i] = p
     return out
+
+
+@dataclass
+class _Setup:
+    """What every method of tracing one fact starts from: the prompt, its clean run and its corruption."""
+
+    fact: Fact
+    ids: list[int]
+    input_ids: torch.Tensor
+    b: int
+    e: int
+    used: int  # the subject occurrence found
+    keep_last: bool
+    names: list[str]  # the traced modules, one per layer
+    clean: dict[str, torch.Tensor]  # their clean outputs, (1, T, d)
+    p_clean: torch.Tensor
+    top1_id: int
+    answer_id: int
+    known: bool | None
+    target_logprob: float | None
+    corruption: _Corruption
+    level: float
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Within the block the model is in eval mode; a model that was training is put back."""
+    was_training = model.training
+    if was_training or any(m.training for m in model.modules()):
+        model.eval()  # walking every module costs more than a small model's forward: only when needed
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _set_up(model: nn.Module, tok, fact: Fact, settings: TraceSettings, arch: Arch, noise_level: float | None,
+            replacements: Sequence[str] | None, occurrence: int) -> _Setup:
+    """The clean run (module outputs captured), the answer and the corruption; call under no_grad and eval."""
+    if fact.prompt != fact.prompt.rstrip():
+        warnings.warn(f"prompt {fact.prompt!r} ends with whitespace: byte-level BPE models see it as its own "
+                      f"token, which wrecks the next-token prediction", stacklevel=3)
+    device, dtype = input_device(model), model_dtype(model)
+    (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence)
+    _check_context(model, fact, len(ids), "prompt")
+    input_ids = torch.tensor([ids], device=device)
+    keep_last = _keeps_last_logits(model)
+    names = [arch.module(settings.kind, layer) for layer in range(arch.n_layers)]
+    with captured(model, names, tokens=tuple(input_ids.shape)) as clean:
+        p_clean = _last_probs(model, input_ids, keep_last)[0]
+    top1_id = int(p_clean.argmax())
+    target_logprob = known = target_first = None
+    if fact.target:
+        t_full, t_pos = continuation(tok, fact.prompt, fact.target)
+        _check_context(model, fact, len(t_full), "prompt + target")
+        target_first = t_full[t_pos[0]]
+        known = top1_id == target_first
+        target_logprob = _sequence_logprob(model, t_full, t_pos)
+    if settings.answer == "target":
+        if target_first is None:
+            raise ValueError(f"answer='target' but fact {fact.id!r} ({fact.prompt!r}) has no target")
+        answer_id = target_first
+    else:
+        answer_id = top1_id
+
+    if settings.noise_draws == "replace":
+        corruption = _replacement_corruption(model, tok, arch, fact.prompt, fact.subject, used, b, e, ids,
+                                             replacements, settings.samples, settings.seed)
+        level = 0.0
+    else:
+        level = noise_level if noise_level is not None else settings.fixed_noise
+        if level is None:
+            level = _sigma_level(model, tok, [fact.subject], arch, settings.noise_factor)
+        level = float(level)
+        hidden = get_module(model, arch.embed)(input_ids[:, :1]).shape[-1]
+        corruption = _noise_corruption(b, e, hidden, settings.samples, level, settings.noise_draws, settings.seed,
+                                       device, dtype)
+    return _Setup(fact=fact, ids=ids, input_ids=input_ids, b=b, e=e, used=used, keep_last=keep_last, names=names,
+                  clean=clean, p_clean=p_clean, top1_id=top1_id, answer_id=answer_id, known=known,
+                  target_logprob=target_logprob, corruption=corruption, level=level)
+
+
+def _result(tok, setup: _Setup, settings: TraceSettings, window: int, p_corrupt: float, scores: Sequence[float],
+            table: Sequence[Sequence[float]] | None) -> TraceResult:
+    """The TraceResult of a traced fact; non-finite numbers are a ValueError naming the prompt."""
+    u = setup
+    high = float(u.p_clean[u.answer_id])
+    scores = tuple(scores)
+    table = tuple(tuple(row) for row in table) if table is not None else None
+    bad = non_finite({"p_clean": high, "p_corrupt": p_corrupt, "scores": scores,
+                      "table": table, "target_logprob": u.target_logprob, "noise": u.level})
+    if bad:
+        raise ValueError(f"the model gives non-finite numbers (NaN or inf) for prompt {u.fact.prompt!r}: "
+                         f"{', '.join(bad[:5])}; check its weights and --dtype")
+    return TraceResult(
+        fact_id=str(u.fact.id), prompt=u.fact.prompt, subject=u.fact.subject, kind=settings.kind,
+        tokens=tuple(tok.decode([t]) for t in u.ids), subject_range=(u.b, u.e), subject_occurrence=u.used,
+        answer=tok.decode([u.answer_id]), answer_id=u.answer_id, answer_source=settings.answer,
+        top1=tok.decode([u.top1_id]), target=u.fact.target, known=u.known,
+        high_score=high, low_score=p_corrupt, scores=scores, table=table,
+        noise=u.level, samples=u.corruption.samples, window=window, noise_draws=settings.noise_draws,
+        target_logprob=u.target_logprob, settings=settings,
+    )
 
 
 def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = TraceSettings(), *,
                arch: Arch | None = None, noise_level: float | None = None,
                replacements: Sequence[str] | None = None, occurrence: int = 0,
-               max_batch: int | None = None, reuse_prefix: bool = True) -> TraceResult:
+               max_batch: int | None = None, reuse_prefix: bool | None = None) -> TraceResult:
     """Trace one fact: p_clean, p_corrupt and p_restored at the last subject token (or every token if `settings.full`).
 
     `noise_level` is the level to add (`locate` computes the dataset's once);
@@ -381,93 +620,35 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
     `replacements`; the samples become the number of replacements used).
     The fast path (`full=False`) computes only the last-subject-token row;
     `full=True` computes the whole tokens × layers table, T times the work.
-    `max_batch` bounds the rows of one forward (default 64 on CPU, 1024 on an
-    accelerator); `reuse_prefix` computes the
-    positions before the restored token once per forward, from a key/value
-    cache (models without one fall back to whole-prompt runs).
+    `max_batch` bounds the rows of one forward (default: on CPU as many as keep
+    one MLP's activations in cache, at least 64; 1024 on an accelerator);
+    `reuse_prefix` computes the positions before the restored token once, from
+    a key/value cache (default on; models without one fall back to whole-prompt
+    runs). Restored runs start at the bottom of their window, fed the corrupted
+    run's states, so they skip the blocks below it. `settings.method="atp"`
+    hands the fact to `atp.attribution_trace` (always the whole table).
     """
     if not isinstance(settings, TraceSettings):
         raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
-    kind, samples, window, seed = settings.kind, settings.samples, settings.window, settings.seed
-    noise_draws, answer, full = settings.noise_draws, settings.answer, settings.full
-    if fact.prompt != fact.prompt.rstrip():
-        warnings.warn(f"prompt {fact.prompt!r} ends with whitespace: byte-level BPE models see it as its own "
-                      f"token, which wrecks the next-token prediction", stacklevel=2)
+    if settings.method == "atp":
+        from .atp import attribution_trace  # atp builds on this module's restored runs
+
+        return attribution_trace(model, tok, fact, settings, arch=arch, noise_level=noise_level,
+                                 replacements=replacements, occurrence=occurrence).trace
     arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
     L = arch.n_layers
-    device, dtype = input_device(model), model_dtype(model)
-    if max_batch is None:
-        max_batch = CPU_MAX_BATCH if device.type == "cpu" else ACCELERATOR_MAX_BATCH
-    (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence)
-    _check_context(model, fact, len(ids), "prompt")
-    input_ids = torch.tensor([ids], device=device)
-    keep_last = _keeps_last_logits(model)
-    names = [arch.module(kind, layer) for layer in range(L)]
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            with captured(model, names, tokens=tuple(input_ids.shape)) as clean:
-                p_clean = _last_probs(model, input_ids, keep_last)[0]
-            top1_id = int(p_clean.argmax())
-            target_logprob = None
-            known = None
-            target_first = None
-            if fact.target:
-                t_full, t_pos = continuation(tok, fact.prompt, fact.target)
-                _check_context(model, fact, len(t_full), "prompt + target")
-                target_first = t_full[t_pos[0]]
-                known = top1_id == target_first
-                target_logprob = _sequence_logprob(model, t_full, t_pos)
-            if answer == "target":
-                if target_first is None:
-                    raise ValueError(f"answer='target' but fact {fact.id!r} ({fact.prompt!r}) has no target")
-                answer_id = target_first
-            else:
-                answer_id = top1_id
-
-            if noise_draws == "replace":
-                corruption = _replacement_corruption(model, tok, arch, fact.prompt, fact.subject, used, b, e, ids,
-                                                     replacements, samples, seed)
-                level = 0.0
-            else:
-                level = noise_level if noise_level is not None else settings.fixed_noise
-                if level is None:
-                    level = _sigma_level(model, tok, [fact.subject], arch, settings.noise_factor)
-                level = float(level)
-                hidden = get_module(model, arch.embed)(input_ids[:, :1]).shape[-1]
-                corruption = _noise_corruption(b, e, hidden, samples, level, noise_draws, seed, device, dtype)
-            S = corruption.samples
-
-            w = effective_window(window, L, kind)
-            T = len(ids)
-            rows = range(T) if full else [e - 1]
-            # The corrupted baseline is the site that restores nothing; it rides in the first forward.
-            sites: list[tuple[int, int | None]] = [(e - 1, None)]
-            sites += [(t, layer) for t in rows for layer in range(L)]
-            p_corrupt, *flat = _restored_scores(model, input_ids, arch, kind, clean, corruption, sites, w,
-                                                answer_id, max_batch, keep_last, reuse_prefix)
-    finally:
-        model.train(was_training)
-
+    with _evaluating(model), torch.no_grad():
+        u = _set_up(model, tok, fact, settings, arch, noise_level, replacements, occurrence)
+        w = effective_window(settings.window, L, settings.kind)
+        rows = range(len(u.ids)) if settings.full else [u.e - 1]
+        # The corrupted baseline is the site that restores nothing; it rides in the first forward.
+        sites: list[tuple[int, int | None]] = [(u.e - 1, None)]
+        sites += [(t, layer) for t in rows for layer in range(L)]
+        p_corrupt, *flat = _restored_scores(model, u.input_ids, arch, settings.kind, u.clean, u.corruption, sites, w,
+                                            u.answer_id, max_batch, u.keep_last, reuse_prefix)
     grid = [tuple(flat[i * L:(i + 1) * L]) for i in range(len(rows))]
-    table = tuple(grid) if full else None
-    scores = grid[e - 1] if full else grid[0]
-    bad = non_finite({"p_clean": float(p_clean[answer_id]), "p_corrupt": p_corrupt, "scores": scores,
-                      "table": table, "target_logprob": target_logprob, "noise": level})
-    if bad:
-        raise ValueError(f"the model gives non-finite numbers (NaN or inf) for prompt {fact.prompt!r}: "
-                         f"{', '.join(bad[:5])}; check its weights and --dtype")
-    return TraceResult(
-        fact_id=str(fact.id), prompt=fact.prompt, subject=fact.subject, kind=kind,
-        tokens=tuple(tok.decode([t]) for t in ids), subject_range=(b, e), subject_occurrence=used,
-        answer=tok.decode([answer_id]), answer_id=answer_id, answer_source=answer,
-        top1=tok.decode([top1_id]), target=fact.target, known=known,
-        high_score=float(p_clean[answer_id]), low_score=p_corrupt, scores=tuple(scores), table=table,
-        noise=level, samples=S, window=w, noise_draws=noise_draws, target_logprob=target_logprob,
-        settings=settings,
-    )
+    table = grid if settings.full else None
+    return _result(tok, u, settings, w, p_corrupt, grid[u.e - 1] if settings.full else grid[0], table)
 
 
 def _check_context(model: nn.Module, fact: Fact, n_tokens: int, what: str) -> None:

@@ -12,11 +12,12 @@ import torch
 from rome_locate import cli
 from rome_locate.fact_models import counterfact_path, fact_model_dir, facts_path
 from rome_locate.facts import load_facts
+from rome_locate.hooks import hook_count
 from rome_locate.hparams import bind_model, load_hparams, with_layer
 from rome_locate.locate import locate
 from rome_locate.models import input_device, load_model, parse_device_map, parse_max_memory, weight_value
 from rome_locate.pipeline import edit_facts
-from rome_locate.trace import TraceSettings
+from rome_locate.trace import TraceSettings, trace_fact
 
 MODEL = str(fact_model_dir("gpt2"))
 HPARAMS = os.path.join(os.path.dirname(__file__), "..", "hparams", "ROME", "fact-gpt2.yaml")
@@ -66,6 +67,23 @@ def test_disk_offloaded_model_traces_to_the_plain_numbers(models):
         assert ra.low_score == pytest.approx(rb.low_score, abs=1e-5)
         assert ra.scores == pytest.approx(rb.scores, abs=1e-5)
         assert ca.layer == cb.layer
+
+
+def test_disk_offloaded_model_full_tables_and_atp_match_the_plain_model(models):
+    """The fast path's skipped blocks, cached corrupted states and prefix caches, and attribution patching's
+    backward, give the plain model's numbers when blocks 2-5 live on disk."""
+    plain, offloaded, tok = models
+    fact = load_facts(facts_path("gpt2"), limit=1)[0]
+    for settings in (TraceSettings(samples=3, noise=0.5, full=True),
+                     TraceSettings(samples=3, noise=0.5, method="atp", verify_top=4)):
+        for options in ({}, {"reuse_prefix": True, "max_batch": 6}, {"reuse_prefix": False, "max_batch": 9}):
+            if settings.method == "atp" and options:
+                continue
+            a = trace_fact(plain, tok, fact, settings, **options)
+            b = trace_fact(offloaded, tok, fact, settings, **options)
+            assert a.low_score == pytest.approx(b.low_score, abs=1e-5)
+            assert torch.allclose(torch.tensor(a.table), torch.tensor(b.table), atol=1e-5, rtol=0)
+    assert hook_count(offloaded) == 0
 
 
 def test_disk_offloaded_model_edits_to_the_same_result_and_restores_exactly(models, edit_case):

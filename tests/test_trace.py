@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -385,4 +386,139 @@ def test_opt_traces_through_its_flattened_mlp(tiny_tokenizer):
     fast = trace_fact(model, tiny_tokenizer, SHORT, TraceSettings(kind="mlp", samples=3))
     full = trace_fact(model, tiny_tokenizer, SHORT, TraceSettings(kind="mlp", samples=3, full=True))
     np.testing.assert_allclose(fast.scores, full.table[full.subject_range[1] - 1], atol=1e-5, rtol=0)
+    assert hook_count(model) == 0
+
+
+# ---- fast paths against the plain path --------------------------------------------------
+
+
+def _plain_table(model, tok, fact, kind, samples, level, window):
+    """The whole table the plain way: one full forward per (token, layer), every block run, no cache."""
+    arch = arch_for(model)
+    L = arch.n_layers
+    (b, e), _, ids = find_subject_range(tok, fact.prompt, fact.subject)
+    inp = torch.tensor([ids])
+    names = [arch.module(kind, m) for m in range(L)]
+    from rome_locate.hooks import captured
+
+    with torch.no_grad(), captured(model, names, tokens=(1, len(ids))) as clean:
+        answer = int(model(inp).logits[0, -1].argmax())
+    noise = level * torch.from_numpy(np.random.RandomState(1).randn(samples, e - b, clean[names[0]].shape[-1]))
+
+    def corrupt(x):
+        x = x.clone()
+        x[:, b:e] += noise
+        return x
+
+    def run(t, layers):
+        def restore(h, m):
+            h = h.clone()
+            h[:, t] = clean[arch.module(kind, m)][0, t].to(h.dtype)
+            return h
+
+        edits = {arch.embed: corrupt}
+        edits.update({arch.module(kind, m): (lambda h, m=m: restore(h, m)) for m in layers})
+        with torch.no_grad(), patched(model, edits, tokens=(samples, len(ids))):
+            logits = model(inp.expand(samples, -1), use_cache=False).logits
+        return float(torch.softmax(logits[:, -1].float(), -1)[:, answer].mean())
+
+    w = effective_window(window, L, kind)
+    low = run(0, [])
+    return low, [[run(t, window_layers(layer, w, L)) for layer in range(L)] for t in range(len(ids))]
+
+
+def _sharpen(model, scale=30.0):
+    out = model.get_output_embeddings()
+    out.weight = torch.nn.Parameter(out.weight.detach().clone() * scale)
+    return model
+
+
+def _arch_model(model_type, vocab):
+    from test_arch import _COMMON, _DROP, _EXTRA
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**_COMMON, **_EXTRA.get(model_type, {}), "vocab_size": vocab}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in kwargs or key == "num_hidden_layers":
+            kwargs[key] = 4
+    if model_type == "gpt_neo":
+        kwargs["attention_types"] = [[["global", "local"], 2]]
+    for key in _DROP.get(model_type, ()):
+        kwargs.pop(key)
+    torch.manual_seed(0)
+    return _sharpen(AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs)).eval(), 9.0)
+
+
+_ALL_OPTS = ({}, {"reuse_prefix": True, "max_batch": 3}, {"reuse_prefix": False, "max_batch": 6},
+             {"reuse_prefix": True, "max_batch": 1000})
+
+
+def _check_fast_equals_plain(model, tok, fact, kind="mlp", samples=3, level=3.0, window=2, options=_ALL_OPTS):
+    """Full tables and rows under several caching and chunking choices equal the plain path's."""
+    low, plain = _plain_table(model, tok, fact, kind, samples, level, window)
+    e = find_subject_range(tok, fact.prompt, fact.subject)[0][1]
+    for opts in options:
+        settings = TraceSettings(kind=kind, samples=samples, noise=level, noise_draws="rome", window=window)
+        full = trace_fact(model, tok, fact, dataclasses.replace(settings, full=True), **opts)
+        row = trace_fact(model, tok, fact, settings, **opts)
+        assert full.low_score == pytest.approx(low, abs=1e-5)
+        np.testing.assert_allclose(np.array(full.table), np.array(plain), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(row.scores, plain[e - 1], atol=1e-5, rtol=0)
+    assert hook_count(model) == 0
+    arch = arch_for(model)
+    assert all(type(model.get_submodule(arch.layer_module_tmp.format(i))).__name__ != "_Relay"
+               for i in range(arch.n_layers))
+    return low, plain
+
+
+@pytest.mark.parametrize("kind", ["hidden", "mlp", "attn"])
+def test_fast_paths_equal_plain_path(sharp_model, kind):
+    model, tok = sharp_model
+    low, plain = _check_fast_equals_plain(model, tok, FACT, kind=kind)
+    assert max(abs(x - low) for row in plain for x in row) > 1e-4
+
+
+def test_fast_paths_equal_plain_path_opt(tiny_tokenizer):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=4, ffn_dim=64,
+                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128,
+                    pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    _check_fast_equals_plain(_sharpen(OPTForCausalLM(cfg).eval()), tiny_tokenizer, FACT)
+
+
+def _arch_types():
+    from rome_locate.arch import ARCH
+
+    return sorted(ARCH)
+
+
+@pytest.mark.parametrize("model_type", _arch_types())
+def test_fast_paths_equal_plain_path_every_family(model_type, tiny_tokenizer):
+    model = _arch_model(model_type, len(tiny_tokenizer))
+    options = ({"reuse_prefix": True, "max_batch": 2}, {"reuse_prefix": False, "max_batch": 4})
+    _check_fast_equals_plain(model, tiny_tokenizer, SHORT, samples=2, options=options)
+    low, plain = _check_fast_equals_plain(model, tiny_tokenizer, SHORT, kind="hidden", samples=2, options=options)
+    assert max(abs(x - low) for row in plain for x in row) > 1e-4  # the comparison can tell sites apart
+
+
+def test_block_skipping_restores_blocks_after_exception(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    arch = arch_for(model)
+    blocks = [model.get_submodule(arch.layer_module_tmp.format(i)) for i in range(arch.n_layers)]
+    real = trace_mod._last_probs
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if any(type(model.get_submodule(arch.layer_module_tmp.format(i))).__name__ == "_Relay"
+               for i in range(arch.n_layers)):
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trace_mod, "_last_probs", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        trace_fact(model, tok, FACT, TraceSettings(samples=3, noise=2.0, window=2, full=True), max_batch=3)
+    assert [model.get_submodule(arch.layer_module_tmp.format(i)) for i in range(arch.n_layers)] == blocks
     assert hook_count(model) == 0
