@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .evaluate import evaluate_fact, harmonic_mean
 from .facts import Fact
 from .intervals import N_BOOTSTRAP, Interval, bootstrap
 from .models import ModelFingerprint
@@ -133,7 +134,6 @@ def trial_edit(model, tok, fact: Fact, hparams, editor: str = "builtin",
     The pipeline's own edit-and-measure step (`evaluate.evaluate_fact`, generations and sweep off), so a trial
     edit is the edit `rome-locate edit` makes, with either editor (`edit_context` as the pipeline builds it).
     """
-    from .evaluate import evaluate_fact
 
     m = evaluate_fact(model, tok, fact, hparams, generation=None, sweep=False, editor=editor,
                       edit_context=edit_context).metrics
@@ -176,7 +176,6 @@ def shortlist(mean_effects: Sequence[float], n_layers: int, width: int = 1) -> t
 
 def objective(scores: Sequence[TrialScores]) -> float:
     """CounterFact's score: harmonic mean of the mean efficacy, paraphrase and neighbourhood success."""
-    from .evaluate import harmonic_mean
 
     parts = []
     for name in ("efficacy", "paraphrase", "neighborhood"):
