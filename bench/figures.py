@@ -415,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[figure] {name} ...", flush=True)
         body = FIGURES[name]()
         for d in used[name]:
+            # Read again right before writing: a doc edited while a long figure ran keeps those edits.
+            docs[d] = (ROOT / d).read_text(encoding="utf-8")
             new = replace_block(docs[d], name, body)
             if new != docs[d]:
                 differs.append(f"{d}: {name}")
