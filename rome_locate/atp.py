@@ -30,6 +30,7 @@ from .trace import (
     _result,
     _set_up,
     effective_window,
+    trace_fact,
     window_layers,
 )
 
@@ -125,3 +126,10 @@ def attribution_trace(model: nn.Module, tok, fact: Fact, settings: TraceSettings
                 table[t][layer] = p
     trace = _result(tok, u, settings, w, p_corrupt, table[u.e - 1], table)
     return AtpResult(trace=trace, estimated=tuple(tuple(r) for r in estimated), verified=tuple(verified))
+
+
+def trace_by_method(model: nn.Module, tok, fact: Fact, settings: TraceSettings, **kwargs) -> TraceResult:
+    """The trace `settings.method` asks for: exact restored runs (`trace.trace_fact`) or attribution patching."""
+    if settings.method == "atp":
+        return attribution_trace(model, tok, fact, settings, **kwargs).trace
+    return trace_fact(model, tok, fact, settings, **kwargs)

@@ -162,10 +162,10 @@ def _fmt_row(values) -> str:
 
 def _cmd_trace(args: argparse.Namespace) -> int:
     from .arch import KINDS, arch_for
+    from .atp import trace_by_method
     from .choose import choose_layer
     from .facts import Fact
     from .files import check_output_dir
-    from .trace import trace_fact
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -182,8 +182,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     fact = Fact(prompt=args.prompt, subject=args.subject, target=args.target, id="prompt")
     results = {}
     for kind in kinds:
-        results[kind] = trace_fact(model, tok, fact, dataclasses.replace(settings, kind=kind), arch=arch,
-                                   occurrence=args.occurrence)
+        results[kind] = trace_by_method(model, tok, fact, dataclasses.replace(settings, kind=kind), arch=arch,
+                                        occurrence=args.occurrence)
     r = next(iter(results.values()))
     b, e = r.subject_range
     print(f"tokens: {list(r.tokens)}")
@@ -210,7 +210,6 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_locate(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from . import distributed

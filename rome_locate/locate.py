@@ -21,6 +21,7 @@ from .files import check_output_dir, check_output_file, output_lock, safe_name, 
 from .models import ModelFingerprint, fingerprint
 from .plots import average_effect_plot, heatmap
 from .records import non_finite
+from .atp import trace_by_method
 from .trace import TraceResult, TraceSettings, noise_level, trace_fact
 
 
@@ -197,8 +198,9 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
                 result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
             else:
                 try:
-                    result = trace_fact(model, tok, fact, settings, arch=arch, noise_level=level,
-                                        replacements=replacements)
+                    trace = trace_fact if settings.method == "exact" else trace_by_method
+                    result = trace(model, tok, fact, settings, arch=arch, noise_level=level,
+                                   replacements=replacements)
                     result = dataclasses.replace(result, model=model_id)
                     choice = choose_layer(result)
                     obj = record(result, choice)

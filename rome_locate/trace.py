@@ -625,16 +625,16 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
     `reuse_prefix` computes the positions before the restored token once, from
     a key/value cache (default on; models without one fall back to whole-prompt
     runs). Restored runs start at the bottom of their window, fed the corrupted
-    run's states, so they skip the blocks below it. `settings.method="atp"`
-    hands the fact to `atp.attribution_trace` (always the whole table).
+    run's states, so they skip the blocks below it. Attribution patching
+    (`settings.method="atp"`) is `atp.attribution_trace`; `atp.trace_by_method`
+    picks by the settings.
     """
     if not isinstance(settings, TraceSettings):
         raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
-    if settings.method == "atp":
-        from .atp import attribution_trace  # atp builds on this module's restored runs
-
-        return attribution_trace(model, tok, fact, settings, arch=arch, noise_level=noise_level,
-                                 replacements=replacements, occurrence=occurrence).trace
+    if settings.method != "exact":
+        # atp builds on this module's restored runs, so it lives above it: rome_locate.atp.trace_by_method.
+        raise ValueError(f"trace_fact makes exact restored runs; method={settings.method!r} is traced by "
+                         f"rome_locate.atp (trace_by_method or attribution_trace)")
     arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
     L = arch.n_layers
     with _evaluating(model), torch.no_grad():

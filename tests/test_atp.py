@@ -172,3 +172,16 @@ def test_cli_trace_and_locate_take_method_atp(tiny_tokenizer, tmp_path, capsys):
                      "--samples", "2", "--quiet"])
     assert code != 0
     assert "method='atp' there, method='exact' asked" in capsys.readouterr().err
+
+
+def test_trace_fact_makes_exact_runs_and_trace_by_method_picks_by_the_settings(tiny_tokenizer):
+    """atp builds on trace.py's restored runs, so trace.py never imports it: the method is picked above both."""
+    from rome_locate.atp import trace_by_method
+
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    with pytest.raises(ValueError, match="trace_by_method"):
+        trace_fact(model, tiny_tokenizer, FACT, _atp(samples=2, noise=1.0))
+    by_atp = trace_by_method(model, tiny_tokenizer, FACT, _atp(samples=2, noise=1.0))
+    assert by_atp.table is not None and by_atp.settings.method == "atp"
+    exact = trace_by_method(model, tiny_tokenizer, FACT, TraceSettings(samples=2, noise=1.0))
+    assert exact.scores == trace_fact(model, tiny_tokenizer, FACT, TraceSettings(samples=2, noise=1.0)).scores

@@ -12,12 +12,13 @@ import torch
 from rome_locate import cli
 from rome_locate.fact_models import counterfact_path, fact_model_dir, facts_path
 from rome_locate.facts import load_facts
+from rome_locate.atp import trace_by_method
 from rome_locate.hooks import hook_count
 from rome_locate.hparams import bind_model, load_hparams, with_layer
 from rome_locate.locate import locate
 from rome_locate.models import input_device, load_model, parse_device_map, parse_max_memory, weight_value
 from rome_locate.pipeline import edit_facts
-from rome_locate.trace import TraceSettings, trace_fact
+from rome_locate.trace import TraceSettings
 
 MODEL = str(fact_model_dir("gpt2"))
 HPARAMS = os.path.join(os.path.dirname(__file__), "..", "hparams", "ROME", "fact-gpt2.yaml")
@@ -79,8 +80,8 @@ def test_disk_offloaded_model_full_tables_and_atp_match_the_plain_model(models):
         for options in ({}, {"reuse_prefix": True, "max_batch": 6}, {"reuse_prefix": False, "max_batch": 9}):
             if settings.method == "atp" and options:
                 continue
-            a = trace_fact(plain, tok, fact, settings, **options)
-            b = trace_fact(offloaded, tok, fact, settings, **options)
+            a = trace_by_method(plain, tok, fact, settings, **options)
+            b = trace_by_method(offloaded, tok, fact, settings, **options)
             assert a.low_score == pytest.approx(b.low_score, abs=1e-5)
             assert torch.allclose(torch.tensor(a.table), torch.tensor(b.table), atol=1e-5, rtol=0)
     assert hook_count(offloaded) == 0
