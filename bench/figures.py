@@ -195,22 +195,11 @@ def _demo() -> str:
 EDIT_FACTS = 20  # CounterFact cases of the GPT-2 fact model edited for the integration tables
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a rate k/n (k successes in n trials)."""
-    import math
-
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
-
-
-def _rate(p: float | None, n: int) -> str:
+def _rate(p: float | None, interval: list[float] | None) -> str:
+    """A rate with the 95% bootstrap interval the package's summary gives it."""
     if p is None:
         return "–"
-    lo, hi = wilson(p * n, n)
-    return f"{p:.0%} [{lo:.0%}–{hi:.0%}]"
+    return f"{p:.0%}" + (f" [{interval[0]:.0%}–{interval[1]:.0%}]" if interval else "")
 
 
 def _f(v) -> str:
@@ -247,7 +236,8 @@ def _edit_gpt2() -> str:
         d = _edit_run("--editor", editor, "--layers", layers)
         s = d["summary"]
         ee = (s.get("editor_metrics") or {}).get("post") or {}
-        rows.append([editor, f"{layers} ({', '.join(map(str, s['layers']))})", _rate(s["success_rate"], s["n_facts"]),
+        rows.append([editor, f"{layers} ({', '.join(map(str, s['layers']))})",
+                     _rate(s["success_rate"], s.get("success_rate_interval")),
                      _f(s["post_rewrite_acc"]), _f(s["post_rephrase_acc"]), _f(s["post_locality"]),
                      " / ".join(_f(ee.get(k)) for k in ("rewrite_acc", "rephrase_acc", "locality")) if ee else "–"])
     return _table(["editor", "layers (used)", "success [95% CI]", "rewrite_acc", "rephrase_acc", "locality",
@@ -260,7 +250,8 @@ def _edit_gpt2_sequential() -> str:
     for editor, layers in (("builtin", "fixed"), ("easyedit", "traced")):
         seq = _edit_run("--editor", editor, "--layers", layers, "--sequential")["summary"]["sequential"]
         earlier = seq.get("retention_of") or 0
-        retention = (f"{round(seq['retention'] * earlier)}/{earlier} = {_rate(seq['retention'], earlier)}"
+        retention = (f"{round(seq['retention'] * earlier)}/{earlier} = "
+                     f"{_rate(seq['retention'], seq.get('retention_interval'))}"
                      if earlier and seq.get("retention") is not None else "–")
         after = seq.get("efficacy_after") or {}
         final = seq.get("final") or {}
@@ -292,7 +283,7 @@ def _integration_config() -> str:
     s = d["summary"]
     ee = (s.get("editor_metrics") or {}).get("post") or {}
     return (f"`layers: {config['layers']}`, editor `{config['editor']}`, {s['n_facts']} CounterFact cases: "
-            f"edited at layer(s) {s['layers']}; success {_rate(s['success_rate'], s['n_facts'])}, rewrite_acc "
+            f"edited at layer(s) {s['layers']}; success {_rate(s['success_rate'], s.get('success_rate_interval'))}, rewrite_acc "
             f"{_f(s['post_rewrite_acc'])}, rephrase_acc {_f(s['post_rephrase_acc'])}, locality "
             f"{_f(s['post_locality'])}" + (f"; EasyEdit's own post metrics rewrite_acc {_f(ee.get('rewrite_acc'))}, "
                                             f"rephrase_acc {_f(ee.get('rephrase_acc'))}, locality "

@@ -43,7 +43,7 @@ import torch
 from .arch import check_layer
 from .facts import Fact
 from .hparams import with_layer
-from .intervals import Interval, bootstrap, overlap
+from .intervals import Interval, bootstrap, overlap, rate
 from .models import input_device
 from .records import Record
 from .scoring import PairScore, score_targets, token_accuracy, top1_agreement
@@ -661,6 +661,7 @@ def sequential_summary(records: Sequence[EvalRecord]) -> dict[str, Any] | None:
         "n_edits": len(records),
         # Of the earlier edits that worked right after they were made, the share that still works after the last.
         "retention": _mean((r.final_metrics or {}).get("success") for r in earlier) if earlier else None,
+        "retention_interval": _bounds(rate([(r.final_metrics or {}).get("success") for r in earlier])),
         "retention_of": len(earlier),
         "final": final,
         "efficacy_after": {str(int(p["n_edits"])): p.get("success") for p in curve
@@ -767,7 +768,7 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
         "n_facts": len(records),
         # The figures `rome-locate edit` prints (EasyEdit's names; "post" is after the edit).
         "success_rate": means.get("success"),
-        "success_rate_interval": _bounds(bootstrap([r.metrics.get("success") for r in records])),
+        "success_rate_interval": _bounds(rate([r.metrics.get("success") for r in records])),
         "pre_rewrite_acc": means.get("rewrite_acc_pre"),
         "post_rewrite_acc": means.get("rewrite_acc"),
         "post_rephrase_acc": means.get("rephrase_acc"),

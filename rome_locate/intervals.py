@@ -1,4 +1,5 @@
-"""95% bootstrap intervals of means over facts: the one resampling every report and the validation use."""
+"""95% intervals over facts: the bootstrap of a mean every report and the validation use, and the Wilson interval of
+a success rate."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ def bootstrap(values: Sequence[float | None], seed: int = 0, n: int = N_BOOTSTRA
     means = vals[rng.integers(0, len(vals), size=(n, len(vals)))].mean(1)
     return Interval(float(vals.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)),
                     len(vals))
+
+
+def rate(successes: Sequence[float | None], z: float = 1.96) -> Interval:
+    """A success rate over facts (0/1 outcomes, None left out) and its 95% Wilson score interval.
+
+    Unlike the bootstrap, it does not collapse to a point when every fact
+    succeeds or fails (20/20 gives [0.84, 1.00], not [1.00, 1.00]).
+    """
+    vals = [float(v) for v in successes if v is not None]
+    if not vals:
+        return Interval(None, None, None, 0)
+    n, p = len(vals), sum(vals) / len(vals)
+    centre, half = p + z * z / (2 * n), z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)))
+    return Interval(p, (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n), n)
 
 
 def overlap(a: Interval, b: Interval) -> bool | None:

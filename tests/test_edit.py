@@ -279,6 +279,9 @@ def test_sequential_edits_accumulate_and_report_retention(gpt2, tmp_path):
     seq = s["sequential"]
     earlier = [r for r in records[:-1] if r.metrics["success"]]
     assert seq["retention_of"] == len(earlier) and s["retention"] == seq["retention"]
+    if earlier:  # the 95% interval over the earlier edits holds the retention itself
+        low, high = seq["retention_interval"]
+        assert low <= seq["retention"] <= high
     assert seq["efficacy_after"]["1"] == records[0].metrics["success"]
     assert set(seq["efficacy_after"]) == {"1", "3"} and seq["final"]["locality"] is not None
     assert seq["final"]["success"] == pytest.approx(sum(r.final_metrics["success"] for r in records) / 3)

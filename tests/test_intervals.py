@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from rome_locate.evaluate import verdict
 from rome_locate.intervals import Interval, bootstrap, overlap
 
@@ -40,3 +42,13 @@ def test_verdict_names_the_best_and_traced_vs_fixed():
     assert "the traced layer trails the fixed one, 95% intervals overlap: not a clear difference" in close
     assert verdict({"validated": _row(0.9, 0.8, 1.0)}) == "best layer choice by ROME score: validated 0.90 [0.80, 1.00]."
     assert verdict({}) is None
+
+
+def test_rate_interval_is_wilson_and_never_collapses_at_all_or_nothing():
+    from rome_locate.intervals import rate
+
+    every = rate([1.0] * 20)
+    assert every.mean == 1.0 and every.high == pytest.approx(1.0) and every.low == pytest.approx(0.8389, abs=1e-4)
+    half = rate([1, 0] * 5 + [None])
+    assert half.n == 10 and half.mean == 0.5 and (half.low, half.high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert rate([None]).mean is None
