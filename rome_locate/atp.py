@@ -7,7 +7,7 @@ of the S noise samples, kept with its graph, and one backward to every site
 give that first-order estimate for every (token, layer) at once; a window of
 layers sums its sites' estimates. The estimate is only a screen: it is exact
 for a linear model and can miss where the network saturates, so `verify_top`
-re-checks the largest estimates with exact restored runs (trace.py's).
+re-checks the largest estimates with exact restored runs (runs.py's), batched over facts.
 """
 
 from __future__ import annotations
@@ -20,19 +20,8 @@ from torch import nn
 
 from .arch import Arch, arch_for
 from .facts import Fact
-from .hooks import patched
-from .trace import (
-    TraceResult,
-    TraceSettings,
-    _evaluating,
-    _last_probs,
-    _restored_scores,
-    _result,
-    _set_up,
-    effective_window,
-    trace_fact,
-    window_layers,
-)
+from .runs import Caller, effective_window, first_run, restored_scores, window_layers
+from .trace import TraceResult, TraceSettings, _evaluating, _result, prepare_batches, trace_each, trace_fact
 
 
 @dataclass(frozen=True)
@@ -64,31 +53,62 @@ class AtpResult:
                 "verified": [asdict(v) for v in self.verified]}
 
 
-def _site_gradients(model: nn.Module, input_ids: torch.Tensor, embed: str, corruption, names: list[str],
-                    answer_id: int, keep_last: bool) -> tuple[float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One corrupted forward of the S samples and one backward: (p_corrupt, site values, d p_corrupt / d site)."""
-    S, T = corruption.samples, input_ids.shape[1]
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep(name):
-        def edit(h: torch.Tensor) -> torch.Tensor:
-            # A tensor of our own enters the rest of the forward, so the gradient is taken with respect to it.
-            h = h.clone()
-            kept[name] = h
-            return h
-
-        return edit
-
-    def corrupt_with_grad(x: torch.Tensor) -> torch.Tensor:
-        return corruption.edit(1)(x).detach().requires_grad_(True)
-
-    edits = {embed: corrupt_with_grad, **{n: keep(n) for n in names}}
-    with torch.enable_grad(), patched(model, edits, tokens=(S, T)):
-        p = _last_probs(model, input_ids.expand(S, -1), keep_last)[:, answer_id].mean()
-        values = {n: kept[n].detach().clone() for n in names}
-        grads = torch.autograd.grad(p, [kept[n] for n in names], allow_unused=True)
-    return float(p.detach()), values, {n: (torch.zeros_like(values[n]) if g is None else g.detach())
-                              for n, g in zip(names, grads)}
+def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
+                     settings: TraceSettings = TraceSettings(method="atp"), *, arch: Arch | None = None,
+                     noise_level: float | None = None, replacements: Sequence[str] | None = None,
+                     occurrence: int = 0, batch_facts: int | None = None) -> list[AtpResult | ValueError]:
+    """Attribution-patching traces of many facts, one forward and one backward per batch of facts of one prompt
+    length: one outcome per fact, its AtpResult or the ValueError that says why it cannot be traced."""
+    if not isinstance(settings, TraceSettings):
+        raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
+    if settings.method != "atp":
+        settings = replace(settings, method="atp")
+    arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
+    L, kind = arch.n_layers, settings.kind
+    w = effective_window(settings.window, L, kind)
+    caller = Caller.of(model)
+    outcomes: list[AtpResult | ValueError | None] = [None] * len(facts)
+    with _evaluating(model):
+        with torch.no_grad():
+            errors, batches = prepare_batches(model, tok, facts, settings, arch, noise_level, replacements,
+                                              occurrence, batch_facts, gradients=True)
+        for i, err in enumerate(errors):
+            if err is not None:
+                outcomes[i] = err
+        for batch in batches:
+            preps = [u for _, u in batch]
+            run = first_run(model, arch, kind, [u.prompt for u in preps], caller,
+                            keep_states=settings.verify_top > 0, gradients=True)
+            names = [arch.module(kind, layer) for layer in range(L)]
+            estimated, tables, checks = [], [], []
+            for j, u in enumerate(preps):
+                T, rows = run.T, run.rows(j)
+                # per_site[m][t]: the estimated change of p from restoring module m at token t in every sample row.
+                per_site = torch.stack([((run.clean[n][j, :T].float() - run.values[n][rows.start:rows.stop, :T].float())
+                                         * run.grads[n][rows.start:rows.stop, :T].float()).sum(dim=(0, 2)).cpu()
+                                        for n in names])
+                est = torch.stack([per_site[list(window_layers(layer, w, L))].sum(dim=0) for layer in range(L)], dim=1)
+                p_corrupt = run.p_corrupt[j]
+                estimated.append([[p_corrupt + float(x) for x in row] for row in est.tolist()])
+                tables.append([list(row) for row in estimated[-1]])
+                order = torch.argsort(est.flatten(), descending=True)[:settings.verify_top].tolist()
+                checks += [(j, i // L, i % L) for i in order]
+            with torch.no_grad():
+                exact = restored_scores(model, arch, kind, run, checks, w, caller)
+            verified: list[list[VerifiedSite]] = [[] for _ in preps]
+            for (j, t, layer), p in zip(checks, exact):
+                p_corrupt = run.p_corrupt[j]
+                verified[j].append(VerifiedSite(t, layer, estimated[j][t][layer] - p_corrupt, p - p_corrupt))
+                tables[j][t][layer] = p
+            for j, (i, u) in enumerate(batch):
+                try:
+                    trace = _result(tok, u, run, j, settings, w, tables[j][u.e - 1], tables[j])
+                except ValueError as exc:
+                    outcomes[i] = exc
+                    continue
+                outcomes[i] = AtpResult(trace=trace, estimated=tuple(tuple(r) for r in estimated[j]),
+                                        verified=tuple(verified[j]))
+    return outcomes  # type: ignore[return-value]
 
 
 def attribution_trace(model: nn.Module, tok, fact: Fact, settings: TraceSettings = TraceSettings(method="atp"), *,
@@ -96,36 +116,11 @@ def attribution_trace(model: nn.Module, tok, fact: Fact, settings: TraceSettings
                       replacements: Sequence[str] | None = None, occurrence: int = 0) -> AtpResult:
     """Estimate p_restored at every (token, layer) of one fact by attribution patching; re-check the
     `settings.verify_top` largest estimated effects exactly. Arguments mean what they mean for `trace_fact`."""
-    if not isinstance(settings, TraceSettings):
-        raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
-    if settings.method != "atp":
-        settings = replace(settings, method="atp")
-    arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
-    L, kind = arch.n_layers, settings.kind
-    with _evaluating(model):
-        with torch.no_grad():
-            u = _set_up(model, tok, fact, settings, arch, noise_level, replacements, occurrence)
-        p_corrupt, values, grads = _site_gradients(model, u.input_ids, arch.embed, u.corruption, u.names,
-                                                   u.answer_id, u.keep_last)
-        # per_site[m][t]: the estimated change of p from restoring module m at token t in every sample row.
-        per_site = torch.stack([((u.clean[n][0].float().to(values[n].device) - values[n].float())
-                                 * grads[n].float()).sum(dim=(0, 2)).cpu() for n in u.names])
-        w = effective_window(settings.window, L, kind)
-        est = torch.stack([per_site[list(window_layers(layer, w, L))].sum(dim=0) for layer in range(L)], dim=1)
-        estimated = [[p_corrupt + float(x) for x in row] for row in est.tolist()]
-        table = [list(row) for row in estimated]
-        verified: list[VerifiedSite] = []
-        if settings.verify_top:
-            order = torch.argsort(est.flatten(), descending=True)[:settings.verify_top].tolist()
-            sites = [(i // L, i % L) for i in order]
-            with torch.no_grad():
-                exact = _restored_scores(model, u.input_ids, arch, kind, u.clean, u.corruption, sites, w,
-                                         u.answer_id, None, u.keep_last)
-            for (t, layer), p in zip(sites, exact):
-                verified.append(VerifiedSite(t, layer, estimated[t][layer] - p_corrupt, p - p_corrupt))
-                table[t][layer] = p
-    trace = _result(tok, u, settings, w, p_corrupt, table[u.e - 1], table)
-    return AtpResult(trace=trace, estimated=tuple(tuple(r) for r in estimated), verified=tuple(verified))
+    [out] = attribution_each(model, tok, [fact], settings, arch=arch, noise_level=noise_level,
+                             replacements=replacements, occurrence=occurrence)
+    if isinstance(out, ValueError):
+        raise out
+    return out
 
 
 def trace_by_method(model: nn.Module, tok, fact: Fact, settings: TraceSettings, **kwargs) -> TraceResult:
@@ -133,3 +128,12 @@ def trace_by_method(model: nn.Module, tok, fact: Fact, settings: TraceSettings, 
     if settings.method == "atp":
         return attribution_trace(model, tok, fact, settings, **kwargs).trace
     return trace_fact(model, tok, fact, settings, **kwargs)
+
+
+def trace_each_by_method(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings,
+                         **kwargs) -> list[TraceResult | ValueError]:
+    """One outcome per fact, traced as `settings.method` asks, several facts per forward (see `trace.trace_each`)."""
+    if settings.method == "atp":
+        return [out if isinstance(out, ValueError) else out.trace
+                for out in attribution_each(model, tok, facts, settings, **kwargs)]
+    return trace_each(model, tok, facts, settings, **kwargs)

@@ -130,6 +130,9 @@ def _add_locate_parsers(sub) -> None:
                    help="directory for a heatmap per fact and the average-effect plot; traces every token "
                         "(about T times slower than the default last-subject-token row)")
     p.add_argument("--skip-errors", action="store_true", help="warn and go on when a fact cannot be traced")
+    p.add_argument("--batch-facts", type=int, default=None, metavar="N",
+                   help="facts of one prompt length traced together, N at most (default: as many as fill a "
+                        "forward; 1 traces each fact alone)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_trace_args(p)
     p.set_defaults(func=_cmd_locate)
@@ -220,6 +223,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
 
     settings = _trace_settings(args)
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
+    if args.batch_facts is not None and args.batch_facts < 1:
+        raise ValueError(f"--batch-facts must be >= 1 (facts traced together), got {args.batch_facts}")
     # Every input and output is checked before the model is loaded and long before any tracing.
     if args.out:
         check_out(args.out)
@@ -230,7 +235,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     model, tok = load_model(args)
     start = time.perf_counter()
     pairs = locate(model, tok, part.facts, settings, out=part.out, plots_dir=args.plots, progress=not args.quiet,
-                   arch=arch, skip_errors=args.skip_errors, dataset=facts)
+                   arch=arch, skip_errors=args.skip_errors, dataset=facts, batch_facts=args.batch_facts)
     wall = time.perf_counter() - start
     pairs = _merged_pairs(part, pairs)  # under torchrun: rank 0 reports on every fact, the others stop
     if pairs is None:

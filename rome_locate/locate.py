@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,8 +22,12 @@ from .files import check_output_dir, check_output_file, output_lock, safe_name, 
 from .models import ModelFingerprint, fingerprint
 from .plots import average_effect_plot, heatmap
 from .records import non_finite
-from .atp import trace_by_method
-from .trace import TraceResult, TraceSettings, noise_level, trace_fact
+from .atp import trace_each_by_method
+from .trace import TraceResult, TraceSettings, noise_level
+
+# Facts traced between two writes of the output: at least WINDOW_MIN, then as many as take about WINDOW_S
+# seconds (a window is traced in batches of facts that share forwards, so larger windows batch better).
+WINDOW_MIN, WINDOW_MAX, WINDOW_S = 8, 512, 30.0
 
 
 def _key(fact_id: Any, prompt: str) -> tuple[str, str]:
@@ -132,7 +137,8 @@ def _plot_stem(plots_dir: Path, result: TraceResult) -> Path:
 def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings = TraceSettings(), *,
            out: str | Path | None = None, plots_dir: str | Path | None = None, progress: bool = True,
            arch: Arch | None = None, skip_errors: bool = False,
-           dataset: Sequence[Fact] | None = None) -> list[tuple[TraceResult, LayerChoice]]:
+           dataset: Sequence[Fact] | None = None,
+           batch_facts: int | None = None) -> list[tuple[TraceResult, LayerChoice]]:
     """Trace and choose a layer for every fact; with `out`, append one flushed JSON line per fact and resume.
 
     A "Ksigma" noise level is computed once over all the facts' subjects. With
@@ -147,7 +153,9 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     NaN in the model). `dataset`, when `facts` is a shard of it (torchrun), is
     where the noise level and the replacement subjects come from, so that a
     shard is traced as the whole is. `settings.method="atp"` (with
-    `verify_top`) estimates each table by attribution patching.
+    `verify_top`) estimates each table by attribution patching. Facts of one
+    prompt length share forwards, `batch_facts` at most (default: as many as
+    fill a forward; 1 traces each fact alone).
     """
     out_path = check_out(out) if out is not None else None
     plots = check_output_dir(plots_dir, "--plots") if plots_dir is not None else None
@@ -159,12 +167,20 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     with contextlib.ExitStack() as stack:
         if out_path is not None:
             stack.enter_context(output_lock(out_path, "--out"))
-        return _locate(model, tok, facts, whole, settings, out_path, plots, progress, arch, skip_errors)
+        return _locate(model, tok, facts, whole, settings, out_path, plots, progress, arch, skip_errors, batch_facts)
+
+
+def _draw(plots: Path | None, result: TraceResult) -> None:
+    """The fact's heatmap, unless it is drawn already (a resumed run) or there is no table."""
+    if plots is not None and result.table is not None:
+        stem = _plot_stem(plots, result)
+        if not stem.with_name(stem.name + ".png").exists():
+            heatmap(result, stem)
 
 
 def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], settings: TraceSettings,
             out_path: Path | None, plots: Path | None, progress: bool, arch: Arch,
-            skip_errors: bool) -> list[tuple[TraceResult, LayerChoice]]:
+            skip_errors: bool, batch_facts: int | None) -> list[tuple[TraceResult, LayerChoice]]:
     model_id = fingerprint(model)
     done: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
     if out_path is not None:
@@ -187,21 +203,32 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
 
-    results: list[tuple[TraceResult, LayerChoice]] = []
+    # Facts not yet in `out`, each (id, prompt) once: they are traced in windows of several facts, which share
+    # forwards; a window is written (and flushed) as soon as it is traced, in the facts' order.
+    todo, seen = [], set(done)
+    for n, fact in enumerate(facts):
+        key = _key(fact.id, fact.prompt)
+        if key not in seen:
+            seen.add(key)
+            todo.append(n)
+    fresh: dict[tuple[str, str], tuple[TraceResult, LayerChoice]] = {}
     fh = out_path.open("a", encoding="utf-8") if out_path is not None else None
+    bar = tqdm(total=len(facts), desc=f"locate ({settings.kind})", unit="fact", disable=not progress)
     try:
-        bar = tqdm(facts, desc=f"locate ({settings.kind})", unit="fact", disable=not progress)
-        for fact in bar:
-            key = _key(fact.id, fact.prompt)
-            if key in done:
-                obj = done[key][1]
-                result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
-            else:
+        bar.update(len(facts) - len(todo))
+        window, i = WINDOW_MIN, 0
+        while i < len(todo):
+            part = todo[i:i + window]
+            i += len(part)
+            t0 = time.perf_counter()
+            outcomes = trace_each_by_method(model, tok, [facts[n] for n in part], settings, arch=arch,
+                                            noise_level=level, replacements=replacements, batch_facts=batch_facts)
+            for n, out in zip(part, outcomes):
+                fact = facts[n]
                 try:
-                    trace = trace_fact if settings.method == "exact" else trace_by_method
-                    result = trace(model, tok, fact, settings, arch=arch, noise_level=level,
-                                   replacements=replacements)
-                    result = dataclasses.replace(result, model=model_id)
+                    if isinstance(out, ValueError):
+                        raise out
+                    result = dataclasses.replace(out, model=model_id)
                     choice = choose_layer(result)
                     obj = record(result, choice)
                     line = record_line(obj)
@@ -211,19 +238,35 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
                         raise ValueError(message) from None
                     warnings.warn(f"skipped {message}", stacklevel=3)
                     continue
+                finally:
+                    bar.update(1)
                 if fh is not None:
                     fh.write(line + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                done[key] = (0, obj)
-            results.append((result, choice))
-            if plots is not None and result.table is not None:
-                stem = _plot_stem(plots, result)
-                if not stem.with_name(stem.name + ".png").exists():
-                    heatmap(result, stem)
+                fresh[_key(fact.id, fact.prompt)] = (result, choice)
+            if fh is not None:
+                fh.flush()
+                os.fsync(fh.fileno())
+            for n in part:
+                if _key(facts[n].id, facts[n].prompt) in fresh:
+                    _draw(plots, fresh[_key(facts[n].id, facts[n].prompt)][0])
+            per_fact = (time.perf_counter() - t0) / len(part)
+            window = max(WINDOW_MIN, min(WINDOW_MAX, int(WINDOW_S / max(per_fact, 1e-9))))
     finally:
+        bar.close()
         if fh is not None:
             fh.close()
+    results: list[tuple[TraceResult, LayerChoice]] = []
+    for fact in facts:
+        key = _key(fact.id, fact.prompt)
+        if key in fresh:
+            result, choice = fresh[key]
+        elif key in done:
+            obj = done[key][1]
+            result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
+            _draw(plots, result)
+        else:  # skipped (skip_errors)
+            continue
+        results.append((result, choice))
     if plots is not None and results:
         average_effect_plot([r for r, _ in results], plots / f"average_effect_{settings.kind}")
     return results

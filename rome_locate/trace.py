@@ -1,24 +1,21 @@
-"""Causal tracing: clean, corrupted and restored runs of one fact, as in ROME (Meng et al. 2022, sec. 2.1).
+"""Causal tracing: clean, corrupted and restored runs of facts, as in ROME (Meng et al. 2022, sec. 2.1).
 
-Batch layout. The clean run is a batch of one; its module outputs are captured
-once. Every corrupted run is a batch of `S` rows (the noise samples) or of
-`k·S` rows, where each group of `S` rows restores a different (token, layer)
-site. All groups receive the very same corruption, so the comparison with the
-corrupted baseline is paired. Corruption is a hook on the embedding module
-(`arch.embed`) that changes the subject positions `[b, e)`; restoration is a
-hook on each restored module that writes the captured clean values back.
+This module holds the settings and results, and what happens to a fact before
+any run: its tokens, subject range, answer source and corruption (Gaussian noise
+on the subject's embeddings, or another subject's). The runs themselves are
+`runs.py`'s: every group of `S` rows (the noise samples) restores one (token,
+layer) site and receives the very same corruption as the corrupted baseline, so
+the comparison is paired; facts of one prompt length share forwards.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import math
 import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -26,9 +23,11 @@ from torch import nn
 
 from .arch import KINDS, Arch, Kind, arch_for
 from .facts import Fact
-from .hooks import captured, get_module, patched, started_at
+from .hooks import get_module
 from .models import ModelFingerprint, context_length, input_device, model_dtype
 from .records import Record, non_finite
+from .runs import (ACCELERATOR_MAX_BATCH, Caller, Corruption, FirstRun, Prompt, batch_size, effective_window,
+                   first_run, max_rows, restored_scores, window_layers)
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]
@@ -37,8 +36,6 @@ Method = Literal["exact", "atp"]
 NOISE_DRAWS: tuple[str, ...] = ("torch", "rome", "replace")
 ANSWERS: tuple[str, ...] = ("top1", "target")
 METHODS: tuple[str, ...] = ("exact", "atp")
-# Rows per forward on an accelerator; on CPU see `CPU_CHUNK_BYTES`.
-ACCELERATOR_MAX_BATCH = 1024
 
 
 _SIGMA = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*sigma\s*$", re.IGNORECASE)
@@ -160,44 +157,7 @@ class TraceResult(Record):
         return len(self.scores)
 
 
-# ---- model plumbing ----------------------------------------------------------
-
-
-def _keeps_last_logits(model: nn.Module) -> bool:
-    # Computing the LM head on the last position only saves most of its cost on large vocabularies.
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _last_probs(model: nn.Module, input_ids: torch.Tensor, keep_last: bool, cache=None) -> torch.Tensor:
-    """Next-token probabilities (float32) at the last position of every row (after `cache`, if given)."""
-    kw: dict[str, Any] = {"logits_to_keep": 1} if keep_last else {}
-    if cache is not None:
-        kw["past_key_values"] = cache
-    out = model(input_ids=input_ids, use_cache=cache is not None, **kw)
-    return torch.softmax(out.logits[:, -1, :].float(), dim=-1)
-
-
-def effective_window(window: int, n_layers: int, kind: Kind) -> int:
-    """The restoration window actually used.
-
-    Rule: `w_eff = min(w, max(1, L // 2))` for mlp and attn, so a window never
-    spans more than half the model (ROME's w=10 is kept for every model with
-    at least 20 layers: GPT-2 XL, GPT-J; an 8-layer model gets 4, a 4-layer
-    model 2). `hidden` restores a single block output, so its window is 1.
-    """
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    if kind == "hidden":
-        return 1
-    return min(window, max(1, n_layers // 2))
-
-
-def window_layers(layer: int, window: int, n_layers: int) -> range:
-    """Layers restored around `layer`: [max(0, l - w//2), min(L, l + w - w//2))."""
-    return range(max(0, layer - window // 2), min(n_layers, layer + window - window // 2))
+# ---- noise --------------------------------------------------------------------
 
 
 def _subject_embedding_values(model: nn.Module, tok, subjects: Iterable[str], arch: Arch) -> torch.Tensor:
@@ -227,64 +187,23 @@ def _sigma_level(model: nn.Module, tok, subjects: Iterable[str], arch: Arch, fac
     return float(factor * _subject_embedding_values(model, tok, subjects, arch).std().item())
 
 
-# ---- corruption ----------------------------------------------------------------
-
-
-@dataclass
-class _Corruption:
-    """What the embedding hook does to the subject positions of each sample row."""
-
-    b: int
-    e: int
-    values: torch.Tensor  # (S, e-b, hidden)
-    mode: str  # "add" (noise) or "set" (token replacement)
-
-    @property
-    def samples(self) -> int:
-        return self.values.shape[0]
-
-    def edit(self, groups: int, start: int = 0, stop: int | None = None):
-        """An embedding-output edit for `groups` × S rows (sample-major: row s·groups + j) holding
-        prompt positions [start, stop); every group is corrupted alike."""
-        lo = max(self.b, start)
-        hi = self.e if stop is None else min(self.e, stop)
-        vals = self.values[:, lo - self.b:hi - self.b]
-        if groups > 1:
-            vals = vals.repeat_interleave(groups, dim=0)
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] != vals.shape[0]:
-                raise RuntimeError(f"embedding batch {x.shape[0]} != corruption rows {vals.shape[0]}")
-            if hi <= lo:
-                return x
-            x = x.clone()
-            if self.mode == "add":
-                # In-place add keeps ROME's float64 draws exact until the single cast to x's dtype.
-                x[:, lo - start:hi - start] += vals
-            else:
-                x[:, lo - start:hi - start] = vals.to(x.dtype)
-            return x
-
-        return fn
-
-
 def _noise_corruption(b: int, e: int, hidden: int, samples: int, noise: float, draws: str, seed: int,
-                      device: torch.device, dtype: torch.dtype) -> _Corruption:
+                      device: torch.device, dtype: torch.dtype) -> Corruption:
     if draws == "rome":
         # ROME's causal_trace.py: a fresh RandomState(1) per run, randn(S, e-b, hidden) scaled by the level.
-        # The same draws for every run is exactly what our tiling over groups reproduces.
+        # The same draws for every run is exactly what repeating them for every restored site reproduces.
         prng = np.random.RandomState(1)
         vals = noise * torch.from_numpy(prng.randn(samples, e - b, hidden))
         vals = vals.to(device)  # stays float64: the add casts once, as ROME's in-place add does
     else:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         vals = (noise * torch.randn(samples, e - b, hidden, generator=gen)).to(device=device, dtype=dtype)
-    return _Corruption(b, e, vals, "add")
+    return Corruption(b, e, vals, "add")
 
 
 def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subject: str, occurrence: int,
                             b: int, e: int, ids: list[int], replacements: Sequence[str] | None,
-                            samples: int, seed: int) -> _Corruption:
+                            samples: int, seed: int) -> Corruption:
     """Swap the subject's token embeddings for those of other subjects of the same token length."""
     if not replacements:
         raise ValueError(f"noise_draws='replace' needs replacement subjects (e.g. the other facts' subjects) "
@@ -312,216 +231,25 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
     embed = get_module(model, arch.embed)
     with torch.no_grad():
         vals = embed(torch.tensor([fits[i] for i in order], device=device))
-    return _Corruption(b, e, vals, "set")
+    return Corruption(b, e, vals, "set")
 
 
-# ---- restored runs -------------------------------------------------------------
-#
-# Every restored run shares work with the corrupted run: nothing below the bottom of its restoration
-# window differs from it, and (causal attention) nothing before the restored token. So the corrupted
-# run is made once, keeping each block's output; a group of restored sites then starts at the lowest
-# window bottom among them, fed the corrupted state there (`started_at`), and optionally at the
-# earliest restored token, with the positions before it read from a key/value cache.
-
-
-@dataclass(frozen=True)
-class _Costs:
-    """Forward costs the chunking plan weighs, in row-positions through one block."""
-
-    forward: float  # per forward, blocks aside (embedding, LM head on one position, mask building)
-    block: float  # per block run, however small the batch (reading its weights, kernel launches)
-    token: float  # per row-position through one block
-
-
-# Fixed figures, not timings taken at run time: the plan decides which rows share a forward, which
-# changes the last bits of the numbers, and a fact must give the same bytes in every run (resumes,
-# torchrun shards against one process). On this project's CPU (1 thread; the fact models and a 24-layer
-# d1024 GPT-2) a block run cost 22-140 row-positions and a forward's fixed part 8-35, timed by
-# issue 13's run-time measurement; 32 stands for both. On an accelerator (not measured here) a block's
-# kernel launches outweigh hundreds of rows, so chunks there are as large as `max_batch` allows.
-CPU_COSTS = _Costs(forward=32.0, block=32.0, token=1.0)
-ACCELERATOR_COSTS = _Costs(forward=4096.0, block=4096.0, token=1.0)
-# Activation bytes of one forward that still stay in a CPU core's caches: on 1 thread, 24 layers d128,
-# 30 tokens, 40-row chunks ran 1.6x faster than 256-row ones (4 MiB is 64 rows there). Larger models
-# read more weight bytes per forward, which more rows share, so 64 rows is the least a chunk may hold.
-CPU_CHUNK_BYTES = 4 << 20
-CPU_MIN_ROWS = 64
-
-
-def _costs(model: nn.Module) -> _Costs:
-    """The `_Costs` the plan uses for `model`'s device."""
-    return CPU_COSTS if input_device(model).type == "cpu" else ACCELERATOR_COSTS
-
-
-def _prefix_cache(model: nn.Module, input_ids: torch.Tensor, corruption: _Corruption, stop: int, embed: str,
-                  keep_last: bool):
-    """Key/value cache of the corrupted prompt positions [0, stop) for the S sample rows, or None."""
-    S = corruption.samples
-    kw: dict[str, Any] = {"logits_to_keep": 1} if keep_last else {}
-    with patched(model, {embed: corruption.edit(1, 0, stop)}, tokens=(S, stop)):
-        out = model(input_ids=input_ids[:, :stop].expand(S, -1), use_cache=True, **kw)
-    cache = getattr(out, "past_key_values", None)
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    return cache
-
-
-def _repeated(cache, groups: int):
-    """A fresh copy of `cache` with each row repeated `groups` times (sample-major), for one forward."""
-    layers = getattr(cache, "layers", None)
-    if isinstance(layers, list):
-        # The forward replaces a layer's tensors (concatenation) instead of writing into them, so copying
-        # the layer objects is enough; a deep copy of the tensors would cost more than the forward saves.
-        cache = copy.copy(cache)
-        cache.layers = [copy.copy(layer) for layer in layers]
-    else:
-        cache = copy.deepcopy(cache)
-    if groups > 1:
-        cache.batch_repeat_interleave(groups)
-    return cache
-
-
-def _plan_cost(chunks: list[list[tuple[int, int, int]]], S: int, L: int, T: int, costs: _Costs,
-               reuse_prefix: bool) -> float:
-    """Modelled seconds of the forwards `chunks` need, prefix caches included."""
-    total = 0.0
-    starts = set()
-    for chunk in chunks:
-        blocks = L - min(lo for _, lo, _ in chunk)
-        start = min(t for t, _, _ in chunk) if reuse_prefix else 0
-        starts.add(start)
-        total += costs.forward + blocks * (costs.block + costs.token * len(chunk) * S * (T - start))
-    return total + sum(costs.forward + L * (costs.block + costs.token * S * t) for t in starts if t > 0)
-
-
-def _chunks(sites: list[tuple[int, int, int]], S: int, L: int, T: int, costs: _Costs, max_rows: int,
-            reuse_prefix: bool) -> list[list[tuple[int, int, int]]]:
-    """Split (token, bottom block, index) sites, in order, into forwards of equal site count, the count
-    chosen to minimise the modelled time (`_Costs`)."""
-    plans = [[sites[i:i + k] for i in range(0, len(sites), k)] for k in range(1, max(1, max_rows // S) + 1)]
-    return min(plans, key=lambda plan: _plan_cost(plan, S, L, T, costs, reuse_prefix))
-
-
-def _max_rows(model: nn.Module, T: int) -> int:
-    """Rows per forward: on CPU as many as keep one MLP's activations within `CPU_CHUNK_BYTES` (at least
-    `CPU_MIN_ROWS`)."""
-    device, dtype = input_device(model), model_dtype(model)
-    if device.type != "cpu":
-        return ACCELERATOR_MAX_BATCH
-    cfg = getattr(model, "config", None)
-    d = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 1024
-    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) \
-        or getattr(cfg, "ffn_dim", None) or 4 * d
-    per_row = T * int(inner) * torch.finfo(dtype).bits // 8
-    return max(CPU_MIN_ROWS, min(ACCELERATOR_MAX_BATCH, CPU_CHUNK_BYTES // max(per_row, 1)))
-
-
-def _restored_scores(model: nn.Module, input_ids: torch.Tensor, arch: Arch, kind: Kind, clean: dict[str, torch.Tensor],
-                     corruption: _Corruption, sites: Sequence[tuple[int, int | None]], window: int, answer_id: int,
-                     max_batch: int | None, keep_last: bool, reuse_prefix: bool | None = None) -> list[float]:
-    """p_restored(answer) for each (token, layer) site (layer None: no restoration), several sites per forward.
-
-    The first forward holds the corrupted baseline (which restores nothing) and starts at block 0; the
-    states its baseline rows hand from block to block feed the forwards that start higher.
-    """
-    S = corruption.samples
-    L = arch.n_layers
-    T = input_ids.shape[1]
-    device = input_ids.device
-    blocks = [arch.layer_module_tmp.format(i) for i in range(L)]
-    costs = _costs(model)
-    max_rows = max(max_batch if max_batch is not None else _max_rows(model, T), S)
-
-    restored = sorted((t, max(0, layer - window // 2), i) for i, (t, layer) in enumerate(sites) if layer is not None)
-    # The baseline first, at the earliest token any site restores, so its states cover every later forward.
-    first = min((t for t, _, _ in restored), default=0)
-    plan = [(first, 0, -1)] + restored
-    if reuse_prefix is None:
-        # The cache saves the positions before the restored token but costs a forward per distinct start:
-        # the cost model decides (on CPU it paid off for the 24-layer d1024 model's row and the fact models'
-        # full tables, and about broke even for their rows).
-        reuse_prefix = min((True, False), key=lambda r: _plan_cost(
-            _chunks(plan, S, L, T, costs, max_rows, r), S, L, T, costs, r))
-    out: list[float] = [0.0] * len(sites)
-    states: dict[str, torch.Tensor] = {}
-    arity: dict[str, int | None] = {}
-    prefixes: dict[int, Any] = {}
-    for n, chunk in enumerate(_chunks(plan, S, L, T, costs, max_rows, reuse_prefix)):
-        g = len(chunk)
-        bottom = min(lo for _, lo, _ in chunk)
-        start = min(t for t, _, _ in chunk) if reuse_prefix else 0
-        cache = None
-        if start > 0:
-            if start not in prefixes:
-                prefixes[start] = _prefix_cache(model, input_ids, corruption, start, arch.embed, keep_last)
-            cache = prefixes[start]
-        if cache is None:
-            start = 0
-        else:
-            cache = _repeated(cache, g)
-        # For each restored module: which rows (sample-major, row s·g + j) get which token's clean value.
-        rows_of: dict[int, list[int]] = {}
-        toks_of: dict[int, list[int]] = {}
-        for j, (token, _, i) in enumerate(chunk):
-            for m in (window_layers(sites[i][1], window, L) if i >= 0 else ()):
-                rows_of.setdefault(m, []).extend(s * g + j for s in range(S))
-                toks_of.setdefault(m, []).extend([token] * S)
-        edits = {arch.embed: corruption.edit(g, start, T)} if bottom == 0 else {}
-        for m in sorted(rows_of):
-            name = arch.module(kind, m)
-            rows = torch.tensor(rows_of[m], device=device)
-            toks = torch.tensor(toks_of[m], device=device)
-            value = clean[name][0, toks.to(clean[name].device)]
-            local = toks - start
-
-            def restore(h: torch.Tensor, rows=rows, local=local, value=value) -> torch.Tensor:
-                # Under a device map the module may sit on another device than the inputs.
-                h = h.clone()
-                h[rows.to(h.device), local.to(h.device)] = value.to(h.device, h.dtype)
-                return h
-
-            edits[name] = restore
-        if n == 0:
-            # Group 0 is the baseline: rows 0, g, 2g, ... of every block's output are the corrupted states.
-            with patched(model, edits, tokens=(g * S, T - start)), \
-                    captured(model, blocks, tokens=(g * S, T - start), arity=arity, rows=slice(0, None, g)) as kept:
-                probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
-            states = kept
-            base = start
-        else:
-            state = states[blocks[bottom - 1]][:, start - base:].repeat_interleave(g, dim=0) if bottom > 0 else None
-            with patched(model, edits, tokens=(g * S, T - start)), \
-                    started_at(model, blocks, bottom, state, arity.get(blocks[0])):
-                probs = _last_probs(model, input_ids[:, start:].expand(g * S, -1), keep_last, cache)[:, answer_id]
-        for j, p in enumerate(probs.view(S, g).mean(dim=0).tolist()):
-            i = chunk[j][2]
-            if i < 0:
-                out = [p if site[1] is None else x for site, x in zip(sites, out)]
-            else:
-                out[i] = p
-    return out
+# ---- one fact, before any run --------------------------------------------------------
 
 
 @dataclass
-class _Setup:
-    """What every method of tracing one fact starts from: the prompt, its clean run and its corruption."""
+class _Prepared:
+    """A fact's tokens, subject range, answer source and corruption: everything but the model's runs."""
 
     fact: Fact
     ids: list[int]
-    input_ids: torch.Tensor
     b: int
     e: int
     used: int  # the subject occurrence found
-    keep_last: bool
-    names: list[str]  # the traced modules, one per layer
-    clean: dict[str, torch.Tensor]  # their clean outputs, (1, T, d)
-    p_clean: torch.Tensor
-    top1_id: int
-    answer_id: int
-    known: bool | None
-    target_logprob: float | None
-    corruption: _Corruption
+    prompt: Prompt
+    target_first: int | None  # the target's first token
     level: float
+    target_logprob: float | None = None  # computed apart when the target's tokens do not extend the prompt's
 
 
 @contextmanager
@@ -537,35 +265,26 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
             model.train()
 
 
-def _set_up(model: nn.Module, tok, fact: Fact, settings: TraceSettings, arch: Arch, noise_level: float | None,
-            replacements: Sequence[str] | None, occurrence: int) -> _Setup:
-    """The clean run (module outputs captured), the answer and the corruption; call under no_grad and eval."""
+def _prepare(model: nn.Module, tok, fact: Fact, settings: TraceSettings, arch: Arch, noise_level: float | None,
+             replacements: Sequence[str] | None, occurrence: int, hidden: int) -> _Prepared:
+    """Tokens, subject range, target and corruption of one fact; a ValueError names what is wrong with it."""
     if fact.prompt != fact.prompt.rstrip():
         warnings.warn(f"prompt {fact.prompt!r} ends with whitespace: byte-level BPE models see it as its own "
-                      f"token, which wrecks the next-token prediction", stacklevel=3)
+                      f"token, which wrecks the next-token prediction", stacklevel=4)
     device, dtype = input_device(model), model_dtype(model)
     (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence)
     _check_context(model, fact, len(ids), "prompt")
-    input_ids = torch.tensor([ids], device=device)
-    keep_last = _keeps_last_logits(model)
-    names = [arch.module(settings.kind, layer) for layer in range(arch.n_layers)]
-    with captured(model, names, tokens=tuple(input_ids.shape)) as clean:
-        p_clean = _last_probs(model, input_ids, keep_last)[0]
-    top1_id = int(p_clean.argmax())
-    target_logprob = known = target_first = None
+    clean_ids, target_positions, target_first, apart = ids, [], None, None
     if fact.target:
         t_full, t_pos = continuation(tok, fact.prompt, fact.target)
         _check_context(model, fact, len(t_full), "prompt + target")
         target_first = t_full[t_pos[0]]
-        known = top1_id == target_first
-        target_logprob = _sequence_logprob(model, t_full, t_pos)
-    if settings.answer == "target":
-        if target_first is None:
-            raise ValueError(f"answer='target' but fact {fact.id!r} ({fact.prompt!r}) has no target")
-        answer_id = target_first
-    else:
-        answer_id = top1_id
-
+        if t_full[:len(ids)] == ids and t_pos[0] >= len(ids):
+            clean_ids, target_positions = t_full, t_pos  # the clean row reads the target too
+        else:
+            apart = (t_full, t_pos)
+    if settings.answer == "target" and target_first is None:
+        raise ValueError(f"answer='target' but fact {fact.id!r} ({fact.prompt!r}) has no target")
     if settings.noise_draws == "replace":
         corruption = _replacement_corruption(model, tok, arch, fact.prompt, fact.subject, used, b, e, ids,
                                              replacements, settings.samples, settings.seed)
@@ -575,35 +294,125 @@ def _set_up(model: nn.Module, tok, fact: Fact, settings: TraceSettings, arch: Ar
         if level is None:
             level = _sigma_level(model, tok, [fact.subject], arch, settings.noise_factor)
         level = float(level)
-        hidden = get_module(model, arch.embed)(input_ids[:, :1]).shape[-1]
         corruption = _noise_corruption(b, e, hidden, settings.samples, level, settings.noise_draws, settings.seed,
                                        device, dtype)
-    return _Setup(fact=fact, ids=ids, input_ids=input_ids, b=b, e=e, used=used, keep_last=keep_last, names=names,
-                  clean=clean, p_clean=p_clean, top1_id=top1_id, answer_id=answer_id, known=known,
-                  target_logprob=target_logprob, corruption=corruption, level=level)
+    answer = target_first if settings.answer == "target" else None
+    prep = _Prepared(fact=fact, ids=ids, b=b, e=e, used=used,
+                     prompt=Prompt(ids, clean_ids, target_positions, corruption, answer),
+                     target_first=target_first, level=level)
+    if apart is not None:
+        prep.target_logprob = _sequence_logprob(model, *apart)
+    return prep
 
 
-def _result(tok, setup: _Setup, settings: TraceSettings, window: int, p_corrupt: float, scores: Sequence[float],
-            table: Sequence[Sequence[float]] | None) -> TraceResult:
-    """The TraceResult of a traced fact; non-finite numbers are a ValueError naming the prompt."""
-    u = setup
-    high = float(u.p_clean[u.answer_id])
+def _result(tok, u: _Prepared, run: FirstRun, i: int, settings: TraceSettings, window: int,
+            scores: Sequence[float], table: Sequence[Sequence[float]] | None) -> TraceResult:
+    """The TraceResult of prompt `i` of `run`; non-finite numbers are a ValueError naming the prompt."""
+    high, p_corrupt, answer_id, top1_id = run.p_clean[i], run.p_corrupt[i], run.answers[i], run.top1[i]
+    target_logprob = run.target_logprob[i] if u.prompt.target_positions else u.target_logprob
     scores = tuple(scores)
     table = tuple(tuple(row) for row in table) if table is not None else None
     bad = non_finite({"p_clean": high, "p_corrupt": p_corrupt, "scores": scores,
-                      "table": table, "target_logprob": u.target_logprob, "noise": u.level})
+                      "table": table, "target_logprob": target_logprob, "noise": u.level})
     if bad:
         raise ValueError(f"the model gives non-finite numbers (NaN or inf) for prompt {u.fact.prompt!r}: "
                          f"{', '.join(bad[:5])}; check its weights and --dtype")
     return TraceResult(
         fact_id=str(u.fact.id), prompt=u.fact.prompt, subject=u.fact.subject, kind=settings.kind,
         tokens=tuple(tok.decode([t]) for t in u.ids), subject_range=(u.b, u.e), subject_occurrence=u.used,
-        answer=tok.decode([u.answer_id]), answer_id=u.answer_id, answer_source=settings.answer,
-        top1=tok.decode([u.top1_id]), target=u.fact.target, known=u.known,
+        answer=tok.decode([answer_id]), answer_id=answer_id, answer_source=settings.answer,
+        top1=tok.decode([top1_id]), target=u.fact.target,
+        known=None if u.target_first is None else top1_id == u.target_first,
         high_score=high, low_score=p_corrupt, scores=scores, table=table,
-        noise=u.level, samples=u.corruption.samples, window=window, noise_draws=settings.noise_draws,
-        target_logprob=u.target_logprob, settings=settings,
+        noise=u.level, samples=u.prompt.corruption.samples, window=window, noise_draws=settings.noise_draws,
+        target_logprob=target_logprob, settings=settings,
     )
+
+
+# ---- batches of facts -----------------------------------------------------------------
+
+
+def prepare_batches(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings, arch: Arch,
+                    noise_level: float | None, replacements: Sequence[str] | None, occurrence: int,
+                    batch_facts: int | None, gradients: bool = False
+                    ) -> tuple[list[ValueError | None], list[list[tuple[int, _Prepared]]]]:
+    """Prepare every fact (its ValueError where it cannot be traced) and group the others into batches of one
+    prompt length, at most `batch_facts` each (default: `runs.batch_size`), in the facts' order."""
+    if batch_facts is not None and (isinstance(batch_facts, bool) or not isinstance(batch_facts, int)
+                                    or batch_facts < 1):
+        raise ValueError(f"batch_facts must be an integer >= 1, got {batch_facts!r}")
+    hidden = get_module(model, arch.embed)(torch.zeros((1, 1), dtype=torch.long, device=input_device(model))).shape[-1]
+    errors: list[ValueError | None] = [None] * len(facts)
+    by_length: dict[int, list[tuple[int, _Prepared]]] = {}
+    for i, fact in enumerate(facts):
+        try:
+            prep = _prepare(model, tok, fact, settings, arch, noise_level, replacements, occurrence, hidden)
+        except ValueError as exc:
+            errors[i] = exc
+            continue
+        by_length.setdefault(len(prep.ids), []).append((i, prep))
+    batches = []
+    for T, members in by_length.items():
+        n = batch_facts or batch_size(model, arch.n_layers, settings.samples, T, max_rows(model, T), gradients)
+        batches += [members[k:k + n] for k in range(0, len(members), n)]
+    batches.sort(key=lambda batch: batch[0][0])
+    return errors, batches
+
+
+def trace_each(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings = TraceSettings(), *,
+               arch: Arch | None = None, noise_level: float | None = None,
+               replacements: Sequence[str] | None = None, occurrence: int = 0, max_batch: int | None = None,
+               reuse_prefix: bool | None = None, batch_facts: int | None = None) -> list[TraceResult | ValueError]:
+    """Trace every fact, several facts per forward: one outcome per fact, its TraceResult or the ValueError that
+    says why it cannot be traced (subject not in the prompt, prompt too long, non-finite numbers).
+
+    Facts of one prompt length share forwards (`batch_facts` at most; default as many as fill a forward);
+    arguments mean what they mean for `trace_fact`.
+    """
+    if not isinstance(settings, TraceSettings):
+        raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
+    if settings.method != "exact":
+        # atp builds on this module's runs, so it lives above it: rome_locate.atp.trace_by_method.
+        raise ValueError(f"trace_fact makes exact restored runs; method={settings.method!r} is traced by "
+                         f"rome_locate.atp (trace_by_method or attribution_trace)")
+    arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
+    L = arch.n_layers
+    w = effective_window(settings.window, L, settings.kind)
+    outcomes: list[TraceResult | ValueError | None] = [None] * len(facts)
+    caller = Caller.of(model)
+    with _evaluating(model), torch.no_grad():
+        errors, batches = prepare_batches(model, tok, facts, settings, arch, noise_level, replacements, occurrence,
+                                          batch_facts)
+        for i, err in enumerate(errors):
+            if err is not None:
+                outcomes[i] = err
+        for batch in batches:
+            preps = [u for _, u in batch]
+            run = first_run(model, arch, settings.kind, [u.prompt for u in preps], caller)
+            rows = [range(len(u.ids)) if settings.full else [u.e - 1] for u in preps]
+            # A site before the subject restores what the corruption never changed (causal attention):
+            # its p_restored is p_corrupt, so no run is made for it.
+            sites = [(j, t, layer) for j, u in enumerate(preps) for t in rows[j] if t >= u.b for layer in range(L)]
+            got = iter(restored_scores(model, arch, settings.kind, run, sites, w, caller, max_batch, reuse_prefix))
+            for j, (i, u) in enumerate(batch):
+                grid = [[next(got) if t >= u.b else run.p_corrupt[j] for _ in range(L)] for t in rows[j]]
+                try:
+                    outcomes[i] = _result(tok, u, run, j, settings, w, grid[u.e - 1] if settings.full else grid[0],
+                                          grid if settings.full else None)
+                except ValueError as exc:
+                    outcomes[i] = exc
+    return outcomes  # type: ignore[return-value]
+
+
+def trace_facts(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings = TraceSettings(),
+                **kwargs) -> list[TraceResult]:
+    """Trace every fact, several per forward (see `trace_each`); the first fact that cannot be traced raises its
+    ValueError."""
+    outcomes = trace_each(model, tok, facts, settings, **kwargs)
+    for out in outcomes:
+        if isinstance(out, ValueError):
+            raise out
+    return list(outcomes)  # type: ignore[arg-type]
 
 
 def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = TraceSettings(), *,
@@ -622,33 +431,19 @@ def trace_fact(model: nn.Module, tok, fact: Fact, settings: TraceSettings = Trac
     `full=True` computes the whole tokens × layers table, T times the work.
     `max_batch` bounds the rows of one forward (default: on CPU as many as keep
     one MLP's activations in cache, at least 64; 1024 on an accelerator);
-    `reuse_prefix` computes the positions before the restored token once, from
-    a key/value cache (default on; models without one fall back to whole-prompt
-    runs). Restored runs start at the bottom of their window, fed the corrupted
-    run's states, so they skip the blocks below it. Attribution patching
-    (`settings.method="atp"`) is `atp.attribution_trace`; `atp.trace_by_method`
-    picks by the settings.
+    `reuse_prefix` False runs every position of the prompt in every restored
+    run instead of reading the positions before the restored token from the
+    corrupted run's key/value cache (models without a sliceable cache always
+    do). Restored runs start at the bottom of their window, fed the corrupted
+    run's states, so they skip the blocks below it. `trace_facts` traces many
+    facts, several per forward. Attribution patching (`settings.method="atp"`)
+    is `atp.attribution_trace`; `atp.trace_by_method` picks by the settings.
     """
-    if not isinstance(settings, TraceSettings):
-        raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
-    if settings.method != "exact":
-        # atp builds on this module's restored runs, so it lives above it: rome_locate.atp.trace_by_method.
-        raise ValueError(f"trace_fact makes exact restored runs; method={settings.method!r} is traced by "
-                         f"rome_locate.atp (trace_by_method or attribution_trace)")
-    arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
-    L = arch.n_layers
-    with _evaluating(model), torch.no_grad():
-        u = _set_up(model, tok, fact, settings, arch, noise_level, replacements, occurrence)
-        w = effective_window(settings.window, L, settings.kind)
-        rows = range(len(u.ids)) if settings.full else [u.e - 1]
-        # The corrupted baseline is the site that restores nothing; it rides in the first forward.
-        sites: list[tuple[int, int | None]] = [(u.e - 1, None)]
-        sites += [(t, layer) for t in rows for layer in range(L)]
-        p_corrupt, *flat = _restored_scores(model, u.input_ids, arch, settings.kind, u.clean, u.corruption, sites, w,
-                                            u.answer_id, max_batch, u.keep_last, reuse_prefix)
-    grid = [tuple(flat[i * L:(i + 1) * L]) for i in range(len(rows))]
-    table = grid if settings.full else None
-    return _result(tok, u, settings, w, p_corrupt, grid[u.e - 1] if settings.full else grid[0], table)
+    [out] = trace_each(model, tok, [fact], settings, arch=arch, noise_level=noise_level, replacements=replacements,
+                       occurrence=occurrence, max_batch=max_batch, reuse_prefix=reuse_prefix)
+    if isinstance(out, ValueError):
+        raise out
+    return out
 
 
 def _check_context(model: nn.Module, fact: Fact, n_tokens: int, what: str) -> None:

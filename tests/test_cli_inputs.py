@@ -36,10 +36,10 @@ def _locate(out, *extra):
 @pytest.fixture
 def no_tracing(monkeypatch):
     """Fails the test if any fact is traced: the checks must come first."""
-    def trace_fact(*args, **kwargs):
+    def trace(*args, **kwargs):
         raise AssertionError("traced before the input was checked")
 
-    monkeypatch.setattr(locate_mod, "trace_fact", trace_fact)
+    monkeypatch.setattr(locate_mod, "trace_each_by_method", trace)
 
 
 # ---- 1, 6, 7: the output path --------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _rank_main(rank: int, world: int, jobs: list, results_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     results = []
-    real = {"trace": (locate_mod, "trace_fact", locate_mod.trace_fact), "load": (cli, "load_model", cli.load_model)}
+    real = {"trace": (locate_mod, "trace_each_by_method", locate_mod.trace_each_by_method), "load": (cli, "load_model", cli.load_model)}
     for argv, port, fail_rank, what, watch in jobs:
         os.environ["MASTER_PORT"] = str(port)
         for name, (module, attr, fn) in real.items():

@@ -69,13 +69,13 @@ def test_locate_writes_one_line_per_fact_and_resumes(gpt2, tmp_path, monkeypatch
     assert expected != pytest.approx(noise_level(model, tok, FACTS[:1]), rel=1e-3)  # not a per-fact level
 
     calls = []
-    real = locate_mod.trace_fact
+    real = locate_mod.trace_each_by_method
 
-    def counting(model, tok, fact, settings, **kw):
-        calls.append(fact.id)
-        return real(model, tok, fact, settings, **kw)
+    def counting(model, tok, facts, settings, **kw):
+        calls.extend(fact.id for fact in facts)
+        return real(model, tok, facts, settings, **kw)
 
-    monkeypatch.setattr(locate_mod, "trace_fact", counting)
+    monkeypatch.setattr(locate_mod, "trace_each_by_method", counting)
     again = locate(model, tok, FACTS[:2], TraceSettings(samples=2), out=out, progress=False)
     assert calls == [] and len(_lines(out)) == 2
     assert [r for r, _ in again] == [r for r, _ in pairs]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import build_tiny_model, params_hash
 
-from rome_locate import trace as trace_mod
+from rome_locate import runs
 from rome_locate.arch import arch_for
 from rome_locate.facts import Fact
 from rome_locate.hooks import hook_count, patched
@@ -315,16 +315,16 @@ def test_exception_inside_traced_run_leaves_no_hooks(tiny_model, monkeypatch):
     ids = torch.tensor([tok(SHORT.prompt)["input_ids"]])
     with torch.no_grad():
         before = model(ids).logits.clone()
-    real = trace_mod._last_probs
+    real = runs.Caller.logits
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the first corrupted run, while corruption and restoration hooks are on
+        if calls["n"] == 2:  # the first restored run, while corruption and restoration hooks are on
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trace_mod, "_last_probs", failing)
+    monkeypatch.setattr(runs.Caller, "logits", failing)
     with pytest.raises(RuntimeError, match="boom"):
         trace_fact(model, tok, SHORT, TraceSettings(samples=3, noise=2.0))
     assert calls["n"] == 2
@@ -346,7 +346,7 @@ def test_module_that_raises_leaves_no_hooks(tiny_model, monkeypatch):
 
     def forward(*args, **kwargs):
         state["n"] += 1
-        if state["n"] > 2:  # clean and corrupted runs pass; a restored run fails
+        if state["n"] > 1:  # the clean-and-corrupted first run passes; a restored run fails
             raise RuntimeError("mlp failed")
         return real_forward(*args, **kwargs)
 
@@ -507,7 +507,7 @@ def test_block_skipping_restores_blocks_after_exception(tiny_model, monkeypatch)
     model, tok = tiny_model
     arch = arch_for(model)
     blocks = [model.get_submodule(arch.layer_module_tmp.format(i)) for i in range(arch.n_layers)]
-    real = trace_mod._last_probs
+    real = runs.Caller.logits
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -517,7 +517,7 @@ def test_block_skipping_restores_blocks_after_exception(tiny_model, monkeypatch)
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trace_mod, "_last_probs", failing)
+    monkeypatch.setattr(runs.Caller, "logits", failing)
     with pytest.raises(RuntimeError, match="boom"):
         trace_fact(model, tok, FACT, TraceSettings(samples=3, noise=2.0, window=2, full=True), max_batch=3)
     assert [model.get_submodule(arch.layer_module_tmp.format(i)) for i in range(arch.n_layers)] == blocks

@@ -1,0 +1,488 @@
+"""The forwards of causal tracing, batched over facts: one run that is clean and corrupted at once, then the
+restored runs, planned into as few forwards as pay.
+
+Row layout of the first run (`first_run`): for each prompt of the batch (all of one
+token length T), one clean row, then its S corrupted rows (the noise samples). The
+clean row reads the prompt followed by its target, so the same forward gives the
+target's log-probability; the other rows are right-padded, which no real position
+sees (causal attention). The first run keeps what every restored run starts from:
+the clean outputs of the traced modules, every block's output and the key/value cache.
+
+A restored run of site (prompt, token t, layer l) is the corrupted run with the clean
+outputs of the window around l written back at t. Nothing below the window's bottom
+differs from the corrupted run, and nothing before t: so the sites of a forward
+(`restored_scores`) start at the lowest bottom among them, fed the first run's block
+states there (`hooks.started_at`), and at the earliest restored token, the positions
+before it read from a slice of the first run's cache. Which sites share a forward is
+planned by a cost model (`Costs`). Each group of S rows is one site; any prompt of
+the batch may sit beside any other.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .arch import Arch, Kind
+from .hooks import captured, patched, started_at
+from .models import input_device, model_dtype
+
+# Rows per forward on an accelerator; on CPU see `CPU_CHUNK_BYTES`.
+ACCELERATOR_MAX_BATCH = 1024
+# Activation bytes of one forward that still stay in a CPU core's caches: on 1 thread, 24 layers d128,
+# 30 tokens, 40-row chunks ran 1.6x faster than 256-row ones (4 MiB is 64 rows there). Larger models
+# read more weight bytes per forward, which more rows share, so 64 rows is the least a chunk may hold.
+CPU_CHUNK_BYTES = 4 << 20
+CPU_MIN_ROWS = 64
+# Bytes the first run of a batch may keep (block states and the key/value cache): bounds facts per batch.
+KEPT_BYTES = {"cpu": 1 << 30, "accelerator": 4 << 30}
+
+
+# ---- windows ----------------------------------------------------------------------
+
+
+def effective_window(window: int, n_layers: int, kind: Kind) -> int:
+    """The restoration window actually used.
+
+    Rule: `w_eff = min(w, max(1, L // 2))` for mlp and attn, so a window never
+    spans more than half the model (ROME's w=10 is kept for every model with
+    at least 20 layers: GPT-2 XL, GPT-J; an 8-layer model gets 4, a 4-layer
+    model 2). `hidden` restores a single block output, so its window is 1.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if kind == "hidden":
+        return 1
+    return min(window, max(1, n_layers // 2))
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    """Layers restored around `layer`: [max(0, l - w//2), min(L, l + w - w//2))."""
+    return range(max(0, layer - window // 2), min(n_layers, layer + window - window // 2))
+
+
+# ---- corruption --------------------------------------------------------------------
+
+
+@dataclass
+class Corruption:
+    """What the embedding hook does to the subject positions [b, e) of each sample row."""
+
+    b: int
+    e: int
+    values: torch.Tensor  # (S, e-b, hidden)
+    mode: str  # "add" (noise) or "set" (token replacement)
+
+    @property
+    def samples(self) -> int:
+        """The number of sample rows (S)."""
+        return self.values.shape[0]
+
+
+def corrupting(groups: Sequence[tuple[int, Corruption]], start: int = 0):
+    """An embedding-output rewrite for rows holding prompt positions [start, ...): each (row, corruption) of
+    `groups` corrupts rows [row, row + S) with samples 0..S-1."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        for row, c in groups:
+            lo, hi = max(c.b, start), c.e
+            if hi <= lo:
+                continue
+            vals = c.values[:, lo - c.b:hi - c.b].to(x.device)
+            rows = slice(row, row + c.samples)
+            if c.mode == "add":
+                # In-place add keeps ROME's float64 draws exact until the single cast to x's dtype.
+                x[rows, lo - start:hi - start] += vals
+            else:
+                x[rows, lo - start:hi - start] = vals.to(x.dtype)
+        return x
+
+    return fn
+
+
+# ---- model calls -------------------------------------------------------------------
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """How to call `model`: whether it keeps only the last logits, and its cache argument's name (transformers
+    renamed `past_key_values` to `cache` in 5.25 and warns on the old name)."""
+
+    keep_last: bool
+    cache_arg: str
+
+    @staticmethod
+    def of(model: nn.Module) -> "Caller":
+        """The Caller for `model`'s forward signature."""
+        params = _forward_parameters(model)
+        return Caller("logits_to_keep" in params, "cache" if "cache" in params else "past_key_values")
+
+    def logits(self, model: nn.Module, input_ids: torch.Tensor, keep: int = 1, cache=None, use_cache=False):
+        """(logits of the last `keep` positions of every row, the returned cache or None)."""
+        kw: dict[str, Any] = {"logits_to_keep": keep} if self.keep_last else {}
+        if cache is not None:
+            kw[self.cache_arg] = cache
+        out = model(input_ids=input_ids, use_cache=use_cache or cache is not None, **kw)
+        returned = None
+        if use_cache:
+            returned = out.get("cache", None) if hasattr(out, "get") else None
+            if returned is None:
+                returned = getattr(out, "past_key_values", None)
+        return out.logits[:, -keep:], returned
+
+
+def _answer_logprob(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """log p(answer) per row of (rows, vocab) logits, in float32, without a second (rows, vocab) tensor."""
+    logits = logits.float()
+    return logits.gather(1, answers[:, None].to(logits.device))[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+# ---- the first run -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One fact's input to the runs: its prompt tokens, what its clean row reads and its corruption."""
+
+    ids: list[int]
+    clean_ids: list[int]  # the prompt, followed by the target's tokens when they extend it
+    target_positions: list[int]  # positions of the target's tokens in clean_ids ([] without one)
+    corruption: Corruption
+    answer: int | None  # the answer token, or None for the clean run's top-1
+
+
+@dataclass
+class FirstRun:
+    """The clean and corrupted runs of a batch of prompts of one length T, made in one forward."""
+
+    T: int
+    input_ids: torch.Tensor  # (rows, T1) the forward's rows
+    clean_rows: list[int]  # each prompt's clean row
+    corrupt_rows: list[int]  # each prompt's first corrupted row (its S rows follow)
+    corruptions: list[Corruption]
+    clean: dict[str, torch.Tensor]  # traced module -> (prompts, T1, d): the clean rows' outputs
+    top1: list[int]
+    answers: list[int]
+    p_clean: list[float]
+    p_corrupt: list[float]
+    target_logprob: list[float | None]
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # block -> (rows, T1, d) outputs
+    arity: int | None = None  # the blocks' output tuple length (None: a bare tensor)
+    cache: Any = None  # the forward's key/value cache, when a slice of it can serve restored runs
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # with gradients: module -> (rows, T1, d)
+    grads: dict[str, torch.Tensor] = field(default_factory=dict)  # d sum(p_corrupt) / d values
+
+    def rows(self, prompt: int) -> range:
+        """The corrupted rows of `prompt`."""
+        start = self.corrupt_rows[prompt]
+        return range(start, start + self.corruptions[prompt].samples)
+
+
+def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt], caller: Caller,
+              keep_states: bool = True, gradients: bool = False) -> FirstRun:
+    """Clean and corrupted runs of `prompts` (one token length) in one forward; call under eval mode.
+
+    With `keep_states`, it also keeps every block's output and the cache for restored runs. With
+    `gradients`, it also gives d sum_prompts p_corrupt / d (each traced module's output), for attribution
+    patching; otherwise call it under no_grad.
+    """
+    T = len(prompts[0].ids)
+    if any(len(p.ids) != T for p in prompts):
+        raise ValueError("a first run batches prompts of one token length")
+    L = arch.n_layers
+    rows: list[list[int]] = []
+    clean_rows, corrupt_rows = [], []
+    for p in prompts:
+        clean_rows.append(len(rows))
+        rows.append(p.clean_ids)
+        corrupt_rows.append(len(rows))
+        rows += [p.ids] * p.corruption.samples
+    # Right padding that repeats each row's last token: no real position reads a pad, and no pad token id
+    # appears (transformers warns of a missing attention mask when it sees one).
+    T1 = max(len(r) for r in rows)
+    input_ids = torch.tensor([r + [r[-1]] * (T1 - len(r)) for r in rows], device=input_device(model))
+    R = len(rows)
+    names = [arch.module(kind, layer) for layer in range(L)]
+    blocks = [arch.layer_module_tmp.format(i) for i in range(L)] if keep_states else []
+    corrupt = corrupting(list(zip(corrupt_rows, [p.corruption for p in prompts])))
+    kept: dict[str, torch.Tensor] = {}
+    if gradients:
+        def leaf(x: torch.Tensor) -> torch.Tensor:
+            # The graph starts at the corrupted embeddings, whether or not the weights require grad.
+            return corrupt(x).detach().requires_grad_(True)
+
+        def keep(name: str):
+            def edit(h: torch.Tensor) -> torch.Tensor:
+                # A tensor of our own enters the rest of the forward, so the gradient is taken with respect to it.
+                h = h.clone()
+                kept[name] = h
+                return h
+
+            return edit
+
+        edits = {arch.embed: leaf, **{n: keep(n) for n in names}}
+    else:
+        edits = {arch.embed: corrupt}
+    arity: dict[str, int | None] = {}
+    with torch.enable_grad() if gradients else torch.no_grad():
+        with patched(model, edits, tokens=(R, T1)), \
+                captured(model, names, tokens=(R, T1), rows=clean_rows) as clean, \
+                captured(model, blocks, tokens=(R, T1), arity=arity) as states:
+            logits, cache = caller.logits(model, input_ids, keep=T1 - T + 1, use_cache=keep_states)
+        last = logits[:, 0]
+        clean_last = last[clean_rows].detach()
+        top1 = clean_last.argmax(dim=-1).tolist()
+        answers = [top if p.answer is None else p.answer for p, top in zip(prompts, top1)]
+        # The same formula for clean and corrupted rows: with zero noise p_corrupt == p_clean exactly.
+        p_clean = _answer_logprob(clean_last, torch.tensor(answers)).exp().tolist()
+        row_answers = torch.tensor([a for p, a in zip(prompts, answers) for _ in range(p.corruption.samples)])
+        corrupt_index = [r for i in range(len(prompts)) for r in range(corrupt_rows[i],
+                                                                       corrupt_rows[i] + prompts[i].corruption.samples)]
+        p_rows = _answer_logprob(last[corrupt_index], row_answers).exp()
+        sizes = [p.corruption.samples for p in prompts]
+        p_corrupt = torch.stack([chunk.mean() for chunk in torch.split(p_rows, sizes)])
+        grads: dict[str, torch.Tensor] = {}
+        if gradients:
+            got = torch.autograd.grad(p_corrupt.sum(), [kept[n] for n in names], allow_unused=True)
+            grads = {n: (torch.zeros_like(kept[n]) if g is None else g.detach()) for n, g in zip(names, got)}
+    target_logprob: list[float | None] = []
+    for i, p in enumerate(prompts):
+        if not p.target_positions:
+            target_logprob.append(None)
+            continue
+        # Kept logits start at position T - 1; position q's logits predict token q + 1.
+        lp = torch.log_softmax(logits[clean_rows[i]].detach().float(), dim=-1)
+        pos = torch.tensor([q - T for q in p.target_positions], device=lp.device)
+        tgt = torch.tensor([p.clean_ids[q] for q in p.target_positions], device=lp.device)
+        target_logprob.append(float(lp[pos, tgt].sum()))
+    run = FirstRun(
+        T=T, input_ids=input_ids, clean_rows=clean_rows, corrupt_rows=corrupt_rows,
+        corruptions=[p.corruption for p in prompts], clean=dict(clean), top1=top1, answers=answers,
+        p_clean=p_clean,
+        p_corrupt=p_corrupt.detach().tolist(), target_logprob=target_logprob,
+        states=dict(states), arity=arity.get(blocks[0]) if blocks else None,
+        cache=cache if keep_states and _sliceable(cache, T1) else None,
+        values={n: kept[n].detach() for n in kept} if gradients else {}, grads=grads,
+    )
+    return run
+
+
+# ---- the key/value cache -----------------------------------------------------------
+
+
+def _sliceable(cache, length: int) -> bool:
+    """Whether every layer of `cache` holds plain key/value tensors of all `length` positions (DynamicCache,
+    and sliding-window layers whose window was not reached); other caches are not sliced."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not layers:
+        return False
+    for layer in layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor) and keys.dim() == 4
+                and keys.shape[-2] == length and values.shape[-2] == length):
+            return False
+        if getattr(layer, "cumulative_length", length) != length:
+            return False
+    return True
+
+
+def _prefix(cache, rows: torch.Tensor, stop: int):
+    """A new cache holding positions [0, stop) of `rows` of a sliceable `cache`."""
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        index = rows.to(layer.keys.device)
+        part.keys = layer.keys[index, :, :stop]
+        part.values = layer.values[index, :, :stop]
+        if hasattr(layer, "cumulative_length"):
+            part.cumulative_length = stop
+        new.layers.append(part)
+    return new
+
+
+# ---- planning the restored runs ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Modelled seconds of a forward: a fixed part, a part per block run, and the arithmetic."""
+
+    forward_s: float  # per forward, blocks aside (embedding, head, mask building, Python)
+    block_s: float  # per block run, however small the batch (kernel launches, module calls)
+    flops: float  # arithmetic rate, FLOP/s
+
+
+# Fixed figures, not timings taken at run time, so that every process plans alike. Measured on this project's
+# 2-core CPU, 1 thread (bench/peers.py machine): an 8-layer d64 fact model's forward of one row costs 1.9 ms,
+# 0.2 ms of it per block; the arithmetic ran at about 30 GFLOP/s. On an accelerator (not measured here) kernel
+# launches outweigh hundreds of rows, so its figures make chunks as large as `max_rows` allows.
+CPU_COSTS = Costs(forward_s=3e-4, block_s=2e-4, flops=3e10)
+ACCELERATOR_COSTS = Costs(forward_s=2e-3, block_s=5e-4, flops=1e14)
+
+
+def costs_for(model: nn.Module) -> Costs:
+    """The `Costs` the plan uses for `model`'s device."""
+    return CPU_COSTS if input_device(model).type == "cpu" else ACCELERATOR_COSTS
+
+
+def _dims(model: nn.Module) -> tuple[int, int, int]:
+    """(hidden size, MLP inner size, vocabulary size) from the model's config."""
+    cfg = getattr(model, "config", None)
+    get = lambda *keys: next((getattr(cfg, k) for k in keys if isinstance(getattr(cfg, k, None), int)), None)  # noqa: E731
+    d = get("hidden_size", "n_embd", "d_model") or 1024
+    inner = get("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size") or 4 * d
+    vocab = get("vocab_size") or 32000
+    return int(d), int(inner), int(vocab)
+
+
+def flops_per_position(model: nn.Module) -> tuple[float, float]:
+    """(FLOPs of one position through one block, FLOPs of the LM head at one position), from the config."""
+    d, inner, vocab = _dims(model)
+    return 2.0 * (4 * d * d + 2 * d * inner), 2.0 * d * vocab
+
+
+def max_rows(model: nn.Module, T: int) -> int:
+    """Rows per forward: on CPU as many as keep one MLP's activations within `CPU_CHUNK_BYTES` (at least
+    `CPU_MIN_ROWS`); `ACCELERATOR_MAX_BATCH` on an accelerator."""
+    if input_device(model).type != "cpu":
+        return ACCELERATOR_MAX_BATCH
+    _, inner, _ = _dims(model)
+    per_row = T * inner * torch.finfo(model_dtype(model)).bits // 8
+    return max(CPU_MIN_ROWS, min(ACCELERATOR_MAX_BATCH, CPU_CHUNK_BYTES // max(per_row, 1)))
+
+
+def batch_size(model: nn.Module, n_layers: int, samples: int, T: int, rows_per_forward: int,
+               gradients: bool = False) -> int:
+    """Facts per first run: as many as fill one forward's rows and keep what the run holds within `KEPT_BYTES`
+    (block states and the key/value cache; with `gradients`, also the activations the backward reads)."""
+    d, inner, _ = _dims(model)
+    per_position = 3 * d + ((10 * d + 4 * inner) if gradients else 0)
+    per_fact = (samples + 1) * T * n_layers * per_position * torch.finfo(model_dtype(model)).bits // 8
+    budget = KEPT_BYTES["cpu" if input_device(model).type == "cpu" else "accelerator"]
+    return max(1, min(rows_per_forward // (samples + 1), budget // max(per_fact, 1)))
+
+
+@dataclass(frozen=True)
+class _Site:
+    bottom: int  # the window's lowest layer
+    token: int
+    rows: int  # S of its prompt
+    index: int  # position in the caller's site list
+
+
+def plan(sites: Sequence[_Site], L: int, T: int, costs: Costs, per_position: float, head: float, rows_max: int,
+         use_prefix: bool) -> list[list[_Site]]:
+    """Split the sites into forwards: sorted by (bottom, token) or by (token, bottom), in chunks of k sites, the
+    order and k that the cost model finds cheapest. A chunk runs from its lowest bottom and earliest token."""
+    if not sites:
+        return []
+    largest = max(s.rows for s in sites)
+    kmax = max(1, rows_max // largest)
+    best: tuple[float, list[_Site], int] | None = None
+    for key in ((lambda s: (s.bottom, s.token)), (lambda s: (s.token, s.bottom))):
+        order = sorted(sites, key=key)
+        lo = np.array([s.bottom for s in order], dtype=float)
+        tok = np.array([s.token if use_prefix else 0 for s in order], dtype=float)
+        rows = np.array([s.rows for s in order], dtype=float)
+        n = len(order)
+        for k in range(1, min(kmax, n) + 1):
+            m = -(-n // k)
+            pad = m * k - n
+            lo_c = np.concatenate([lo, np.full(pad, L)]).reshape(m, k).min(axis=1)
+            tok_c = np.concatenate([tok, np.full(pad, T)]).reshape(m, k).min(axis=1)
+            rows_c = np.concatenate([rows, np.zeros(pad)]).reshape(m, k).sum(axis=1)
+            blocks = L - lo_c
+            cost = float(np.sum(costs.forward_s + blocks * costs.block_s
+                                + (blocks * rows_c * (T - tok_c) * per_position + rows_c * head) / costs.flops))
+            if best is None or cost < best[0]:
+                best = (cost, order, k)
+    _, order, k = best
+    return [list(order[i:i + k]) for i in range(0, len(order), k)]
+
+
+# ---- the restored runs -------------------------------------------------------------
+
+
+def restored_scores(model: nn.Module, arch: Arch, kind: Kind, run: FirstRun, sites: Sequence[tuple[int, int, int]],
+                    window: int, caller: Caller, rows_max: int | None = None,
+                    reuse_prefix: bool | None = None) -> list[float]:
+    """p_restored(answer) of each (prompt, token, layer) site of the first run's prompts, several sites per forward.
+
+    `window` is the effective window (`effective_window`); `rows_max` bounds the rows of a forward (default `max_rows`); `reuse_prefix` False runs every
+    position of the prompt instead of reading the positions before the restored token from the cache.
+    """
+    if not sites:
+        return []
+    L, T = arch.n_layers, run.T
+    device = run.input_ids.device
+    blocks = [arch.layer_module_tmp.format(i) for i in range(L)]
+    per_position, head = flops_per_position(model)
+    largest = max(run.corruptions[p].samples for p, _, _ in sites)
+    rows_cap = max(rows_max if rows_max is not None else max_rows(model, T), largest)
+    use_prefix = run.cache is not None and reuse_prefix is not False
+    todo = [_Site(window_layers(layer, window, L).start, token, run.corruptions[p].samples, i)
+            for i, (p, token, layer) in enumerate(sites)]
+    out: list[float] = [0.0] * len(sites)
+    for chunk in plan(todo, L, T, costs_for(model), per_position, head, rows_cap, use_prefix):
+        bottom = min(s.bottom for s in chunk)
+        start = min(s.token for s in chunk) if use_prefix else 0
+        source: list[int] = []  # first-run row of each row of this forward
+        groups: list[tuple[int, Corruption]] = []
+        restore_rows: dict[int, list[int]] = {}
+        restore_tok: dict[int, list[int]] = {}
+        restore_src: dict[int, list[int]] = {}  # the prompt whose clean value a row receives
+        answers: list[int] = []
+        for s in chunk:
+            p, token, layer = sites[s.index]
+            row0 = len(source)
+            source.extend(run.rows(p))
+            groups.append((row0, run.corruptions[p]))
+            answers.extend([run.answers[p]] * s.rows)
+            for m in window_layers(layer, window, L):
+                restore_rows.setdefault(m, []).extend(range(row0, row0 + s.rows))
+                restore_tok.setdefault(m, []).extend([token] * s.rows)
+                restore_src.setdefault(m, []).extend([p] * s.rows)
+        R = len(source)
+        src = torch.tensor(source, device=device)
+        edits = {arch.embed: corrupting(groups, start)} if bottom == 0 else {}
+        for m in sorted(restore_rows):
+            name = arch.module(kind, m)
+            clean = run.clean[name]
+            toks = torch.tensor(restore_tok[m])
+            value = clean[torch.tensor(restore_src[m], device=clean.device), toks.to(clean.device)]
+            rows = torch.tensor(restore_rows[m])
+            local = toks - start
+
+            def restore(h: torch.Tensor, rows=rows, local=local, value=value) -> torch.Tensor:
+                # Under a device map the module may sit on another device than the inputs.
+                h = h.clone()
+                h[rows.to(h.device), local.to(h.device)] = value.to(h.device, h.dtype)
+                return h
+
+            edits[name] = restore
+        cache = _prefix(run.cache, src, start) if start > 0 else None
+        state = None
+        if bottom > 0:
+            kept = run.states[blocks[bottom - 1]]
+            state = kept[src.to(kept.device), start:T]
+        with patched(model, edits, tokens=(R, T - start)), started_at(model, blocks, bottom, state, run.arity):
+            logits, _ = caller.logits(model, run.input_ids[src, start:T], cache=cache)
+        p_rows = _answer_logprob(logits[:, -1], torch.tensor(answers)).exp()
+        for s, p in zip(chunk, torch.split(p_rows, [s.rows for s in chunk])):
+            out[s.index] = float(p.mean())
+    return out
