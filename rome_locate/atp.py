@@ -91,8 +91,9 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
                 p_corrupt = run.p_corrupt[j]
                 estimated.append([[p_corrupt + float(x) for x in row] for row in est.tolist()])
                 tables.append([list(row) for row in estimated[-1]])
-                order = torch.argsort(est.flatten(), descending=True)[:settings.verify_top].tolist()
-                checks += [(j, i // L, i % L) for i in order]
+                # The row the layer choice reads: with K >= the layers in contention the choice is exact.
+                order = torch.argsort(est[u.e - 1], descending=True)[:settings.verify_top].tolist()
+                checks += [(j, u.e - 1, layer) for layer in order]
             with torch.no_grad():
                 exact = restored_scores(model, arch, kind, run, checks, w, caller)
             verified: list[list[VerifiedSite]] = [[] for _ in preps]
@@ -114,8 +115,8 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
 def attribution_trace(model: nn.Module, tok, fact: Fact, settings: TraceSettings = TraceSettings(method="atp"), *,
                       arch: Arch | None = None, noise_level: float | None = None,
                       replacements: Sequence[str] | None = None, occurrence: int = 0) -> AtpResult:
-    """Estimate p_restored at every (token, layer) of one fact by attribution patching; re-check the
-    `settings.verify_top` largest estimated effects exactly. Arguments mean what they mean for `trace_fact`."""
+    """Estimate p_restored at every (token, layer) of one fact by attribution patching; re-check exactly the
+    `settings.verify_top` largest estimated effects at the last subject token. Arguments mean what they mean for `trace_fact`."""
     [out] = attribution_each(model, tok, [fact], settings, arch=arch, noise_level=noise_level,
                              replacements=replacements, occurrence=occurrence)
     if isinstance(out, ValueError):

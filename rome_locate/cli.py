@@ -35,7 +35,8 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="exact", choices=["exact", "atp"],
                    help="exact restored runs, or attribution patching: one forward and backward estimate the table")
     p.add_argument("--verify-top", type=int, default=0, metavar="K",
-                   help="with --method atp: re-check the K largest estimated effects with exact runs")
+                   help="with --method atp: re-check with exact runs the K largest estimated effects at the "
+                        "last subject token (the row the layer choice reads)")
 
 
 def load_model(args: argparse.Namespace):

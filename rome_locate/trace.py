@@ -51,7 +51,8 @@ class TraceSettings(Record):
     token's row, about T times the work.
     `method` "exact" makes the restored runs; "atp" estimates the whole table by
     attribution patching (atp.py: one forward and backward per fact), and then
-    `verify_top` K re-checks its K largest estimated effects with exact runs.
+    `verify_top` K re-checks with exact runs the K largest estimated effects at
+    the last subject token, the row the layer choice reads.
     Both change the numbers, so they are recorded and checked on resume like the rest.
     """
 
