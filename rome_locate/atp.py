@@ -20,7 +20,7 @@ from torch import nn
 
 from .arch import Arch, arch_for
 from .facts import Fact
-from .runs import Caller, effective_window, first_run, restored_scores, window_layers
+from .runs import Caller, FirstRun, effective_window, first_run, restored_scores, window_layers
 from .trace import TraceResult, TraceSettings, _evaluating, _result, prepare_batches, trace_each, trace_fact
 
 
@@ -68,6 +68,10 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
     w = effective_window(settings.window, L, kind)
     caller = Caller.of(model)
     outcomes: list[AtpResult | ValueError | None] = [None] * len(facts)
+    # windows[m, layer] = 1 where restoring `layer`'s window restores module m.
+    windows = torch.zeros(L, L)
+    for layer in range(L):
+        windows[list(window_layers(layer, w, L)), layer] = 1.0
     with _evaluating(model):
         with torch.no_grad():
             errors, batches = prepare_batches(model, tok, facts, settings, arch, noise_level, replacements,
@@ -79,20 +83,17 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
             preps = [u for _, u in batch]
             run = first_run(model, arch, kind, [u.prompt for u in preps], caller,
                             keep_states=settings.verify_top > 0, gradients=True)
-            names = [arch.module(kind, layer) for layer in range(L)]
-            estimated, tables, checks = [], [], []
+            # est[j, t, layer]: the estimated change of fact j's p from restoring the window around `layer` at
+            # token t, summed over its sample rows; one pass over the modules for all the facts of the batch.
+            est = torch.einsum("mjt,ml->jtl", _site_estimates(run, [arch.module(kind, m) for m in range(L)]),
+                               windows).double()
+            p_corrupt = torch.tensor(run.p_corrupt, dtype=torch.float64)
+            estimated = (est + p_corrupt[:, None, None]).tolist()
+            tables = [[list(row) for row in table] for table in estimated]
+            checks = []
             for j, u in enumerate(preps):
-                T, rows = run.T, run.rows(j)
-                # per_site[m][t]: the estimated change of p from restoring module m at token t in every sample row.
-                per_site = torch.stack([((run.clean[n][j, :T].float() - run.values[n][rows.start:rows.stop, :T].float())
-                                         * run.grads[n][rows.start:rows.stop, :T].float()).sum(dim=(0, 2)).cpu()
-                                        for n in names])
-                est = torch.stack([per_site[list(window_layers(layer, w, L))].sum(dim=0) for layer in range(L)], dim=1)
-                p_corrupt = run.p_corrupt[j]
-                estimated.append([[p_corrupt + float(x) for x in row] for row in est.tolist()])
-                tables.append([list(row) for row in estimated[-1]])
                 # The row the layer choice reads: with K >= the layers in contention the choice is exact.
-                order = torch.argsort(est[u.e - 1], descending=True)[:settings.verify_top].tolist()
+                order = torch.argsort(est[j, u.e - 1], descending=True)[:settings.verify_top].tolist()
                 checks += [(j, u.e - 1, layer) for layer in order]
             with torch.no_grad():
                 exact = restored_scores(model, arch, kind, run, checks, w, caller)
@@ -110,6 +111,18 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
                 outcomes[i] = AtpResult(trace=trace, estimated=tuple(tuple(r) for r in estimated[j]),
                                         verified=tuple(verified[j]))
     return outcomes  # type: ignore[return-value]
+
+
+def _site_estimates(run: FirstRun, names: Sequence[str]) -> torch.Tensor:
+    """(modules, prompts, T): sum over each prompt's sample rows of (clean - corrupted) . gradient, per token."""
+    prompt_of_row = torch.tensor([j for j in range(len(run.corrupt_rows)) for _ in run.rows(j)])
+    out = []
+    for n in names:
+        values = run.values[n].float()
+        clean = run.clean[n][:, :run.T].float().to(values.device)[prompt_of_row.to(values.device)]
+        per_row = ((clean - values) * run.grads[n].float()).sum(dim=-1).cpu()
+        out.append(torch.zeros(len(run.corrupt_rows), run.T).index_add_(0, prompt_of_row, per_row))
+    return torch.stack(out)
 
 
 def attribution_trace(model: nn.Module, tok, fact: Fact, settings: TraceSettings = TraceSettings(method="atp"), *,

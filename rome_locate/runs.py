@@ -1,17 +1,17 @@
-"""The forwards of causal tracing, batched over facts: one run that is clean and corrupted at once, then the
-restored runs, planned into as few forwards as pay.
+"""The forwards of causal tracing, batched over facts: the clean and the corrupted run of a batch of facts, then
+the restored runs, planned into as few forwards as pay.
 
-Row layout of the first run (`first_run`): for each prompt of the batch (all of one
-token length T), one clean row, then its S corrupted rows (the noise samples). The
-clean row reads the prompt followed by its target, so the same forward gives the
-target's log-probability; the other rows are right-padded, which no real position
-sees (causal attention). The first run keeps what every restored run starts from:
-the clean outputs of the traced modules, every block's output and the key/value cache.
+The first run (`first_run`) of a batch of prompts of one token length T is two
+forwards: the clean one, a row per prompt that reads the prompt followed by its
+target (so the same forward gives the target's log-probability), and the corrupted
+one, each prompt's S sample rows (the noise samples), the prompt's T positions only.
+It keeps what every restored run starts from: the clean outputs of the traced
+modules, and the corrupted run's block outputs and key/value cache.
 
 A restored run of site (prompt, token t, layer l) is the corrupted run with the clean
 outputs of the window around l written back at t. Nothing below the window's bottom
 differs from the corrupted run, and nothing before t: so the sites of a forward
-(`restored_scores`) start at the lowest bottom among them, fed the first run's block
+(`restored_scores`) start at the lowest bottom among them, fed the corrupted run's block
 states there (`hooks.started_at`), and at the earliest restored token, the positions
 before it read from a slice of the first run's cache. Which sites share a forward is
 planned by a cost model (`Costs`). Each group of S rows is one site; any prompt of
@@ -167,23 +167,22 @@ class Prompt:
 
 @dataclass
 class FirstRun:
-    """The clean and corrupted runs of a batch of prompts of one length T, made in one forward."""
+    """The clean and the corrupted runs of a batch of prompts of one length T: one forward each."""
 
     T: int
-    input_ids: torch.Tensor  # (rows, T1) the forward's rows
-    clean_rows: list[int]  # each prompt's clean row
+    input_ids: torch.Tensor  # (rows, T) the corrupted forward's rows
     corrupt_rows: list[int]  # each prompt's first corrupted row (its S rows follow)
     corruptions: list[Corruption]
-    clean: dict[str, torch.Tensor]  # traced module -> (prompts, T1, d): the clean rows' outputs
+    clean: dict[str, torch.Tensor]  # traced module -> (prompts, T', d): the clean rows' outputs (T' >= T)
     top1: list[int]
     answers: list[int]
     p_clean: list[float]
     p_corrupt: list[float]
     target_logprob: list[float | None]
-    states: dict[str, torch.Tensor] = field(default_factory=dict)  # block -> (rows, T1, d) outputs
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # block -> (rows, T, d) corrupted outputs
     arity: int | None = None  # the blocks' output tuple length (None: a bare tensor)
-    cache: Any = None  # the forward's key/value cache, when a slice of it can serve restored runs
-    values: dict[str, torch.Tensor] = field(default_factory=dict)  # with gradients: module -> (rows, T1, d)
+    cache: Any = None  # the corrupted forward's key/value cache, when a slice of it can serve restored runs
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # with gradients: module -> (rows, T, d)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # d sum(p_corrupt) / d values
 
     def rows(self, prompt: int) -> range:
@@ -194,9 +193,9 @@ class FirstRun:
 
 def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt], caller: Caller,
               keep_states: bool = True, gradients: bool = False) -> FirstRun:
-    """Clean and corrupted runs of `prompts` (one token length) in one forward; call under eval mode.
+    """Clean and corrupted runs of `prompts` (one token length), one forward each; call under eval mode.
 
-    With `keep_states`, it also keeps every block's output and the cache for restored runs. With
+    With `keep_states`, it also keeps every block's corrupted output and the cache for restored runs. With
     `gradients`, it also gives d sum_prompts p_corrupt / d (each traced module's output), for attribution
     patching; otherwise call it under no_grad.
     """
@@ -204,19 +203,39 @@ def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt
     if any(len(p.ids) != T for p in prompts):
         raise ValueError("a first run batches prompts of one token length")
     L = arch.n_layers
-    rows: list[list[int]] = []
-    clean_rows, corrupt_rows = [], []
+    names = [arch.module(kind, layer) for layer in range(L)]
+    device = input_device(model)
+
+    # The clean run reads each prompt followed by its target, so the same forward gives the target's
+    # log-probability. Right padding that repeats a row's last token: no real position reads a pad (causal
+    # attention), and no pad token id appears (transformers warns of a missing attention mask when it sees one).
+    T1 = max(len(p.clean_ids) for p in prompts)
+    clean_ids = torch.tensor([p.clean_ids + [p.clean_ids[-1]] * (T1 - len(p.clean_ids)) for p in prompts],
+                             device=device)
+    with torch.no_grad(), captured(model, names, tokens=(len(prompts), T1)) as clean:
+        clean_logits, _ = caller.logits(model, clean_ids, keep=T1 - T + 1)
+    clean_last = clean_logits[:, 0]
+    top1 = clean_last.argmax(dim=-1).tolist()
+    answers = [top if p.answer is None else p.answer for p, top in zip(prompts, top1)]
+    p_clean = _answer_logprob(clean_last, torch.tensor(answers)).exp().tolist()
+    target_logprob: list[float | None] = []
+    for i, p in enumerate(prompts):
+        if not p.target_positions:
+            target_logprob.append(None)
+            continue
+        # Kept logits start at position T - 1; position q's logits predict token q + 1.
+        lp = torch.log_softmax(clean_logits[i].float(), dim=-1)
+        pos = torch.tensor([q - T for q in p.target_positions], device=lp.device)
+        tgt = torch.tensor([p.clean_ids[q] for q in p.target_positions], device=lp.device)
+        target_logprob.append(float(lp[pos, tgt].sum()))
+
+    # The corrupted run: the S sample rows of every prompt, only the prompt's T positions, only the last logits.
+    corrupt_rows, rows = [], []
     for p in prompts:
-        clean_rows.append(len(rows))
-        rows.append(p.clean_ids)
         corrupt_rows.append(len(rows))
         rows += [p.ids] * p.corruption.samples
-    # Right padding that repeats each row's last token: no real position reads a pad, and no pad token id
-    # appears (transformers warns of a missing attention mask when it sees one).
-    T1 = max(len(r) for r in rows)
-    input_ids = torch.tensor([r + [r[-1]] * (T1 - len(r)) for r in rows], device=input_device(model))
+    input_ids = torch.tensor(rows, device=device)
     R = len(rows)
-    names = [arch.module(kind, layer) for layer in range(L)]
     blocks = [arch.layer_module_tmp.format(i) for i in range(L)] if keep_states else []
     corrupt = corrupting(list(zip(corrupt_rows, [p.corruption for p in prompts])))
     kept: dict[str, torch.Tensor] = {}
@@ -238,47 +257,24 @@ def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt
     else:
         edits = {arch.embed: corrupt}
     arity: dict[str, int | None] = {}
+    row_answers = torch.tensor([a for p, a in zip(prompts, answers) for _ in range(p.corruption.samples)])
     with torch.enable_grad() if gradients else torch.no_grad():
-        with patched(model, edits, tokens=(R, T1)), \
-                captured(model, names, tokens=(R, T1), rows=clean_rows) as clean, \
-                captured(model, blocks, tokens=(R, T1), arity=arity) as states:
-            logits, cache = caller.logits(model, input_ids, keep=T1 - T + 1, use_cache=keep_states)
-        last = logits[:, 0]
-        clean_last = last[clean_rows].detach()
-        top1 = clean_last.argmax(dim=-1).tolist()
-        answers = [top if p.answer is None else p.answer for p, top in zip(prompts, top1)]
-        # The same formula for clean and corrupted rows: with zero noise p_corrupt == p_clean exactly.
-        p_clean = _answer_logprob(clean_last, torch.tensor(answers)).exp().tolist()
-        row_answers = torch.tensor([a for p, a in zip(prompts, answers) for _ in range(p.corruption.samples)])
-        corrupt_index = [r for i in range(len(prompts)) for r in range(corrupt_rows[i],
-                                                                       corrupt_rows[i] + prompts[i].corruption.samples)]
-        p_rows = _answer_logprob(last[corrupt_index], row_answers).exp()
-        sizes = [p.corruption.samples for p in prompts]
-        p_corrupt = torch.stack([chunk.mean() for chunk in torch.split(p_rows, sizes)])
+        with patched(model, edits, tokens=(R, T)), captured(model, blocks, tokens=(R, T), arity=arity) as states:
+            logits, cache = caller.logits(model, input_ids, use_cache=keep_states)
+        p_rows = _answer_logprob(logits[:, -1], row_answers).exp()
+        p_corrupt = torch.stack([chunk.mean() for chunk in torch.split(p_rows, [p.corruption.samples
+                                                                             for p in prompts])])
         grads: dict[str, torch.Tensor] = {}
         if gradients:
             got = torch.autograd.grad(p_corrupt.sum(), [kept[n] for n in names], allow_unused=True)
             grads = {n: (torch.zeros_like(kept[n]) if g is None else g.detach()) for n, g in zip(names, got)}
-    target_logprob: list[float | None] = []
-    for i, p in enumerate(prompts):
-        if not p.target_positions:
-            target_logprob.append(None)
-            continue
-        # Kept logits start at position T - 1; position q's logits predict token q + 1.
-        lp = torch.log_softmax(logits[clean_rows[i]].detach().float(), dim=-1)
-        pos = torch.tensor([q - T for q in p.target_positions], device=lp.device)
-        tgt = torch.tensor([p.clean_ids[q] for q in p.target_positions], device=lp.device)
-        target_logprob.append(float(lp[pos, tgt].sum()))
-    run = FirstRun(
-        T=T, input_ids=input_ids, clean_rows=clean_rows, corrupt_rows=corrupt_rows,
-        corruptions=[p.corruption for p in prompts], clean=dict(clean), top1=top1, answers=answers,
-        p_clean=p_clean,
-        p_corrupt=p_corrupt.detach().tolist(), target_logprob=target_logprob,
-        states=dict(states), arity=arity.get(blocks[0]) if blocks else None,
-        cache=cache if keep_states and _sliceable(cache, T1) else None,
+    return FirstRun(
+        T=T, input_ids=input_ids, corrupt_rows=corrupt_rows, corruptions=[p.corruption for p in prompts],
+        clean=dict(clean), top1=top1, answers=answers, p_clean=p_clean, p_corrupt=p_corrupt.detach().tolist(),
+        target_logprob=target_logprob, states=dict(states), arity=arity.get(blocks[0]) if blocks else None,
+        cache=cache if keep_states and _sliceable(cache, T) else None,
         values={n: kept[n].detach() for n in kept} if gradients else {}, grads=grads,
     )
-    return run
 
 
 # ---- the key/value cache -----------------------------------------------------------

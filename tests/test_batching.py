@@ -152,3 +152,38 @@ def test_batch_facts_flag_below_one_is_an_error(tmp_path, capsys, value):
     err = capsys.readouterr().err
     assert code == 2 and "--batch-facts" in err and ">= 1" in err
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_locate_batches_by_fixed_windows_so_reruns_and_resumes_write_the_same_bytes(sharp_model, tmp_path,
+                                                                                     monkeypatch):
+    from rome_locate import locate as locate_mod
+
+    model, tok = sharp_model
+    monkeypatch.setattr(locate_mod, "WINDOW", 2)
+    real = locate_mod.trace_each_by_method
+    calls: list[list[str]] = []
+
+    def recording(model, tok, facts, settings, **kw):
+        calls.append([f.id for f in facts])
+        if kill_at is not None and len(calls) == kill_at:
+            raise RuntimeError("killed")
+        return real(model, tok, facts, settings, **kw)
+
+    monkeypatch.setattr(locate_mod, "trace_each_by_method", recording)
+    kill_at = None
+    fresh, again, resumed = tmp_path / "fresh.jsonl", tmp_path / "again.jsonl", tmp_path / "resumed.jsonl"
+    locate(model, tok, FACTS, SETTINGS, out=fresh, progress=False)
+    assert calls == [["a", "b"], ["c", "d"], ["e", "f"]]
+    locate(model, tok, FACTS, SETTINGS, out=again, progress=False)
+    assert again.read_bytes() == fresh.read_bytes()
+    calls.clear()
+    kill_at = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        locate(model, tok, FACTS, SETTINGS, out=resumed, progress=False)
+    assert len(resumed.read_text().splitlines()) == 2  # the first window, written before the kill
+    kill_at = None
+    calls.clear()
+    locate(model, tok, FACTS, SETTINGS, out=resumed, progress=False)
+    assert calls == [["c", "d"], ["e", "f"]]  # the windows of the fresh run, less what is done
+    assert resumed.read_bytes() == fresh.read_bytes()
+    assert hook_count(model) == 0

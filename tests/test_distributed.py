@@ -1,4 +1,4 @@
-"""torchrun sharding: 2 gloo ranks write exactly what one process writes (locate, edit); a failed rank's effect."""
+"""torchrun sharding: 2 gloo ranks write what one process writes (locate, edit); a failed rank's effect."""
 
 from __future__ import annotations
 
@@ -49,6 +49,29 @@ def _timeless(obj):
     if isinstance(obj, list):
         return [_timeless(v) for v in obj]
     return obj
+
+
+def _same_records(a: str, b: str) -> None:
+    """The same JSON lines in the same order; numbers equal up to float rounding (facts traced in one forward
+    share matrix products, so a fact's last float bits depend on the facts batched with it)."""
+    def check(x, y, where):
+        if isinstance(x, float) or isinstance(y, float):
+            assert x == pytest.approx(y, abs=1e-6, rel=0), where
+        elif isinstance(x, dict):
+            assert list(x) == list(y), where
+            for k in x:
+                check(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                check(u, v, f"{where}[{i}]")
+        else:
+            assert x == y, where
+
+    lines_a, lines_b = a.splitlines(), b.splitlines()
+    assert len(lines_a) == len(lines_b)
+    for n, (x, y) in enumerate(zip(lines_a, lines_b)):
+        check(json.loads(x), json.loads(y), f"line {n + 1}")
 
 
 def _rank_main(rank: int, world: int, jobs: list, results_dir: str) -> None:
@@ -138,8 +161,8 @@ def runs(tmp_path_factory):
 def test_two_gloo_ranks_write_what_one_process_writes(runs):
     one, two, jobs = runs["one"], runs["two"], runs["jobs"]
     assert [j["code"] for j in jobs["locate"] + jobs["edit"]] == [0, 0, 0, 0]
-    # Same records, same order, same numbers: byte for byte.
-    assert (two / "locate.jsonl").read_bytes() == (one / "locate.jsonl").read_bytes()
+    # Same records, same order, same layers; the same numbers up to float rounding.
+    _same_records((two / "locate.jsonl").read_text(), (one / "locate.jsonl").read_text())
     assert _timeless(json.loads((two / "edit" / "results.json").read_text())) == \
         _timeless(json.loads((one / "edit" / "results.json").read_text()))
     assert len((two / "locate.jsonl").read_text().splitlines()) == 5
