@@ -37,13 +37,8 @@ from rome_locate.files import write_json  # noqa: E402
 from rome_locate.hooks import patched  # noqa: E402
 from rome_locate.models import input_device  # noqa: E402
 from rome_locate.tokens import find_subject_range  # noqa: E402
-from rome_locate.trace import (  # noqa: E402
-    TraceSettings,
-    effective_window,
-    noise_level,
-    trace_fact,
-    window_layers,
-)
+from rome_locate.runs import effective_window, window_layers  # noqa: E402
+from rome_locate.trace import TraceSettings, noise_level, trace_fact  # noqa: E402
 
 SAMPLES = 10
 WORDS = ("north river stone garden silver market tower castle valley harbor forest bridge window mountain "

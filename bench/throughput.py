@@ -48,7 +48,8 @@ from rome_locate.facts import Fact  # noqa: E402
 from rome_locate.files import write_json  # noqa: E402
 from rome_locate.hparams import load_hparams, with_layer  # noqa: E402
 from rome_locate.rome import context_templates  # noqa: E402
-from rome_locate.trace import ACCELERATOR_MAX_BATCH, TraceSettings, effective_window, noise_level, trace_fact  # noqa: E402
+from rome_locate.runs import ACCELERATOR_MAX_BATCH, effective_window  # noqa: E402
+from rome_locate.trace import TraceSettings, noise_level, trace_fact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN_1000 = 1209  # facts in ROME's known_1000.json
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     for layers in (6, 12, 24):
         model = random_gpt2(layers, 256, len(tok), 4)
         for T in (10, 20):
-            run(measure_trace(f"random d256", model, tok, _prompts(tok, T, args.facts)))
+            run(measure_trace("random d256", model, tok, _prompts(tok, T, args.facts)))
     model = random_gpt2(12, 256, len(tok), 4)
     facts = _prompts(tok, 10, args.facts)
     for S in (5, 20):

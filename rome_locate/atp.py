@@ -115,13 +115,16 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
 
 def _site_estimates(run: FirstRun, names: Sequence[str]) -> torch.Tensor:
     """(modules, prompts, T): sum over each prompt's sample rows of (clean - corrupted) . gradient, per token."""
-    prompt_of_row = torch.tensor([j for j in range(len(run.corrupt_rows)) for _ in run.rows(j)])
+    P, T = len(run.corrupt_rows), run.T
+    rows = torch.tensor([r for j in range(P) for r in run.rows(j)])
+    prompt_of_row = torch.tensor([j for j in range(P) for _ in run.rows(j)])
     out = []
     for n in names:
-        values = run.values[n].float()
-        clean = run.clean[n][:, :run.T].float().to(values.device)[prompt_of_row.to(values.device)]
-        per_row = ((clean - values) * run.grads[n].float()).sum(dim=-1).cpu()
-        out.append(torch.zeros(len(run.corrupt_rows), run.T).index_add_(0, prompt_of_row, per_row))
+        values, grads = run.values[n], run.grads[n]
+        at = rows.to(values.device)
+        clean = run.clean[n][:, :T].to(values.device)[prompt_of_row.to(values.device)].float()
+        per_row = ((clean - values[at, :T].float()) * grads[at, :T].float()).sum(dim=-1).cpu()
+        out.append(torch.zeros(P, T).index_add_(0, prompt_of_row, per_row))
     return torch.stack(out)
 
 

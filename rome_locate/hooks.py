@@ -88,28 +88,20 @@ def patched(model: nn.Module, rewrites: Mapping[str, Rewrite], tokens: tuple[int
 
 @contextmanager
 def captured(model: nn.Module, names: Sequence[str], detach: bool = True,
-             tokens: tuple[int, int] | None = None, arity: dict[str, int | None] | None = None,
-             rows: slice | Sequence[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+             tokens: tuple[int, int] | None = None, arity: dict[str, int | None] | None = None
+             ) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, the returned dict fills with each named module's main output.
 
     With `tokens=(batch, seq)`, an output flattened over tokens is stored as (batch, seq, d).
     With `arity`, it also fills with each module's output tuple length (None: a bare tensor).
-    With `rows` (a slice or row indices), only those batch rows are kept.
     """
     cache: dict[str, torch.Tensor] = {}
-    picked = rows if rows is None or isinstance(rows, slice) else torch.as_tensor(list(rows), dtype=torch.long)
 
     def keeper(name: str) -> Callable:
         def hook(_mod, _inp, output):
             out = _per_token(_main(output), tokens)
-            if isinstance(picked, torch.Tensor):
-                out = out[picked.to(out.device)]  # indexing by a tensor copies already
-                cache[name] = out.detach() if detach else out
-            else:
-                if picked is not None:
-                    out = out[picked]
-                # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
-                cache[name] = out.detach().clone() if detach else out
+            # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
+            cache[name] = out.detach().clone() if detach else out
             if arity is not None:
                 arity[name] = len(output) if isinstance(output, tuple) else None
 

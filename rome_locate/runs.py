@@ -1,12 +1,14 @@
 """The forwards of causal tracing, batched over facts: the clean and the corrupted run of a batch of facts, then
 the restored runs, planned into as few forwards as pay.
 
-The first run (`first_run`) of a batch of prompts of one token length T is two
-forwards: the clean one, a row per prompt that reads the prompt followed by its
-target (so the same forward gives the target's log-probability), and the corrupted
-one, each prompt's S sample rows (the noise samples), the prompt's T positions only.
-It keeps what every restored run starts from: the clean outputs of the traced
-modules, and the corrupted run's block outputs and key/value cache.
+The first run (`first_run`) of a batch of prompts of one token length T holds a
+clean row per prompt, which reads the prompt followed by its target (so the same
+forward gives the target's log-probability), and each prompt's S corrupted rows
+(the noise samples). The clean rows run in the corrupted forward when the cost
+model finds padding the corrupted rows to their length cheaper than a forward of
+their own (small batches), else apart. The first run keeps what every restored run
+starts from: the clean outputs of the traced modules, and the corrupted run's
+block outputs and key/value cache.
 
 A restored run of site (prompt, token t, layer l) is the corrupted run with the clean
 outputs of the window around l written back at t. Nothing below the window's bottom
@@ -167,22 +169,22 @@ class Prompt:
 
 @dataclass
 class FirstRun:
-    """The clean and the corrupted runs of a batch of prompts of one length T: one forward each."""
+    """The clean and the corrupted runs of a batch of prompts of one length T."""
 
     T: int
-    input_ids: torch.Tensor  # (rows, T) the corrupted forward's rows
+    input_ids: torch.Tensor  # (rows, T' >= T) the corrupted forward's rows
     corrupt_rows: list[int]  # each prompt's first corrupted row (its S rows follow)
     corruptions: list[Corruption]
-    clean: dict[str, torch.Tensor]  # traced module -> (prompts, T', d): the clean rows' outputs (T' >= T)
+    clean: dict[str, torch.Tensor]  # traced module -> (prompts, T' >= T, d): the clean rows' outputs
     top1: list[int]
     answers: list[int]
     p_clean: list[float]
     p_corrupt: list[float]
     target_logprob: list[float | None]
-    states: dict[str, torch.Tensor] = field(default_factory=dict)  # block -> (rows, T, d) corrupted outputs
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # block -> (rows, T', d) outputs
     arity: int | None = None  # the blocks' output tuple length (None: a bare tensor)
     cache: Any = None  # the corrupted forward's key/value cache, when a slice of it can serve restored runs
-    values: dict[str, torch.Tensor] = field(default_factory=dict)  # with gradients: module -> (rows, T, d)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)  # with gradients: module -> (rows, T', d)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)  # d sum(p_corrupt) / d values
 
     def rows(self, prompt: int) -> range:
@@ -191,51 +193,46 @@ class FirstRun:
         return range(start, start + self.corruptions[prompt].samples)
 
 
+def _padded(ids: list[int], length: int) -> list[int]:
+    # Right padding that repeats the row's last token: no real position reads a pad (causal attention), and no
+    # pad token id appears (transformers warns of a missing attention mask when it sees one).
+    return ids + [ids[-1]] * (length - len(ids))
+
+
 def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt], caller: Caller,
               keep_states: bool = True, gradients: bool = False) -> FirstRun:
-    """Clean and corrupted runs of `prompts` (one token length), one forward each; call under eval mode.
+    """Clean and corrupted runs of `prompts` (one token length); call under eval mode.
 
-    With `keep_states`, it also keeps every block's corrupted output and the cache for restored runs. With
-    `gradients`, it also gives d sum_prompts p_corrupt / d (each traced module's output), for attribution
-    patching; otherwise call it under no_grad.
+    The clean rows read each prompt followed by its target, so the same forward gives the target's
+    log-probability; they run in a forward of their own, or in the corrupted forward where the cost model
+    (`clean_rides_along`) finds that cheaper. With `keep_states`, the run also keeps every block's output and
+    the cache for restored runs. With `gradients`, it also gives d sum_prompts p_corrupt / d (each traced
+    module's output), for attribution patching; otherwise call it under no_grad.
     """
     T = len(prompts[0].ids)
     if any(len(p.ids) != T for p in prompts):
         raise ValueError("a first run batches prompts of one token length")
-    L = arch.n_layers
+    L, P = arch.n_layers, len(prompts)
     names = [arch.module(kind, layer) for layer in range(L)]
     device = input_device(model)
-
-    # The clean run reads each prompt followed by its target, so the same forward gives the target's
-    # log-probability. Right padding that repeats a row's last token: no real position reads a pad (causal
-    # attention), and no pad token id appears (transformers warns of a missing attention mask when it sees one).
     T1 = max(len(p.clean_ids) for p in prompts)
-    clean_ids = torch.tensor([p.clean_ids + [p.clean_ids[-1]] * (T1 - len(p.clean_ids)) for p in prompts],
-                             device=device)
-    with torch.no_grad(), captured(model, names, tokens=(len(prompts), T1)) as clean:
-        clean_logits, _ = caller.logits(model, clean_ids, keep=T1 - T + 1)
-    clean_last = clean_logits[:, 0]
-    top1 = clean_last.argmax(dim=-1).tolist()
-    answers = [top if p.answer is None else p.answer for p, top in zip(prompts, top1)]
-    p_clean = _answer_logprob(clean_last, torch.tensor(answers)).exp().tolist()
-    target_logprob: list[float | None] = []
-    for i, p in enumerate(prompts):
-        if not p.target_positions:
-            target_logprob.append(None)
-            continue
-        # Kept logits start at position T - 1; position q's logits predict token q + 1.
-        lp = torch.log_softmax(clean_logits[i].float(), dim=-1)
-        pos = torch.tensor([q - T for q in p.target_positions], device=lp.device)
-        tgt = torch.tensor([p.clean_ids[q] for q in p.target_positions], device=lp.device)
-        target_logprob.append(float(lp[pos, tgt].sum()))
-
-    # The corrupted run: the S sample rows of every prompt, only the prompt's T positions, only the last logits.
-    corrupt_rows, rows = [], []
+    clean_ids = [_padded(p.clean_ids, T1) for p in prompts]
+    sizes = [p.corruption.samples for p in prompts]
+    together = clean_rides_along(model, L, P, sum(sizes), T, T1, gradients)
+    width = T1 if together else T
+    rows = list(clean_ids) if together else []
+    corrupt_rows = []
     for p in prompts:
         corrupt_rows.append(len(rows))
-        rows += [p.ids] * p.corruption.samples
+        rows += [_padded(p.ids, width)] * p.corruption.samples
     input_ids = torch.tensor(rows, device=device)
     R = len(rows)
+
+    clean: dict[str, torch.Tensor] = {}
+    if not together:
+        with torch.no_grad(), captured(model, names, tokens=(P, T1)) as clean:
+            clean_logits, _ = caller.logits(model, torch.tensor(clean_ids, device=device), keep=T1 - T + 1)
+
     blocks = [arch.layer_module_tmp.format(i) for i in range(L)] if keep_states else []
     corrupt = corrupting(list(zip(corrupt_rows, [p.corruption for p in prompts])))
     kept: dict[str, torch.Tensor] = {}
@@ -257,13 +254,20 @@ def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt
     else:
         edits = {arch.embed: corrupt}
     arity: dict[str, int | None] = {}
-    row_answers = torch.tensor([a for p, a in zip(prompts, answers) for _ in range(p.corruption.samples)])
+    corrupt_index = [r for start, n in zip(corrupt_rows, sizes) for r in range(start, start + n)]
     with torch.enable_grad() if gradients else torch.no_grad():
-        with patched(model, edits, tokens=(R, T)), captured(model, blocks, tokens=(R, T), arity=arity) as states:
-            logits, cache = caller.logits(model, input_ids, use_cache=keep_states)
-        p_rows = _answer_logprob(logits[:, -1], row_answers).exp()
-        p_corrupt = torch.stack([chunk.mean() for chunk in torch.split(p_rows, [p.corruption.samples
-                                                                             for p in prompts])])
+        with patched(model, edits, tokens=(R, width)), \
+                captured(model, blocks, tokens=(R, width), arity=arity) as states, \
+                captured(model, names if together else [], tokens=(R, width)) as riding:
+            # Kept logits start at position T - 1 in every row.
+            logits, cache = caller.logits(model, input_ids, keep=width - T + 1, use_cache=keep_states)
+        if together:
+            clean = {n: v[:P] for n, v in riding.items()}
+            clean_logits = logits[:P].detach()
+        top1, answers, p_clean, target_logprob = _clean_answers(prompts, clean_logits, T)
+        row_answers = torch.tensor([a for a, n in zip(answers, sizes) for _ in range(n)])
+        p_rows = _answer_logprob(logits[corrupt_index, 0], row_answers).exp()
+        p_corrupt = torch.stack([chunk.mean() for chunk in torch.split(p_rows, sizes)])
         grads: dict[str, torch.Tensor] = {}
         if gradients:
             got = torch.autograd.grad(p_corrupt.sum(), [kept[n] for n in names], allow_unused=True)
@@ -272,9 +276,30 @@ def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt
         T=T, input_ids=input_ids, corrupt_rows=corrupt_rows, corruptions=[p.corruption for p in prompts],
         clean=dict(clean), top1=top1, answers=answers, p_clean=p_clean, p_corrupt=p_corrupt.detach().tolist(),
         target_logprob=target_logprob, states=dict(states), arity=arity.get(blocks[0]) if blocks else None,
-        cache=cache if keep_states and _sliceable(cache, T) else None,
+        cache=cache if keep_states and _sliceable(cache, width) else None,
         values={n: kept[n].detach() for n in kept} if gradients else {}, grads=grads,
     )
+
+
+def _clean_answers(prompts: Sequence[Prompt], logits: torch.Tensor, T: int
+                   ) -> tuple[list[int], list[int], list[float], list[float | None]]:
+    """(top-1, answer, p_clean(answer), log p(target)) of each prompt, from its clean row's logits at positions
+    T - 1 and after."""
+    last = logits[:, 0]
+    top1 = last.argmax(dim=-1).tolist()
+    answers = [top if p.answer is None else p.answer for p, top in zip(prompts, top1)]
+    p_clean = _answer_logprob(last, torch.tensor(answers)).exp().tolist()
+    target_logprob: list[float | None] = []
+    for i, p in enumerate(prompts):
+        if not p.target_positions:
+            target_logprob.append(None)
+            continue
+        # Position q's logits predict token q + 1.
+        lp = torch.log_softmax(logits[i].float(), dim=-1)
+        pos = torch.tensor([q - T for q in p.target_positions], device=lp.device)
+        tgt = torch.tensor([p.clean_ids[q] for q in p.target_positions], device=lp.device)
+        target_logprob.append(float(lp[pos, tgt].sum()))
+    return top1, answers, p_clean, target_logprob
 
 
 # ---- the key/value cache -----------------------------------------------------------
@@ -350,6 +375,20 @@ def flops_per_position(model: nn.Module) -> tuple[float, float]:
     """(FLOPs of one position through one block, FLOPs of the LM head at one position), from the config."""
     d, inner, vocab = _dims(model)
     return 2.0 * (4 * d * d + 2 * d * inner), 2.0 * d * vocab
+
+
+def clean_rides_along(model: nn.Module, n_layers: int, prompts: int, corrupt_rows: int, T: int, T1: int,
+                      gradients: bool) -> bool:
+    """Whether the clean rows (T1 positions) should run in the corrupted forward rather than in one of their own:
+    when padding the corrupted rows to T1 (and, with `gradients`, back-propagating through the clean rows)
+    costs less than a forward's fixed part (`Costs`)."""
+    costs = costs_for(model)
+    per_position, head = flops_per_position(model)
+    passes = 3 if gradients else 1  # forward and backward
+    extra = corrupt_rows * (T1 - T) * (n_layers * per_position + head) * passes
+    if gradients:
+        extra += prompts * T1 * n_layers * per_position * 2
+    return extra / costs.flops < costs.forward_s + n_layers * costs.block_s
 
 
 def max_rows(model: nn.Module, T: int) -> int:

@@ -26,8 +26,8 @@ from .facts import Fact
 from .hooks import get_module
 from .models import ModelFingerprint, context_length, input_device, model_dtype
 from .records import Record, non_finite
-from .runs import (ACCELERATOR_MAX_BATCH, Caller, Corruption, FirstRun, Prompt, batch_size, effective_window,
-                   first_run, max_rows, restored_scores, window_layers)
+from .runs import (Caller, Corruption, FirstRun, Prompt, batch_size, effective_window, first_run, max_rows,
+                   restored_scores)
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]

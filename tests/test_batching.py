@@ -187,3 +187,38 @@ def test_locate_batches_by_fixed_windows_so_reruns_and_resumes_write_the_same_by
     assert calls == [["c", "d"], ["e", "f"]]  # the windows of the fresh run, less what is done
     assert resumed.read_bytes() == fresh.read_bytes()
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("method", ["exact", "atp"])
+def test_clean_rows_in_the_corrupted_forward_or_apart_give_the_same_numbers(sharp_model, monkeypatch, method):
+    """The cost model only decides where the clean rows run; the numbers are the same either way."""
+    model, tok = sharp_model
+    settings = dataclasses.replace(SETTINGS, full=True, method=method, verify_top=2 if method == "atp" else 0)
+    outcomes = {}
+    for together in (True, False):
+        monkeypatch.setattr(runs, "clean_rides_along", lambda *args, together=together: together)
+        if method == "atp":
+            outcomes[together] = [r.trace for r in attribution_each(model, tok, FACTS, settings)]
+        else:
+            outcomes[together] = trace_facts(model, tok, FACTS, settings)
+    assert any(f.target for f in FACTS)  # some clean rows are longer than their prompt: the padding is exercised
+    for a, b in zip(outcomes[True], outcomes[False]):
+        assert (a.answer_id, a.top1) == (b.answer_id, b.top1)
+        assert a.high_score == pytest.approx(b.high_score, abs=1e-6)
+        assert a.low_score == pytest.approx(b.low_score, abs=1e-6)
+        np.testing.assert_allclose(np.array(a.table), np.array(b.table), atol=1e-6, rtol=0)
+        if a.target_logprob is None:
+            assert b.target_logprob is None
+        else:
+            assert a.target_logprob == pytest.approx(b.target_logprob, abs=1e-5)
+    assert hook_count(model) == 0
+
+
+def test_the_cost_model_runs_small_batches_together_and_large_ones_apart():
+    from rome_locate.fact_models import load_fact_model
+
+    model, _ = load_fact_model("gpt2")  # 8 layers, d 64: a forward's fixed part outweighs one fact's padding
+    L = model.config.n_layer
+    assert runs.clean_rides_along(model, L, 1, 10, 8, 9, gradients=False)
+    assert not runs.clean_rides_along(model, L, 64, 640, 8, 10, gradients=False)
+    assert runs.clean_rides_along(model, L, 64, 640, 8, 8, gradients=False)  # no padding: one forward

@@ -16,14 +16,8 @@ from rome_locate.arch import arch_for
 from rome_locate.facts import Fact
 from rome_locate.hooks import hook_count, patched
 from rome_locate.tokens import find_subject_range
-from rome_locate.trace import (
-    TraceResult,
-    TraceSettings,
-    effective_window,
-    noise_level,
-    trace_fact,
-    window_layers,
-)
+from rome_locate.runs import effective_window, window_layers
+from rome_locate.trace import TraceResult, TraceSettings, noise_level, trace_fact
 
 FACT = Fact(prompt="Dorven Kaltmoor was born in the city of", subject="Dorven Kaltmoor", target="Paris", id="7")
 SHORT = Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", id="3")
