@@ -40,6 +40,21 @@ def sharp_model(request, tiny_tokenizer):
     return model, tiny_tokenizer
 
 
+def _assert_same_trace(a: TraceResult, b: TraceResult) -> None:
+    """Two traces of one fact agree: the same tokens and answer, the same numbers up to float rounding."""
+    assert (a.tokens, a.subject_range, a.answer_id, a.top1) == (b.tokens, b.subject_range, b.answer_id, b.top1)
+    assert b.high_score == pytest.approx(a.high_score, abs=1e-6)
+    assert b.low_score == pytest.approx(a.low_score, abs=1e-6)
+    np.testing.assert_allclose(b.scores, a.scores, atol=1e-6, rtol=0)
+    assert (a.table is None) == (b.table is None)
+    if a.table is not None:
+        np.testing.assert_allclose(np.array(b.table), np.array(a.table), atol=1e-6, rtol=0)
+    if a.target_logprob is None:
+        assert b.target_logprob is None
+    else:
+        assert b.target_logprob == pytest.approx(a.target_logprob, abs=1e-5)
+
+
 def _lengths(tok):
     return [len(find_subject_range(tok, f.prompt, f.subject)[2]) for f in FACTS]
 
@@ -70,16 +85,8 @@ def test_batched_equals_one_fact_at_a_time(sharp_model, monkeypatch, full, batch
     assert batched_forwards < forwards["n"]
     assert [r.fact_id for r in many] == [f.id for f in FACTS]
     for a, b in zip(one, many):
-        assert (a.tokens, a.subject_range, a.answer_id) == (b.tokens, b.subject_range, b.answer_id)
-        assert b.high_score == pytest.approx(a.high_score, abs=1e-6)
-        assert b.low_score == pytest.approx(a.low_score, abs=1e-6)
-        np.testing.assert_allclose(b.scores, a.scores, atol=1e-6, rtol=0)
-        if full:
-            np.testing.assert_allclose(np.array(b.table), np.array(a.table), atol=1e-6, rtol=0)
-        if a.target_logprob is None:
-            assert b.target_logprob is None
-        else:
-            assert b.target_logprob == pytest.approx(a.target_logprob, abs=1e-5)
+        _assert_same_trace(a, b)
+        assert (a.table is None) == (not full)
     assert hook_count(model) == 0
 
 
@@ -203,14 +210,8 @@ def test_clean_rows_in_the_corrupted_forward_or_apart_give_the_same_numbers(shar
             outcomes[together] = trace_facts(model, tok, FACTS, settings)
     assert any(f.target for f in FACTS)  # some clean rows are longer than their prompt: the padding is exercised
     for a, b in zip(outcomes[True], outcomes[False]):
-        assert (a.answer_id, a.top1) == (b.answer_id, b.top1)
-        assert a.high_score == pytest.approx(b.high_score, abs=1e-6)
-        assert a.low_score == pytest.approx(b.low_score, abs=1e-6)
-        np.testing.assert_allclose(np.array(a.table), np.array(b.table), atol=1e-6, rtol=0)
-        if a.target_logprob is None:
-            assert b.target_logprob is None
-        else:
-            assert a.target_logprob == pytest.approx(b.target_logprob, abs=1e-5)
+        _assert_same_trace(a, b)
+        assert a.table is not None
     assert hook_count(model) == 0
 
 
