@@ -50,7 +50,7 @@ class TraceSettings(Record):
     `full` traces every token (the heatmap's table), not only the last subject
     token's row, about T times the work.
     `method` "exact" makes the restored runs; "atp" estimates the whole table by
-    attribution patching (atp.py: one forward and backward per fact), and then
+    attribution patching (atp.py: one forward and backward per batch of facts), and then
     `verify_top` K re-checks with exact runs the K largest estimated effects at
     the last subject token, the row the layer choice reads.
     Both change the numbers, so they are recorded and checked on resume like the rest.
