@@ -88,18 +88,21 @@ def patched(model: nn.Module, rewrites: Mapping[str, Rewrite], tokens: tuple[int
 
 @contextmanager
 def captured(model: nn.Module, names: Sequence[str], detach: bool = True,
-             tokens: tuple[int, int] | None = None, arity: dict[str, int | None] | None = None
-             ) -> Iterator[dict[str, torch.Tensor]]:
+             tokens: tuple[int, int] | None = None, arity: dict[str, int | None] | None = None,
+             rows: slice | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, the returned dict fills with each named module's main output.
 
     With `tokens=(batch, seq)`, an output flattened over tokens is stored as (batch, seq, d).
     With `arity`, it also fills with each module's output tuple length (None: a bare tensor).
+    With `rows`, only those batch rows are kept.
     """
     cache: dict[str, torch.Tensor] = {}
 
     def keeper(name: str) -> Callable:
         def hook(_mod, _inp, output):
             out = _per_token(_main(output), tokens)
+            if rows is not None:
+                out = out[rows]
             # A copy, not a view: some blocks (Falcon) add into a sublayer's output in place.
             cache[name] = out.detach().clone() if detach else out
             if arity is not None:

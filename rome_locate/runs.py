@@ -258,11 +258,11 @@ def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt
     with torch.enable_grad() if gradients else torch.no_grad():
         with patched(model, edits, tokens=(R, width)), \
                 captured(model, blocks, tokens=(R, width), arity=arity) as states, \
-                captured(model, names if together else [], tokens=(R, width)) as riding:
+                captured(model, names if together else [], tokens=(R, width), rows=slice(0, P)) as riding:
             # Kept logits start at position T - 1 in every row.
             logits, cache = caller.logits(model, input_ids, keep=width - T + 1, use_cache=keep_states)
         if together:
-            clean = {n: v[:P] for n, v in riding.items()}
+            clean = riding
             clean_logits = logits[:P].detach()
         top1, answers, p_clean, target_logprob = _clean_answers(prompts, clean_logits, T)
         row_answers = torch.tensor([a for a, n in zip(answers, sizes) for _ in range(n)])
