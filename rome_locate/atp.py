@@ -116,7 +116,7 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
 def _site_estimates(run: FirstRun, names: Sequence[str]) -> torch.Tensor:
     """(modules, prompts, T): sum over each prompt's sample rows of (clean - corrupted) . gradient, per token."""
     P, T = len(run.corrupt_rows), run.T
-    rows = torch.tensor([r for j in range(P) for r in run.rows(j)])
+    rows = torch.tensor(run.sample_rows())
     prompt_of_row = torch.tensor([j for j in range(P) for _ in run.rows(j)])
     out = []
     for n in names:

@@ -192,6 +192,14 @@ class FirstRun:
         start = self.corrupt_rows[prompt]
         return range(start, start + self.corruptions[prompt].samples)
 
+    def sample_rows(self) -> list[int]:
+        """Every corrupted row, prompt by prompt."""
+        return _sample_rows(self.corrupt_rows, [c.samples for c in self.corruptions])
+
+
+def _sample_rows(starts: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    return [r for start, n in zip(starts, sizes) for r in range(start, start + n)]
+
 
 def _padded(ids: list[int], length: int) -> list[int]:
     # Right padding that repeats the row's last token: no real position reads a pad (causal attention), and no
@@ -254,7 +262,7 @@ def first_run(model: nn.Module, arch: Arch, kind: Kind, prompts: Sequence[Prompt
     else:
         edits = {arch.embed: corrupt}
     arity: dict[str, int | None] = {}
-    corrupt_index = [r for start, n in zip(corrupt_rows, sizes) for r in range(start, start + n)]
+    corrupt_index = _sample_rows(corrupt_rows, sizes)
     with torch.enable_grad() if gradients else torch.no_grad():
         with patched(model, edits, tokens=(R, width)), \
                 captured(model, blocks, tokens=(R, width), arity=arity) as states, \
