@@ -267,3 +267,62 @@ def layer_rule(mode: str, fallback: int, n_layers: int, hparams_path: str | Path
     why = "no validation record" if path is None else f"no {path.name}"
     return LayerRule(mode, fallback, editable_layers(n_layers), 0.0,  # type: ignore[arg-type]
                      f"{why}: the largest positive traced effect below the last layer")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one fact is edited (the rule's decision), what the traced rule would decide, and the trace behind it."""
+
+    decision: LayerDecision
+    traced: LayerDecision | None = None  # the rule's traced decision for this fact, for the report; None untraced
+    trace: Any = None  # the TraceResult (anything with `effects`), for the sweep's effects and the report
+    fallback: int | None = None  # the hyperparameters' layer, for the report's fixed strategy
+
+    @property
+    def layer(self) -> int:
+        """The layer the fact is edited at."""
+        return self.decision.layer
+
+    @property
+    def source(self) -> LayerSource:
+        """Why: fixed, traced, fallback, validated or given."""
+        return self.decision.source
+
+
+def place(facts: Sequence[Any], rule: LayerRule, located: Sequence[Any] | None = None, *,
+          picks: Sequence[LayerDecision] | None = None) -> list[Placement]:
+    """Every fact's placement by `rule`; `located` is aligned with `facts` BY POSITION (ids only cross-check it).
+
+    An entry of `located` is locate()'s `(TraceResult, LayerChoice)` pair, a
+    TraceResult, or an int (a layer given by hand, used whatever the mode).
+    `validated` takes its decisions from `picks` (trial edits, aligned by position).
+    """
+    n = len(facts)
+    if located is None:
+        if rule.mode != "fixed":
+            raise ValueError(f"layers={rule.mode!r} needs the facts' traces (locate()'s (TraceResult, LayerChoice) "
+                             f"pairs)")
+        return [Placement(rule.decide(None), fallback=rule.fallback) for _ in range(n)]
+    located = list(located)
+    if len(located) != n:
+        raise ValueError(f"{len(located)} layer choices for {n} facts (they are matched by position)")
+    if rule.mode == "validated" and (picks is None or len(picks) != n):
+        raise ValueError("layers='validated' needs one trial-edit pick per fact (validate.validated_layers)")
+    out = []
+    for i, (fact, entry) in enumerate(zip(facts, located)):
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            out.append(Placement(LayerDecision(int(entry), "given", "a layer given by hand"), fallback=rule.fallback))
+            continue
+        trace = entry[0] if isinstance(entry, tuple) else entry
+        fact_id = getattr(trace, "fact_id", None)
+        if fact_id is not None and str(fact_id) != str(fact.id):
+            raise ValueError(f"layer choice {i} is for fact {fact_id!r} but fact {i} is {fact.id!r}; "
+                             f"the choices must be in the order of the facts")
+        if getattr(trace, "effects", None) is None:
+            raise ValueError(f"layer choice {i} (fact {fact.id!r}) carries no trace: the layer rule reads the "
+                             f"traced effects; pass locate()'s (TraceResult, LayerChoice) pairs, or ints for layers "
+                             f"given by hand")
+        traced = rule.traced(trace.effects)
+        decision = picks[i] if rule.mode == "validated" else traced if rule.mode == "traced" else rule.decide(None)
+        out.append(Placement(decision, traced, trace, rule.fallback))
+    return out

@@ -1,15 +1,12 @@
-"""Hand-off to an editor: apply ROME at a chosen layer (built-in, or EasyEdit's through its BaseEditor) and restore
-the weights afterwards.
-
-EasyEdit itself is reached only through `rome_locate.easyedit`.
-"""
+"""The built-in edit as a context (apply ROME at a chosen layer, restore the weights afterwards) and the mom2
+statistics the edit layers need. The editor registry is `rome_locate.editors`."""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -20,31 +17,12 @@ from .files import write_bytes
 from .rome import apply_rome, restore
 from .stats import compute_mom2, mom2_path, stats_model_name
 
-Editor = Literal["builtin", "easyedit"]
-EDITORS = ("builtin", "easyedit")
-
 
 @contextmanager
-def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, editor: Editor = "builtin",
-           seed: int = 0, info: dict | None = None) -> Iterator[Any]:
-    """Apply ROME at `hparams.layers` for `fact.target_new`, yield, restore bit-identically (always).
-
-    The built-in editor yields the model; EasyEdit's (a one-off session of its
-    BaseEditor, see `rome_locate.easyedit.EasyEditSession`) yields EasyEdit's own
-    metrics of the edit.
-    """
-    if editor not in EDITORS:
-        raise ValueError(f"editor must be one of {EDITORS}, got {editor!r}")
-    if editor == "easyedit":
-        import tempfile
-
-        from .easyedit import EasyEditSession
-
-        with tempfile.TemporaryDirectory() as workdir:
-            session = EasyEditSession(model, tok, hparams, str(getattr(hparams, "model_name", "model")), workdir)
-            with session.edited(model, tok, fact, hparams) as metrics:
-                yield metrics
-        return
+def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, seed: int = 0,
+           info: dict | None = None) -> Iterator[nn.Module]:
+    """Apply the built-in ROME at `hparams.layers` for `fact.target_new`, yield the model, restore bit-identically
+    (always). The editors (`rome_locate.editors`) wrap it."""
     originals: dict[str, torch.Tensor] = {}
     try:
         originals = apply_rome(model, tok, fact, hparams, seed=seed, info=info)

@@ -357,3 +357,11 @@ def dataset_header(facts_file: str | Path, n_facts: int, trace_settings: dict[st
         "per-fact argmax histogram: " + " ".join(f"{i}:{n}" for i, n in enumerate(histogram)),
     ]
     return "\n".join(lines)
+
+
+def fixed_layer(hparams: Any) -> int:
+    """The one edit layer the hyperparameters name (ROME edits one layer): the layer rule's fallback."""
+    layers = list(getattr(hparams, "layers", None) or [])
+    if len(layers) != 1:
+        raise ValueError(f"hyperparameters must name exactly one edit layer (ROME edits one), got layers={layers}")
+    return int(layers[0])

@@ -37,7 +37,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .evaluate import evaluate_fact, harmonic_mean
+from .choose import VALIDATED_TOP_K, LayerDecision, LayerRule, validation_record_path
+from .editors import Editor
+from .evaluate import evaluate_fact
+from .metrics import harmonic_mean
 from .facts import Fact
 from .intervals import N_BOOTSTRAP, Interval, bootstrap
 from .models import ModelFingerprint
@@ -47,7 +50,6 @@ from .trace import TraceSettings
 ETA = 3  # successive halving: keep 1/ETA of the configurations, give them ETA x the facts
 MIN_SPLIT = 2  # fewest facts on each side of the calibration/test split
 PAPER_CONTEXT = ((5, 10), (10, 10))  # ROME's context templates: 10 of 5 tokens, 10 of 10 tokens
-VALIDATED_TOP_K = 2
 
 
 class ValidationError(ValueError):
@@ -127,16 +129,13 @@ class TrialScores(Record):
 # ---- the one place that edits and measures -------------------------------------------------
 
 
-def trial_edit(model, tok, fact: Fact, hparams, editor: str = "builtin",
-               edit_context: Callable | None = None) -> TrialScores:
+def trial_edit(model, tok, fact: Fact, hparams, editor: Editor | None = None) -> TrialScores:
     """Edit `fact` at `hparams.layers`, measure CounterFact success on its prompts, restore the model.
 
     The pipeline's own edit-and-measure step (`evaluate.evaluate_fact`, generations and sweep off), so a trial
-    edit is the edit `rome-locate edit` makes, with either editor (`edit_context` as the pipeline builds it).
+    edit is the edit `rome-locate edit` makes, with the same editor object.
     """
-
-    m = evaluate_fact(model, tok, fact, hparams, generation=None, sweep=False, editor=editor,
-                      edit_context=edit_context).metrics
+    m = evaluate_fact(model, tok, fact, hparams, generation=None, sweep=False, editor=editor).metrics
     return TrialScores(m["efficacy_score"], m["paraphrase_score"], m["neighborhood_score"],
                        m["efficacy_magnitude"])
 
@@ -232,15 +231,6 @@ def score_interval(scores: Sequence[TrialScores], seed: int = 0, n: int = N_BOOT
                     len(scores))
 
 
-def traced_layer(effects: Sequence[float], candidates: Sequence[int], fallback: int, threshold: float) -> int:
-    """The per-fact traced rule: the candidate of largest effect, unless its margin is below `threshold`."""
-    ranked = sorted(candidates, key=lambda l: -effects[l])
-    if len(ranked) < 2:
-        return ranked[0] if ranked else fallback
-    margin = effects[ranked[0]] - effects[ranked[1]]
-    return ranked[0] if margin >= threshold else fallback
-
-
 def _margin(effects: Sequence[float], candidates: Sequence[int]) -> float:
     top = sorted((effects[l] for l in candidates), reverse=True)
     return top[0] - top[1] if len(top) > 1 else math.inf
@@ -248,36 +238,16 @@ def _margin(effects: Sequence[float], candidates: Sequence[int]) -> float:
 
 def calibrate_threshold(effects: Sequence[Sequence[float]], results: Sequence[dict[int, TrialScores]],
                         candidates: Sequence[int], fallback: int) -> float:
-    """The margin threshold of the traced rule that maximises the objective on calibration facts.
-
-    Ties go to the larger threshold (more facts at the validated dataset layer).
-    """
+    """The margin threshold of the traced rule (`choose.LayerRule`) that maximises the objective on calibration
+    facts. Ties go to the larger threshold (more facts at the validated dataset layer)."""
     options = sorted({0.0, math.inf} | {_margin(e, candidates) for e in effects})
     best, best_t = -1.0, math.inf
     for t in options:
-        value = objective([r[traced_layer(e, candidates, fallback, t)] for e, r in zip(effects, results)])
+        rule = LayerRule("traced", fallback, tuple(candidates), t, "calibration")
+        value = objective([r[rule.traced(e).layer] for e, r in zip(effects, results)])
         if value > best + 1e-12 or (abs(value - best) <= 1e-12 and t > best_t):
             best, best_t = value, t
     return best_t
-
-
-def validated_tries(effects: Sequence[float], candidates: Sequence[int], fixed: int) -> list[int]:
-    """The layers `validated` trial-edits for a fact: the validated layer and its top traced other candidates.
-
-    The validated layer is always tried, so the pick never does worse than it on
-    the edit prompt and neighbourhood it is judged on.
-    """
-    others = sorted((l for l in candidates if l != fixed), key=lambda l: -effects[l])
-    return [fixed] + others[:VALIDATED_TOP_K - 1]
-
-
-def validated_pick(results: dict[int, TrialScores], fallback: int) -> int:
-    """The layer whose trial edit did best on the edit prompt and its neighbourhood (paraphrases not used)."""
-    def key(layer: int):
-        s = results[layer]
-        return ((s.efficacy or 0.0) + (s.neighborhood if s.neighborhood is not None else 1.0),
-                s.efficacy_magnitude or 0.0, layer == fallback)
-    return max(results, key=key)
 
 
 def _json_threshold(threshold: float) -> float | None:
@@ -373,30 +343,38 @@ def _mode(name: str, scores: Sequence[TrialScores], layers: Sequence[int], seed:
                 bootstrap([s.neighborhood for s in scores], seed), score_interval(scores, seed), counts)
 
 
-def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_file: str = "", model_name: str = "",
-                   test_fraction: float = 0.5, budget: int = 300, n_calibration: int = 40, n_test: int = 40,
-                   grid: Sequence[Setting] | None = None, seed: int = 0,
-                   trace_settings: TraceSettings = TraceSettings(), editor: str = "builtin",
-                   edit_context: Callable | None = None, arch: Any = None, progress: bool = True,
-                   log: Callable[[str], None] = print) -> Validation:
-    """The validated search (module docstring); `base_hparams` supplies every field the search does not set.
+@dataclass
+class _Trials:
+    """Trial edits with a cache: a configuration is trial-edited once per fact, whatever asks for it."""
 
-    `edit_context` replaces the editor as in `evaluate.evaluate_fact` (the pipeline's EasyEdit session, tests);
-    `arch` is what `arch.arch_for` takes (an --arch file for a family the map does not know).
-    """
-    from tqdm.auto import tqdm
+    model: Any
+    tok: Any
+    base: Any
+    editor: Editor | None
+    bar: Any
+    cache: dict = field(default_factory=dict)
+    count: int = 0
 
-    from .arch import arch_for
-    from .choose import choose_dataset_layer
-    from .hparams import with_layer
-    from .locate import locate
-    from .models import fingerprint
+    def hparams(self, config: Config) -> Any:
+        from .hparams import with_layer
+
+        return with_layer(replace(self.base, **config.setting.overrides()), config.layer)
+
+    def run(self, config: Config, fact: Fact) -> TrialScores:
+        # A fact without its paraphrases shares the key: the scores it is judged on are the same.
+        key = (config, fact.id + "\x00" + fact.prompt)
+        if key not in self.cache:
+            self.cache[key] = trial_edit(self.model, self.tok, fact, self.hparams(config), self.editor)
+            self.count += 1
+            self.bar.update(1)
+        return self.cache[key]
+
+
+def _prepare(model, tok, facts: list[Fact], test_fraction: float, seed: int, facts_file: str, n_calibration: int,
+             n_test: int, log: Callable[[str], None]) -> tuple[list[Fact], list[Fact], list[Fact], bool]:
+    """(known, calibration, test, requests built): the known facts, as edit requests, split by subject."""
     from .requests import counterfactual_requests, needs_requests
 
-    t0 = time.perf_counter()
-    grid = list(grid or default_grid())
-    arch = arch_for(model, arch)
-    facts = list(facts)
     known = usable_facts(model, tok, facts, test_fraction, seed, facts_file)
     built = needs_requests(known)
     if built:
@@ -408,7 +386,72 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     calib, test = split_by_subject(known, test_fraction, seed)
     calib, test = calib[:n_calibration], test[:n_test]
     log(f"{len(known)} known fact(s) of {len(facts)}: {len(calib)} calibration, {len(test)} test (disjoint subjects)")
+    return known, calib, test, built
 
+
+def _search(trials: _Trials, configs: list[Config], calib: list[Fact], rounds: list[tuple[int, int]],
+            dataset_layer: int) -> tuple[Config, list[dict[str, Any]]]:
+    """Successive halving over the configurations; (the best, the log of every round)."""
+    alive, round_log = configs, []
+    for r, (k, n) in enumerate(rounds):
+        alive = alive[:k]
+        values = {c: objective([trials.run(c, f) for f in calib[:n]]) for c in alive}
+        # Best first; ties go to the cheaper setting, then to the dataset layer.
+        alive = sorted(alive, key=lambda c: (-round(values[c], 9), c.setting.cost,
+                                             abs(c.layer - dataset_layer), c.layer))
+        round_log.append({"round": r, "configurations": len(values), "facts": n,
+                          "best": [{"config": c.label(), "objective": values[c]} for c in alive[:5]]})
+    return alive[0], round_log
+
+
+def _test_modes(trials: _Trials, chosen: Config, rule: LayerRule, test: list[Fact], effects_of: dict[str, Any],
+                seed: int) -> tuple[Mode, ...]:
+    """The chosen configuration on the test facts, by every layer mode of `rule` and the candidates' oracle."""
+    rows: dict[str, tuple[list[TrialScores], list[int]]] = {n: ([], []) for n in ("fixed", "traced", "validated",
+                                                                               "best")}
+
+    def add(name: str, at: dict[int, TrialScores], layer: int) -> None:
+        rows[name][0].append(at[layer])
+        rows[name][1].append(layer)
+
+    for f in test:
+        effects = effects_of[f.id]
+        at = {l: trials.run(Config(l, chosen.setting), f) for l in rule.candidates}
+        add("fixed", at, rule.fallback)
+        add("traced", at, rule.traced(effects).layer)
+        # The validated pick is judged on the edit prompt and neighbours; its paraphrases are reported.
+        edit_only = replace(f, rephrase_prompts=())
+        pick = rule.pick({l: trials.run(Config(l, chosen.setting), edit_only) for l in rule.tries(effects)})
+        add("validated", at, pick.layer)
+        add("best", at, max(rule.candidates, key=lambda l: (objective([at[l]]), at[l].efficacy_magnitude or 0.0)))
+    names = {"fixed": "fixed", "traced": "traced", "validated": "validated",
+             "best": "sweep-best (candidates, oracle)"}
+    return tuple(_mode(names[k], *rows[k], seed) for k in rows)
+
+
+def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_file: str = "", model_name: str = "",
+                   test_fraction: float = 0.5, budget: int = 300, n_calibration: int = 40, n_test: int = 40,
+                   grid: Sequence[Setting] | None = None, seed: int = 0,
+                   trace_settings: TraceSettings = TraceSettings(), editor: Editor | None = None,
+                   arch: Any = None, progress: bool = True, log: Callable[[str], None] = print) -> Validation:
+    """The validated search (module docstring); `base_hparams` supplies every field the search does not set.
+
+    `editor` is the pipeline's editor object (built-in ROME by default); `arch`
+    is the model's resolved `Arch` (or what `arch.arch_for` takes).
+    """
+    from tqdm.auto import tqdm
+
+    from .arch import arch_for
+    from .choose import choose_dataset_layer
+    from .locate import locate
+    from .models import fingerprint
+
+    t0 = time.perf_counter()
+    grid = list(grid or default_grid())
+    arch = arch_for(model, arch)
+    facts = list(facts)
+    known, calib, test, built = _prepare(model, tok, facts, test_fraction, seed, facts_file, n_calibration, n_test,
+                                         log)
     located = locate(model, tok, calib, trace_settings, progress=progress, arch=arch)
     if not located:
         raise ValidationError("no calibration fact could be traced")
@@ -417,71 +460,30 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     log(f"traced: dataset layer {dataset_layer}; candidates {candidates}")
     configs = [Config(l, s) for l in candidates for s in grid]
     rounds = schedule(len(configs), len(calib), budget)
-    cache: dict[tuple[Config, str], TrialScores] = {}
-    trials = 0
-
-    def hp(layer: int, setting: Setting):
-        return with_layer(replace(base_hparams, **setting.overrides()), layer)
-
-    def run(config: Config, fact: Fact) -> TrialScores:
-        nonlocal trials
-        key = (config, fact.id + "\x00" + fact.prompt)
-        if key not in cache:
-            cache[key] = trial_edit(model, tok, fact, hp(config.layer, config.setting), editor=editor,
-                                    edit_context=edit_context)
-            trials += 1
-            bar.update(1)
-        return cache[key]
-
     planned = sum(k * (n - p) for (k, n), p in zip(rounds, [0] + [n for _, n in rounds[:-1]]))
     bar = tqdm(total=planned, desc="validate", unit="trial", disable=not progress)
-    alive = configs
-    round_log = []
+    trials = _Trials(model, tok, base_hparams, editor, bar)
     try:
-        for r, (k, n) in enumerate(rounds):
-            alive = alive[:k]
-            values = {c: objective([run(c, f) for f in calib[:n]]) for c in alive}
-            # Best first; ties go to the cheaper setting, then to the dataset layer.
-            alive = sorted(alive, key=lambda c: (-round(values[c], 9), c.setting.cost,
-                                                 abs(c.layer - dataset_layer), c.layer))
-            round_log.append({"round": r, "configurations": len(values), "facts": n,
-                              "best": [{"config": c.label(), "objective": values[c]} for c in alive[:5]]})
-        chosen = alive[0]
-        search_trials = trials
+        chosen, round_log = _search(trials, configs, calib, rounds, dataset_layer)
+        search_trials = trials.count
         bar.total = bar.n + len(calib) * len(candidates) + len(test) * (len(candidates) + 1)
         bar.refresh()
         # Calibration of the traced rule: the chosen setting at every candidate layer.
-        calib_results = [{l: run(Config(l, chosen.setting), f) for l in candidates} for f in calib]
-        calib_effects = [r.effects for r, _ in located]
-        threshold = calibrate_threshold(calib_effects, calib_results, candidates, chosen.layer)
+        calib_results = [{l: trials.run(Config(l, chosen.setting), f) for l in candidates} for f in calib]
+        threshold = calibrate_threshold([r.effects for r, _ in located], calib_results, candidates, chosen.layer)
+        rule = LayerRule("traced", chosen.layer, tuple(candidates), threshold, "calibration facts")
         # Test facts, never seen by any choice above.
         test_located = locate(model, tok, test, trace_settings, progress=False, arch=arch)
-        by_id = {c.fact_id: r.effects for r, c in test_located}
-        fixed, traced, valid, best = [], [], [], []
-        fixed_l, traced_l, valid_l, best_l = [], [], [], []
-        for f in test:
-            effects = by_id[f.id]
-            at = {l: run(Config(l, chosen.setting), f) for l in candidates}
-            fixed.append(at[chosen.layer]); fixed_l.append(chosen.layer)
-            tl = traced_layer(effects, candidates, chosen.layer, threshold)
-            traced.append(at[tl]); traced_l.append(tl)
-            top = validated_tries(effects, candidates, chosen.layer)
-            # The validated pick is judged on the edit prompt and neighbours; its paraphrases are reported.
-            edit_only = replace(f, rephrase_prompts=())
-            vl = validated_pick({l: run(Config(l, chosen.setting), edit_only) for l in top}, chosen.layer)
-            valid.append(at[vl]); valid_l.append(vl)
-            bl = max(candidates, key=lambda l: (objective([at[l]]), at[l].efficacy_magnitude or 0.0))
-            best.append(at[bl]); best_l.append(bl)
+        modes = _test_modes(trials, chosen, rule, test, {c.fact_id: r.effects for r, c in test_located}, seed)
     finally:
         bar.close()
-    modes = (_mode("fixed", fixed, fixed_l, seed), _mode("traced", traced, traced_l, seed),
-             _mode("validated", valid, valid_l, seed), _mode("sweep-best (candidates, oracle)", best, best_l, seed))
     return Validation(
         model=model_name, facts_file=str(facts_file), n_facts=len(facts), n_known=len(known), requests_built=built,
         n_calibration=len(calib), n_test=len(test), dataset_layer=dataset_layer,
         mean_effects=tuple(float(x) for x in d.mean_effects), candidates=tuple(candidates), grid=tuple(grid),
-        rounds=tuple(round_log), search_trials=search_trials, chosen=chosen, threshold=threshold, test=modes, budget=budget, trials=trials,
-        seconds=time.perf_counter() - t0, seed=seed, test_fraction=test_fraction,
+        rounds=tuple(round_log), search_trials=search_trials, chosen=chosen, threshold=threshold, test=modes,
+        budget=budget, trials=trials.count, seconds=time.perf_counter() - t0, seed=seed,
+        test_fraction=test_fraction,
         mom2={"mom2_adjustment": base_hparams.mom2_adjustment, "mom2_dataset": base_hparams.mom2_dataset,
               "mom2_n_samples": base_hparams.mom2_n_samples},
         calibration_ids=tuple(f.id for f in calib), test_ids=tuple(f.id for f in test),
@@ -568,8 +570,7 @@ def validation_paths(yaml_path) -> tuple[Any, Any]:
     """(`<stem>.validation.json`, `<stem>.validation.md`): where the validation of a YAML is written."""
     from pathlib import Path
 
-    stem = Path(yaml_path).with_suffix("")
-    return Path(f"{stem}.validation.json"), Path(f"{stem}.validation.md")
+    return validation_record_path(yaml_path), Path(f"{Path(yaml_path).with_suffix('')}.validation.md")
 
 
 def check_validation_outputs(yaml_path) -> None:
@@ -606,64 +607,13 @@ def write_validation(v: Validation, yaml_path) -> tuple[Any, Any]:
     return write_json(j, v.to_json()), write_text(m, markdown(v))
 
 
-# ---- per-fact layers for `edit` and `eval` (`--layers traced` and `--layers validated`) -------------
-
-
-@dataclass(frozen=True)
-class LayerRule(Record):
-    """What the per-fact layer modes may choose from: the validated layer, its candidates, the margin threshold."""
-
-    fixed: int
-    candidates: tuple[int, ...]
-    threshold: float
-    source: str  # the validation file it came from, or why there was none
-
-    def traced(self, effects: Sequence[float]) -> int:
-        """The `traced` layer of a fact with these traced effects: its best candidate, or `fixed` on a small margin."""
-        return traced_layer(effects, self.candidates, self.fixed, self.threshold)
-
-    def tries(self, effects: Sequence[float]) -> list[int]:
-        """The layers `validated` trial-edits for a fact with these traced effects."""
-        return validated_tries(effects, self.candidates, self.fixed)
-
-    def describe(self) -> str:
-        """One line for the user: candidates, fallback layer, threshold and where they came from."""
-        return (f"candidates {list(self.candidates)}, fallback layer {self.fixed}, "
-                f"margin threshold {self.threshold:.4g} ({self.source})")
-
-    def to_json(self) -> dict[str, Any]:
-        """Plain-JSON form; an infinite threshold (every fact at the fallback layer) is written as null."""
-        out = super().to_json()
-        out["threshold"] = _json_threshold(self.threshold)
-        return out
-
-
-def plain_rule(fixed: int, n_layers: int, source: str = "no validation file: plain traced argmax") -> LayerRule:
-    """The rule of hyperparameters without a validation record: every editable layer, threshold 0."""
-    return LayerRule(int(fixed), tuple(range(max(1, n_layers - 1))), 0.0, source)
-
-
-def layer_rule(hparams_path, hparams, n_layers: int) -> LayerRule:
-    """The rule recorded beside a validated YAML (`<stem>.validation.json`).
-
-    A YAML without one (trace-only or hand-written) gets every editable layer
-    as candidates and threshold 0: the plain traced argmax, never the last layer.
-    """
-    path = validation_paths(hparams_path)[0]
-    fixed = int(hparams.layers[0])
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        threshold = data.get("threshold")
-        return LayerRule(fixed, tuple(int(l) for l in data["candidates"]),
-                         math.inf if threshold is None else float(threshold), str(path))
-    return plain_rule(fixed, n_layers, f"no {path.name}: plain traced argmax")
+# ---- per-fact layers for `edit` and `eval --layers validated` ----------------------------------------------
 
 
 def validated_layers(model, tok, facts: Sequence[Fact], hparams, traces: Sequence[Any], rule: LayerRule, *,
-                     editor: str = "builtin", edit_context: Callable | None = None,
-                     progress: bool = False) -> list[int]:
-    """The `--layers validated` layer of every fact (aligned with `facts` by position, as `traces`): trial edits
-    at `rule.tries` of its traced effects, the best on the edit prompt and neighbourhood kept."""
+                     editor: Editor | None = None, progress: bool = False) -> list[LayerDecision]:
+    """The `--layers validated` decision of every fact (aligned with `facts` by position, as `traces`): trial edits
+    at `rule.tries` of its traced effects, the best on the edit prompt and neighbourhood kept (`rule.pick`)."""
     from tqdm.auto import tqdm
 
     from .hparams import with_layer
@@ -676,6 +626,6 @@ def validated_layers(model, tok, facts: Sequence[Fact], hparams, traces: Sequenc
             raise ValueError(f"fact {f.id!r} ({f.prompt!r}) has no trace")
         # Paraphrases are held apart: the pick sees the edit prompt and the neighbourhood only.
         edit_only = replace(f, rephrase_prompts=())
-        out.append(validated_pick({l: trial_edit(model, tok, edit_only, with_layer(hparams, l), editor, edit_context)
-                                   for l in rule.tries(trace.effects)}, rule.fixed))
+        out.append(rule.pick({l: trial_edit(model, tok, edit_only, with_layer(hparams, l), editor)
+                              for l in rule.tries(trace.effects)}))
     return out

@@ -1,0 +1,109 @@
+"""The editors: a name maps to an editor object with one `edited(model, tok, fact, hparams)` context manager.
+
+`edited` applies the edit at `hparams.layers[0]`, yields the editor's own report
+of it (a mapping, or None), and restores the weights bit-identically when the
+block ends, also on an exception. `close()` frees what the editor holds (EasyEdit's
+scratch folder). Every entrance gets its editor from `make_editor`; a test double
+is any object with `name` and `edited`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol
+
+from torch import nn
+
+from .facts import Fact
+
+
+class Editor(Protocol):
+    """What the pipeline needs of an editor."""
+
+    name: str
+
+    def edited(self, model: nn.Module, tok: Any, fact: Fact, hparams: Any) -> ContextManager[Mapping | None]:
+        """Edit `fact` at `hparams.layers[0]`, yield the editor's report (or None), restore."""
+        ...
+
+
+class BuiltinRome:
+    """rome-locate's own ROME (`rome_locate.rome`), seeded."""
+
+    name = "builtin"
+
+    def __init__(self, seed: int = 0, info: dict | None = None):
+        self.seed = seed
+        self.info = info  # filled with the optimisation's figures per layer (benchmarks read the steps)
+
+    @contextmanager
+    def edited(self, model: nn.Module, tok: Any, fact: Fact, hparams: Any) -> Iterator[None]:
+        """Apply ROME, yield None, restore bit-identically (always)."""
+        from .edit import edited
+
+        with edited(model, tok, fact, hparams, seed=self.seed, info=self.info):
+            yield None
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+
+class EasyEditRome:
+    """EasyEdit's ROME through one BaseEditor over the loaded model (`rome_locate.easyedit.EasyEditSession`); its
+    logs go to `workdir`, or to a temporary folder removed by `close()`."""
+
+    name = "easyedit"
+
+    def __init__(self, model: nn.Module, tok: Any, hparams: Any, model_name: str, workdir: str | Path | None = None):
+        from .easyedit import EasyEditSession
+
+        self._scratch = None if workdir is not None else tempfile.TemporaryDirectory(prefix="rome-locate-easyedit-")
+        folder = Path(workdir) if workdir is not None else Path(self._scratch.name)
+        try:
+            self.session = EasyEditSession(model, tok, hparams, model_name, folder)
+        except BaseException:
+            self.close()
+            raise
+
+    @contextmanager
+    def edited(self, model: nn.Module, tok: Any, fact: Fact, hparams: Any) -> Iterator[Mapping]:
+        """EasyEdit's edit at the fact's layer; yields EasyEdit's own metrics of it; restores."""
+        with self.session.edited(model, tok, fact, hparams) as metrics:
+            yield metrics
+
+    def close(self) -> None:
+        """Remove the scratch folder, if there is one."""
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+
+def _builtin(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int) -> Editor:
+    return BuiltinRome(seed=seed)
+
+
+def _easyedit(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int) -> Editor:
+    return EasyEditRome(model, tok, hparams, model_name, workdir)
+
+
+EDITORS: dict[str, Callable[..., Editor]] = {"builtin": _builtin, "easyedit": _easyedit}
+
+
+def check_editor(name: Any) -> None:
+    """A ValueError listing the editors when `name` is neither a registered name nor an editor object."""
+    if isinstance(name, str) and name not in EDITORS:
+        raise ValueError(f"editor must be one of {tuple(EDITORS)}, got {name!r}")
+    if not isinstance(name, str) and not callable(getattr(name, "edited", None)):
+        raise ValueError(f"an editor is one of {tuple(EDITORS)} or an object with edited(), got {name!r}")
+
+
+def make_editor(editor: str | Editor, model: nn.Module, tok: Any, hparams: Any, *, model_name: str = "model",
+                workdir: str | Path | None = None, seed: int = 0) -> Editor:
+    """The editor of that name over this model (an editor object is returned as it is)."""
+    check_editor(editor)
+    if not isinstance(editor, str):
+        return editor
+    return EDITORS[editor](model, tok, hparams, model_name=model_name,
+                           workdir=None if workdir is None else Path(workdir), seed=seed)
