@@ -42,8 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from locate import NAMES, _prompts, _tokenizer  # noqa: E402  (bench/locate.py: prompts of a given length)
 
 from rome_locate.arch import arch_for  # noqa: E402
-from rome_locate.edit import edited  # noqa: E402
-from rome_locate.evaluate import Placement, evaluate  # noqa: E402
+from rome_locate.choose import LayerRule, place  # noqa: E402
+from rome_locate.editors import BuiltinRome  # noqa: E402
+from rome_locate.evaluate import evaluate  # noqa: E402
 from rome_locate.facts import Fact  # noqa: E402
 from rome_locate.files import write_json  # noqa: E402
 from rome_locate.hparams import load_hparams, with_layer  # noqa: E402
@@ -188,12 +189,10 @@ def measure_trace(name: str, model, tok, facts: list[Fact], samples: int = 10, w
 def _edit_one(model, tok, fact: Fact, hparams) -> int:
     """One ROME edit with its measurement, as the pipeline does it per fact; returns the optimisation steps."""
     info: dict = {}
-
-    def context(m, t, f, h, editor="builtin"):
-        return edited(m, t, f, h, editor=editor, info=info)
-
-    evaluate(model, tok, [fact], hparams, placements=[Placement(hparams.layers[0], "fixed")], generation=None,
-             edit_context=context, progress=False)
+    layer = int(hparams.layers[0])
+    placements = place([fact], LayerRule("fixed", layer, (layer,), 0.0, "the hyperparameters"))
+    evaluate(model, tok, [fact], hparams, placements, generation=None, editor=BuiltinRome(info=info),
+             progress=False)
     return int(info.get(hparams.layers[0], {}).get("steps", 0))
 
 

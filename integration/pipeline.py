@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from rome_locate.arch import arch_for
     from rome_locate.choose import choose_dataset_layer
     from rome_locate.easyedit import hide_unloadable, hidden_modules, import_easyedit, stubbed_modules
-    from rome_locate.evaluate import summarize
+    from rome_locate.summary import summarize
     from rome_locate.facts import load_facts
     from rome_locate.hparams import bind_model, dataset_header, generate_hparams, load_hparams, with_layer, \
         write_hparams

@@ -18,15 +18,16 @@ __version__ = "0.1.0"
 # submodule rebinds the package attribute of the same name.
 _EXPORTS = {
     "Fact": "facts", "load_facts": "facts",
-    "ModelFingerprint": "models", "fingerprint": "models", "load_model": "models",
+    "ModelFingerprint": "models", "fingerprint": "models", "load_model": "models", "LoadedModel": "models",
     "Arch": "arch", "arch_for": "arch",
     "TraceSettings": "trace", "TraceResult": "trace", "trace_fact": "trace",
     "LayerChoice": "choose", "DatasetChoice": "choose", "choose_layer": "choose", "choose_dataset_layer": "choose",
+    "LayerRule": "choose", "LayerDecision": "choose", "layer_rule": "choose", "place": "choose",
     "RomeHParams": "hparams", "load_hparams": "hparams", "with_layer": "hparams", "generate_hparams": "hparams",
     "write_hparams": "hparams",
     "compute_mom2": "stats",
-    "edited": "edit",
-    "GenerationSettings": "evaluate", "EvalRecord": "evaluate", "summarize": "evaluate",
+    "edited": "edit", "make_editor": "editors", "EDITORS": "editors",
+    "GenerationSettings": "outcome", "EvalRecord": "outcome", "summarize": "summary",
     "write_report": "report",
     "run_pipeline": "pipeline", "edit_facts": "pipeline",
 }

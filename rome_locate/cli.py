@@ -39,11 +39,12 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
                         "last subject token (the row the layer choice reads)")
 
 
-def load_model(args: argparse.Namespace):
-    """(model, tokenizer) of `--model` on `--device` in `--dtype`, or spread by `--device-map` (models.load_model)."""
-    from .models import load_model as load
+def load_model(args: argparse.Namespace, arch=None):
+    """The LoadedModel of `--model` on `--device` in `--dtype`, or spread by `--device-map`, its architecture
+    resolved once (`arch`: the --arch record read before loading)."""
+    from .models import load
 
-    return load(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map,
+    return load(args.model, arch=arch, device=args.device, dtype=args.dtype, device_map=args.device_map,
                 max_memory=args.max_memory, offload_folder=args.offload_folder)
 
 
@@ -165,7 +166,7 @@ def _fmt_row(values) -> str:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .arch import KINDS, arch_for
+    from .arch import KINDS
     from .atp import trace_by_method
     from .choose import choose_layer
     from .facts import Fact
@@ -180,9 +181,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         raise ValueError("trace: --noise-draws replace needs other subjects; use `locate` on a facts file")
     if args.plots:
         check_output_dir(args.plots, "--plots")
-    arch_file = _arch_file(args)
-    model, tok = load_model(args)
-    arch = arch_for(model, arch_file)
+    lm = load_model(args, _arch_file(args))
+    model, tok, arch = lm.model, lm.tok, lm.arch
     fact = Fact(prompt=args.prompt, subject=args.subject, target=args.target, id="prompt")
     results = {}
     for kind in kinds:
@@ -233,10 +233,10 @@ def _cmd_locate(args: argparse.Namespace) -> int:
         check_output_dir(args.plots, "--plots")
     arch = _arch_file(args)
     part = distributed.part(facts, args.out)  # under torchrun: this rank's block of the facts and its shard file
-    model, tok = load_model(args)
+    lm = load_model(args, arch)
     start = time.perf_counter()
-    pairs = locate(model, tok, part.facts, settings, out=part.out, plots_dir=args.plots, progress=not args.quiet,
-                   arch=arch, skip_errors=args.skip_errors, dataset=facts, batch_facts=args.batch_facts)
+    pairs = locate(lm.model, lm.tok, part.facts, settings, out=part.out, plots_dir=args.plots,
+                   progress=not args.quiet, arch=lm.arch, skip_errors=args.skip_errors, dataset=facts, batch_facts=args.batch_facts)
     wall = time.perf_counter() - start
     pairs = _merged_pairs(part, pairs)  # under torchrun: rank 0 reports on every fact, the others stop
     if pairs is None:
@@ -332,7 +332,7 @@ def _add_edit_parsers(sub) -> None:
     p.add_argument("--corpus", default=None,
                    help="text file to compute mom2 statistics missing for a traced layer (into OUT/stats)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_edit)
+    p.set_defaults(func=_cmd_pipeline)
 
 
 def _hparams_device(args: argparse.Namespace):
@@ -350,7 +350,6 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     import yaml
 
     from . import distributed
-    from .arch import arch_for
     from .choose import choose_dataset_layer
     from .facts import check_limit, load_facts
     from .hparams import check_hparams_output, dataset_header, generate_hparams, write_hparams
@@ -376,10 +375,10 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     arch_file = _arch_file(args)
     # Under torchrun each rank traces its block into a shard beside -o (to resume from); rank 0 writes the YAML.
     part = distributed.part(facts, args.output + ".traces", shards_only=True)
-    model, tok = load_model(args)
+    lm = load_model(args, arch_file)
     if validated:
-        return _validated_hparams(args, model, tok, arch_for(model, arch_file), facts, overrides, settings)
-    arch = arch_for(model, arch_file)
+        return _validated_hparams(args, lm, facts, overrides, settings)
+    model, tok, arch = lm.model, lm.tok, lm.arch
     pairs = [] if args.layer is not None else locate(model, tok, part.facts, settings, out=part.out,
                                                      progress=not args.quiet, arch=arch, dataset=facts)
     pairs = _merged_pairs(part, pairs)
@@ -435,12 +434,13 @@ def _check_validation_args(args: argparse.Namespace) -> None:
     check_validation_outputs(args.output)
 
 
-def _validated_hparams(args: argparse.Namespace, model, tok, arch, facts, overrides: dict, settings) -> int:
+def _validated_hparams(args: argparse.Namespace, lm, facts, overrides: dict, settings) -> int:
     """`hparams` with validation: statistics, the search, then the YAML and its validation files."""
     from .hparams import DEFAULTS, bind_model, generate_hparams, with_layer, write_hparams
     from .stats import compute_mom2, ensure_self_sampled, missing_mom2_layers, stats_model_name
     from .validate import GRIDS, header, run_validation, usable_facts, verdict, write_validation
 
+    model, tok, arch = lm.model, lm.tok, lm.arch
     usable_facts(model, tok, facts, args.test_fraction, args.seed, args.facts)  # before any statistics
     mom2 = (dict(mom2_dataset="corpus", mom2_n_samples=DEFAULTS["mom2_n_samples"]) if args.corpus else
             dict(mom2_dataset="self_sample", mom2_n_samples=args.self_sample))
@@ -461,7 +461,7 @@ def _validated_hparams(args: argparse.Namespace, model, tok, arch, facts, overri
                          n_samples=DEFAULTS["mom2_n_samples"], dtype=base.mom2_dtype, progress=not args.quiet)
     else:
         base = ensure_self_sampled(model, tok, base, layers, n_samples=args.self_sample,
-                                   notice=lambda m: print(m, file=sys.stderr))
+                                   notice=lambda m: print(m, file=sys.stderr), arch=arch)
     v = run_validation(model, tok, facts, base, facts_file=args.facts, model_name=args.model,
                        test_fraction=args.test_fraction, budget=args.budget, n_calibration=args.calibration_facts,
                        n_test=args.test_facts, seed=args.seed, trace_settings=settings, grid=GRIDS[args.grid](),
@@ -482,7 +482,6 @@ def _validated_hparams(args: argparse.Namespace, model, tok, arch, facts, overri
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .arch import arch_for
     from .files import check_output_dir
     from .stats import check_n_samples, compute_mom2, folder_name, self_sample_mom2
 
@@ -498,9 +497,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     check_output_dir(args.stats_dir, "--stats-dir")
     if args.corpus is not None and not Path(args.corpus).is_file():
         raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
-    arch = _arch_file(args)
-    model, tok = load_model(args)
-    layers = args.layers if args.layers is not None else list(range(arch_for(model, arch).n_layers))
+    lm = load_model(args, _arch_file(args))
+    model, tok, arch = lm.model, lm.tok, lm.arch
+    layers = args.layers if args.layers is not None else list(range(arch.n_layers))
     if args.self_sample is not None:
         paths = self_sample_mom2(model, tok, arch, layers, args.stats_dir, n_samples=args.self_sample,
                                  model_name=model_name, dtype=args.mom2_dtype, progress=True)
@@ -513,75 +512,80 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _edit_hparams(args: argparse.Namespace, model, tok, hparams, corpus: str | None):
-    """`edit`/`eval`: the hyperparameters with self-sampled mom2 statistics where theirs are missing and no
-    corpus is given (a notice on stderr), and the layer rule of --layers traced/validated (printed), or None."""
-    from .arch import arch_for, check_layer
+def _pipeline_inputs(args: argparse.Namespace, lm, corpus: str | None):
+    """`edit`/`eval`: (hyperparameters, layer rule). The rule is the pipeline's (`pipeline.resolve_rule`, printed);
+    where the statistics are missing and no corpus is given, self-sampled ones are used (a notice on stderr)."""
+    from .hparams import bind_model, load_hparams
+    from .pipeline import resolve_rule
     from .stats import ensure_self_sampled
 
-    n_layers = arch_for(model, args.arch).n_layers
-    for layer in hparams.layers:  # before any statistics are sampled for it
-        check_layer(int(layer), n_layers, "the hyperparameters' layer")
-    rule = None
-    if args.layers != "fixed":
-        from .validate import layer_rule
-
-        rule = layer_rule(args.hparams, hparams, n_layers)
-        print(f"--layers {args.layers}: {rule.describe()}", file=sys.stderr)
+    # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
+    hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
+    rule = resolve_rule(hparams, lm.arch.n_layers, args.layers, hparams_path=args.hparams)
+    print(f"--layers {args.layers}: {rule.describe()}", file=sys.stderr)
     if corpus is None:  # a given corpus wins (the pipeline computes from it)
-        every = args.layers != "fixed" or getattr(args, "sweep", False)
-        layers = list(range(n_layers)) if every else list(hparams.layers)
-        hparams = ensure_self_sampled(model, tok, hparams, layers, notice=lambda m: print(m, file=sys.stderr))
+        every = rule.mode != "fixed" or getattr(args, "sweep", False)
+        layers = list(range(lm.arch.n_layers)) if every else [rule.fallback]
+        hparams = ensure_self_sampled(lm.model, lm.tok, hparams, layers, arch=lm.arch,
+                                      notice=lambda m: print(m, file=sys.stderr))
     return hparams, rule
 
 
-def _cmd_edit(args: argparse.Namespace) -> int:
-    from .facts import load_facts
-    from .hparams import bind_model, load_hparams
-    from .report import edit_summary_line
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    """`edit` and `eval`: one command path; `edit` is the pipeline without generations, sweep and heatmaps."""
+    from .facts import check_limit, load_facts
+    from .outcome import EvaluationError
+    from .pipeline import run_pipeline
 
-    facts = load_facts(args.facts, limit=args.limit)
+    evaluating = args.command == "eval"
+    if evaluating and args.max_neighborhood is not None and args.max_neighborhood < 0:
+        raise ValueError(f"--max-neighborhood must be >= 0 prompts, got {args.max_neighborhood}")
+    generation = _generation_settings(args) if evaluating else None
+    facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
+    arch_file = _arch_file(args)
     part = _pipeline_part(args, facts)
     records = paths = None
     if not part.finished:  # a rank's shard finished by an earlier run is not edited again
-        model, tok = load_model(args)
-        # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
-        hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
-        hparams, rule = _edit_hparams(args, model, tok, hparams, args.corpus)
-        # The eval pipeline with generations and the sweep off: results.json rewritten after every fact.
-        records, paths = _pipeline(
-            "edit", model, tok, part.facts, hparams, part.out, model_name=args.model, layers=args.layers,
-            layer_rule=rule,
-            sweep=False, generation=None, trace_settings=_trace_settings(args), editor=args.editor, seed=args.seed,
-            mom2_corpus=args.corpus, arch=args.arch, facts_path=args.facts, skip_errors=args.skip_errors,
-            sequential=args.sequential, progress=not args.quiet, dataset=facts)
-        if records is None:
+        lm = load_model(args, arch_file)
+        corpus = getattr(args, "corpus", None)
+        hparams, rule = _pipeline_inputs(args, lm, corpus)
+        try:
+            records, paths = run_pipeline(
+                lm.model, lm.tok, part.facts, hparams, part.out, model_name=args.model, layer_rule=rule,
+                layers=rule.mode, sweep=evaluating and args.sweep, generation=generation,
+                trace_settings=_trace_settings(args, full=evaluating and not args.no_heatmaps), editor=args.editor,
+                seed=args.seed, mom2_corpus=corpus, arch=lm.arch, facts_path=args.facts,
+                max_neighborhood=getattr(args, "max_neighborhood", None), skip_errors=args.skip_errors,
+                sequential=args.sequential, progress=not _quiet(args), dataset=facts)
+        except EvaluationError as exc:
+            from . import distributed
+
+            distributed.record_failure(exc)  # under torchrun: named in OUT.incomplete
+            print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
+            print(f"rome-locate {args.command}: the results and report of the {len(exc.records)} finished "
+                  f"fact(s) are in {part.out}", file=sys.stderr)
             return 2
     records, paths = _merged_records(part, records, paths)
     if records is None:
         return 0
-    from .evaluate import summarize
-
-    print(edit_summary_line(summarize(records), args.editor, args.layers))
-    print(f"wrote {paths['json']}")
+    _print_pipeline_summary(args, records, paths)
     return 0
 
 
-def _pipeline(command: str, model, tok, facts, hparams, out: str, **kwargs):
-    """Run the pipeline; on an EvaluationError print it and where the partial results are, and return (None, None)."""
-    from .evaluate import EvaluationError
-    from .pipeline import run_pipeline
+def _quiet(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "quiet", False) or getattr(args, "no_progress", False))
 
-    try:
-        return run_pipeline(model, tok, facts, hparams, out, **kwargs)
-    except EvaluationError as exc:
-        from . import distributed
 
-        distributed.record_failure(exc)  # under torchrun: named in OUT.incomplete
-        print(f"rome-locate {command}: error: {exc}", file=sys.stderr)
-        print(f"rome-locate {command}: the results and report of the {len(exc.records)} finished fact(s) are in "
-              f"{out}", file=sys.stderr)
-        return None, None
+def _print_pipeline_summary(args: argparse.Namespace, records, paths) -> None:
+    from .report import edit_summary_line, print_summary
+    from .summary import summarize
+
+    if args.command == "eval":
+        print_summary(records)
+        print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")
+    else:
+        print(edit_summary_line(summarize(records), args.editor, args.layers))
+        print(f"wrote {paths['json']}")
 
 
 def _pipeline_part(args: argparse.Namespace, facts):
@@ -655,7 +659,7 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--no-heatmaps", action="store_true",
                    help="trace only the last subject token (T times less work; the cards show effect bars)")
     generation_args(p)
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_pipeline)
 
     p = sub.add_parser("demo", help="locate → hyperparameters → edit → evaluate on a shipped fact model, "
                                     "and write report.html, report.md and results.json")
@@ -669,49 +673,16 @@ def _add_eval_parsers(sub) -> None:
 
 
 def _generation_settings(args: argparse.Namespace):
-    from .evaluate import GenerationSettings
+    from .outcome import GenerationSettings
 
     return GenerationSettings(mode=args.generation, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.generation_seed)
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .facts import load_facts
-    from .hparams import bind_model, load_hparams
-    from .report import print_summary
-
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    generation = _generation_settings(args)
-    facts = load_facts(args.facts, limit=args.limit)
-    part = _pipeline_part(args, facts)
-    model, tok = load_model(args)
-    hparams = load_hparams(args.hparams)
-    if Path(args.model).is_dir():
-        hparams = bind_model(hparams, args.model)
-    hparams, rule = _edit_hparams(args, model, tok, hparams, None)
-    # Full tables (tokens x layers) only for the report's heatmaps.
-    trace = _trace_settings(args, full=not args.no_heatmaps)
-    # The pipeline checks every layer against the model before it traces (resumable OUT/locate.jsonl) or edits.
-    records, paths = _pipeline(
-        "eval", model, tok, part.facts, hparams, part.out, model_name=args.model, layers=args.layers,
-        layer_rule=rule, sweep=args.sweep, trace_settings=trace, generation=generation, editor=args.editor, seed=args.seed,
-        arch=args.arch, facts_path=args.facts, max_neighborhood=args.max_neighborhood,
-        skip_errors=args.skip_errors, sequential=args.sequential, progress=not args.no_progress, dataset=facts)
-    if records is None:
-        return 2
-    records, paths = _merged_records(part, records, paths)
-    if records is None:
-        return 0
-    print_summary(records)
-    print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")
-    return 0
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
-    from .evaluate import EvaluationError
+    from .outcome import EvaluationError
 
     if args.n_facts < 1:
         raise ValueError(f"--n-facts must be >= 1, got {args.n_facts}")

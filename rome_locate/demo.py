@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .evaluate import GenerationSettings
+from .outcome import GenerationSettings
 from .facts import load_facts
 from .pipeline import run_pipeline
 from .report import print_summary
@@ -59,10 +59,11 @@ def _source_text(path: Path) -> str:
 
 def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: int = 4, *, sweep: bool = True,
              progress: bool = True, quiet: bool = False, generation: GenerationSettings = GenerationSettings(),
-             edit_context: Callable | None = None, model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Path]:
+             editor: Any = "builtin", model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Path]:
     """Run the whole pipeline on the shipped fact model of `family` with its first `n_facts` CounterFact facts.
 
-    `model_and_tok` passes the already loaded fact model (tests check its weights afterwards).
+    `model_and_tok` passes the already loaded fact model (tests check its weights afterwards); `editor` is a
+    name of the editor registry or an editor object.
     """
     from .choose import choose_dataset_layer
     from .fact_models import counterfact_path, fact_model_dir, load_fact_model
@@ -101,8 +102,8 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
     try:
         records, paths = run_pipeline(
             model, tok, facts, hparams, out_dir, model_name=str(fact_model_dir(family)), layers="fixed",
-            sweep=sweep, trace_settings=DEMO_TRACE, located=located, generation=generation, editor="builtin",
-            edit_context=edit_context, facts_path=str(facts_file), progress=progress,
+            sweep=sweep, trace_settings=DEMO_TRACE, located=located, generation=generation, editor=editor,
+            hparams_path=hp_path, facts_path=str(facts_file), progress=progress,
             extra_settings={"demo": {"family": family, "n_facts": n_facts, "dataset_layer": dataset.layer,
                                      "hparams_source": source}},
             started=t0)

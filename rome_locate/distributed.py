@@ -374,7 +374,7 @@ def merge_lines(payloads: list[list[dict[str, Any]]], out: Path | None, complete
 def merge_eval(payloads: list[dict[str, Any]], out: Path | None, complete: bool) -> dict[str, Any]:
     """`edit`'s and `eval`'s output directory (the pipeline's): locate.jsonl and results.json merged in fact order,
     the report drawn from all the records (rank 0's run settings)."""
-    from .evaluate import EvalRecord
+    from .outcome import EvalRecord
     from .report import write_report
     from .trace import TraceResult
 

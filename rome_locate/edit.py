@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .arch import arch_for
+from .arch import Arch, arch_for
 from .facts import Fact
 from .files import write_bytes
 from .rome import apply_rome, restore
@@ -32,8 +32,9 @@ def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, seed: int = 0,
 
 
 def ensure_stats(model: nn.Module, tok: Any, hparams: Any, layers: set[int], corpus: str | Path | None,
-                 stats_dir: str | Path | None) -> Any:
-    """Hyperparameters whose stats_dir holds mom2 files for every layer; missing ones are computed from `corpus`."""
+                 stats_dir: str | Path | None, arch: Arch | None = None) -> Any:
+    """Hyperparameters whose stats_dir holds mom2 files for every layer; missing ones are computed from `corpus`
+    (`arch` is the model's resolved architecture, for a family known only through --arch)."""
     if not getattr(hparams, "mom2_adjustment", False):
         return hparams
     name = stats_model_name(model) or Path(str(hparams.model_name)).name
@@ -58,6 +59,6 @@ def ensure_stats(model: nn.Module, tok: Any, hparams: Any, layers: set[int], cor
             write_bytes(dst, src.read_bytes())
     todo = [l for l in missing if not path(stats_dir, l).is_file()]
     if todo:
-        compute_mom2(model, tok, arch_for(model), todo, corpus, stats_dir, model_name=name,
+        compute_mom2(model, tok, arch_for(model, arch), todo, corpus, stats_dir, model_name=name,
                      mom2_dataset=hparams.mom2_dataset, n_samples=hparams.mom2_n_samples, dtype=hparams.mom2_dtype)
     return replace(hparams, stats_dir=str(stats_dir))

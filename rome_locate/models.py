@@ -14,11 +14,15 @@ import urllib.parse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .records import Record
+
+if TYPE_CHECKING:  # arch imports nothing from here, but only the annotation needs it
+    from .arch import Arch
 
 # Values read from each parameter for the fingerprint: enough to tell two trainings, a fine-tune or an edit
 # apart, and cheap on a 70B model (a few hundred parameters x 64 values).
@@ -323,3 +327,33 @@ def _disk_value(loader, key: str) -> torch.Tensor:
     finally:
         if override is not None:
             loader.state_dict[key] = override
+
+
+# ---- the loaded model, resolved once ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model as every command sees it, resolved once: the module, its tokenizer, its architecture (module
+    names, layer count), the device its inputs go to, its dtype and the name it was loaded by."""
+
+    model: nn.Module
+    tok: object
+    arch: "Arch"
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+    @classmethod
+    def of(cls, model: nn.Module, tok: object, arch: object = None, name: str | None = None) -> "LoadedModel":
+        """Resolve an already loaded (model, tokenizer): `arch` is what `arch.arch_for` takes (an --arch file)."""
+        from .arch import arch_for
+
+        name = name or str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+        return cls(model, tok, arch_for(model, arch), input_device(model), model_dtype(model), str(name))
+
+
+def load(name: str | Path, *, arch: object = None, **kwargs) -> LoadedModel:
+    """`load_model(name, **kwargs)` resolved into a LoadedModel (`arch`: an --arch record for an unknown family)."""
+    model, tok = load_model(name, **kwargs)
+    return LoadedModel.of(model, tok, arch, str(name))

@@ -1,27 +1,30 @@
-"""The general pipeline: locate if needed → hyperparameters' statistics → edit → evaluate → report.
+"""The general pipeline: the layer rule → locate if needed → hyperparameters' statistics → edit → evaluate → report.
 
-`rome-locate edit`, `rome-locate eval` and the demo all run `run_pipeline`;
-`edit` is the pipeline with generations and the layer sweep switched off.
+`rome-locate edit`, `rome-locate eval`, the demo and the Python API all run `run_pipeline`, and every one of
+them gets its layers from one `choose.LayerRule`; `edit` is the pipeline with generations and the layer sweep
+switched off.
 results.json is rewritten after every fact, so a later failure loses nothing
 finished, and the report is written in `finally`.
 """
 
 from __future__ import annotations
 
-import functools
-import tempfile
 import time
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .arch import Arch, arch_for, check_layer
-from .edit import EDITORS, edited, ensure_stats
-from .evaluate import (LAYER_MODES, EvalRecord, EvaluationError, GenerationSettings, check_editable, evaluate,
-                       evaluate_sequential, place)
+from .choose import LayerRule, Placement, layer_rule, place
+from .edit import ensure_stats
+from .editors import Editor, check_editor, make_editor
+from .evaluate import check_editable, evaluate, evaluate_sequential
 from .facts import Fact
+from .hparams import fixed_layer
 from .locate import locate
 from .models import fingerprint
+from .outcome import EvalRecord, EvaluationError, GenerationSettings
 from .report import run_settings, write_report, write_results_json
 from .trace import TraceSettings
 
@@ -52,138 +55,175 @@ def editable(facts: Sequence[Fact], located: Sequence[Any] | None = None, *,
     return [facts[i] for i in keep], None if located is None else [located[i] for i in keep]
 
 
+def resolve_rule(hparams: Any, n_layers: int, layers: str = "fixed", rule: LayerRule | None = None,
+                 hparams_path: str | Path | None = None) -> LayerRule:
+    """The run's layer rule: `rule` in the mode `layers`, else the one `choose.layer_rule` builds from the
+    hyperparameters' layer and the validation record beside `hparams_path`. Every layer is checked against the
+    model here, before any work."""
+    if rule is None:
+        return layer_rule(layers, fixed_layer(hparams), n_layers, hparams_path)
+    for layer in (rule.fallback, *rule.candidates):
+        check_layer(layer, n_layers, f"layer of the layer rule ({rule.source})")
+    return rule if rule.mode == layers else replace(rule, mode=layers)
+
+
+def _needs_trace(rule: LayerRule, sweep_layers: Sequence[int], located: Sequence[Any] | None) -> bool:
+    # The sweep compares edit success with the traced effect, so it traces too; given ints need no trace.
+    if located is not None:
+        return False
+    return rule.mode != "fixed" or bool(sweep_layers)
+
+
+def _trace(model, tok, facts: list[Fact], settings: TraceSettings | None, arch: Arch, out: Path | None,
+           dataset: Sequence[Fact] | None, progress: bool) -> list[Any]:
+    """locate() of the facts, resumable in OUT/locate.jsonl; the noise level from `dataset` (a torchrun rank's
+    whole facts) when given."""
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if dataset is not None:  # the noise level one process gets: over every editable fact
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = editable(dataset, skip_errors=True)[0]
+    return locate(model, tok, facts, settings or TraceSettings(), arch=arch, progress=progress,
+                  out=None if out is None else out / "locate.jsonl", dataset=dataset)
+
+
+def _stats_layers(rule: LayerRule, located: Sequence[Any] | None, facts: Sequence[Fact],
+                  sweep_layers: Sequence[int]) -> set[int]:
+    """Every layer an edit of this run may touch: what the rule can decide, the validated trials, the sweep."""
+    placements = place(facts, replace(rule, mode="traced") if rule.mode == "validated" else rule, located)
+    used = {p.layer for p in placements} | set(sweep_layers)
+    if rule.mode == "validated":
+        used |= {l for p in placements if p.trace is not None for l in rule.tries(p.trace.effects)}
+    return used
+
+
 def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str | Path | None = None, *,
-                 model_name: str | None = None, layers: str = "fixed", sweep: bool | Sequence[int] = False,
-                 trace_settings: TraceSettings | None = None, located: Sequence[Any] | None = None,
-                 generation: GenerationSettings | None = GenerationSettings(), editor: str = "builtin",
-                 edit_context: Callable | None = None, seed: int = 0, mom2_corpus: str | Path | None = None,
-                 arch: Arch | str | Path | dict | None = None, facts_path: str | None = None,
-                 max_neighborhood: int | None = None, skip_errors: bool = False, sequential: bool = False,
-                 progress: bool = True, extra_settings: dict[str, Any] | None = None,
-                 started: float | None = None, dataset: Sequence[Fact] | None = None,
-                 layer_rule: Any = None) -> tuple[list[EvalRecord], dict[str, Path]]:
+                 layers: str = "fixed", layer_rule: LayerRule | None = None, hparams_path: str | Path | None = None,
+                 located: Sequence[Any] | None = None, sweep: bool | Sequence[int] = False,
+                 trace_settings: TraceSettings | None = None,
+                 generation: GenerationSettings | None = GenerationSettings(), editor: str | Editor = "builtin",
+                 seed: int = 0, mom2_corpus: str | Path | None = None, arch: Arch | str | Path | dict | None = None,
+                 model_name: str | None = None, facts_path: str | None = None, max_neighborhood: int | None = None,
+                 skip_errors: bool = False, sequential: bool = False, progress: bool = True,
+                 extra_settings: dict[str, Any] | None = None, started: float | None = None,
+                 dataset: Sequence[Fact] | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
     """Edit and evaluate every fact; with `out_dir`, results.json after every fact and the report at the end.
 
-    Layers: `layers="traced"` edits each fact at its traced layer (with
-    `layer_rule`, a `validate.LayerRule`: its best validated candidate, or the
-    hyperparameters' layer when the trace margin is below the calibrated
-    threshold), "validated" at the best of `layer_rule`'s tries for it by trial
-    edits (the same edit-and-measure step as the pipeline's, `validate.trial_edit`;
-    without a rule, every editable layer is a candidate), "fixed" at the
-    hyperparameters'. `located` (locate()'s pairs, LayerChoices or ints) is aligned
-    with `facts` by position; without it, the facts are traced with
-    `trace_settings` when the layers or the sweep need a trace (into
-    OUT/locate.jsonl, resumable). Every layer is checked against the model
-    before any work. `generation=None` and `sweep=False` is `rome-locate edit`.
-    `edit_context` replaces the editor (tests); the built-in editor is seeded
-    with `seed`; EasyEdit's runs through one BaseEditor over the loaded model
-    (`rome_locate.easyedit.EasyEditSession`, its logs in OUT/easyedit). With
-    `sequential`, edits accumulate (each fact still at its own layer) and the
-    summary reports retention; the model is restored at the end. With mom2_adjustment on, statistics missing for a layer are
-    computed from `mom2_corpus` into OUT/stats. On a failure the report covers
-    the finished facts, names the error, and the `EvaluationError` is raised
-    again. `started` (a `time.perf_counter()` value) is where the wall time starts.
-    `dataset`, when `facts` is a torchrun rank's block of it, is what the
-    noise level of the traces comes from (locate's `dataset`).
+    Layers: the run's `choose.LayerRule` (`resolve_rule`: `layer_rule`, or the
+    one built from the hyperparameters' layer and the validation record beside
+    `hparams_path`) in the mode `layers` decides every fact (`choose.place`).
+    `located` (locate()'s pairs, or ints for layers given by hand) is aligned
+    with `facts` by position; without it the facts are traced when the mode or
+    the sweep needs it (OUT/locate.jsonl, resumable). `editor` is a name of the
+    registry (`editors.EDITORS`) or an editor object. With `sequential`, edits
+    accumulate and the summary reports retention. With mom2_adjustment on,
+    statistics missing for a layer are computed from `mom2_corpus` into
+    OUT/stats. On a failure the report covers the finished facts, names the
+    error, and the `EvaluationError` is raised again. `dataset`, when `facts` is
+    a torchrun rank's block, is what the noise level of the traces comes from.
     """
-    if layers not in LAYER_MODES:
-        raise ValueError(f"layers must be one of {LAYER_MODES}, got {layers!r}")
-    if editor not in EDITORS and edit_context is None:
-        raise ValueError(f"editor must be one of {EDITORS}, got {editor!r}")
+    check_editor(editor)
     if sequential and sweep:
         raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
     t0 = time.perf_counter() if started is None else started
     facts, located = editable(facts, located, skip_errors=skip_errors)
     arch = arch_for(model, arch)
-    n_layers = arch.n_layers
-    sweep_layers = list(range(n_layers)) if sweep is True else [int(x) for x in (sweep or ())]
-    out = Path(out_dir) if out_dir is not None else None
-    # Every layer is checked before any tracing or editing.
-    placements = place(facts, hparams, "fixed" if located is None or layers == "validated" else layers, located,
-                       n_layers=n_layers, rule=layer_rule)
+    rule = resolve_rule(hparams, arch.n_layers, layers, layer_rule, hparams_path)
+    sweep_layers = list(range(arch.n_layers)) if sweep is True else [int(x) for x in (sweep or ())]
     for layer in sweep_layers:
-        check_layer(layer, n_layers, "sweep layer")
-    if layers == "validated" and layer_rule is None:
-        from .validate import plain_rule
-
-        layer_rule = plain_rule(placements[0].layer if placements else int(hparams.layers[0]), n_layers)
-    for layer in getattr(layer_rule, "candidates", ()):
-        check_layer(layer, n_layers, f"candidate layer of the layer rule ({layer_rule.source})")
-    if located is None and (layers != "fixed" or sweep_layers):
-        # The sweep compares edit success with the traced effect, so it traces too.
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        if dataset is not None:  # the noise level one process gets: over every editable fact
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                dataset = editable(dataset, skip_errors=True)[0]
-        located = locate(model, tok, facts, trace_settings or TraceSettings(), arch=arch, progress=progress,
-                         out=None if out is None else out / "locate.jsonl", dataset=dataset)
-        placements = place(facts, hparams, "fixed" if layers == "validated" else layers, located,
-                           n_layers=n_layers, rule=layer_rule)
-    if trace_settings is None and located:
-        trace_settings = getattr(_trace_of(located[0]), "settings", None)
-    used = {p.layer for p in placements} | set(sweep_layers)
-    if layers == "validated":  # the trial edits need the statistics of every layer they try
-        used |= {l for p in placements if p.trace is not None for l in layer_rule.tries(p.trace.effects)}
-    hparams = ensure_stats(model, tok, hparams, used, mom2_corpus, None if out is None else out / "stats")
-    scratch = None  # EasyEdit's logs/ without an OUT: a temporary folder, removed at the end
-    if edit_context is None and editor == "easyedit":
-        from .easyedit import EasyEditSession
-
-        if out is None:
-            scratch = tempfile.TemporaryDirectory(prefix="rome-locate-easyedit-")
-        workdir = Path(scratch.name if scratch is not None else out) / "easyedit"
-        edit_context = EasyEditSession(model, tok, hparams, str(model_name or getattr(hparams, "model_name", "model")),
-                                       workdir).edited
-    elif edit_context is None:
-        edit_context = functools.partial(edited, seed=seed)
+        check_layer(layer, arch.n_layers, "sweep layer")
+    if located is not None:
+        place(facts, rule if rule.mode != "validated" else replace(rule, mode="traced"), located)  # checks now
+        for fact, entry in zip(facts, located):
+            if isinstance(entry, int):
+                check_layer(entry, arch.n_layers, f"the layer given for fact {fact.id!r}:")
+    out = Path(out_dir) if out_dir is not None else None
+    if _needs_trace(rule, sweep_layers, located):
+        located = _trace(model, tok, facts, trace_settings, arch, out, dataset, progress)
+    if trace_settings is None and located and isinstance(located[0], tuple):
+        trace_settings = getattr(located[0][0], "settings", None)
+    hparams = ensure_stats(model, tok, hparams, _stats_layers(rule, located, facts, sweep_layers), mom2_corpus,
+                           None if out is None else out / "stats", arch=arch)
+    run = _Run(model, tok, facts, hparams, rule, located, out, sweep_layers, generation, max_neighborhood,
+               sequential, progress, arch.n_layers)
+    editor_obj = make_editor(editor, model, tok, hparams, model_name=str(model_name or getattr(hparams, "model_name",
+                             "model")), workdir=None if out is None else out / "easyedit", seed=seed)
     model_id = fingerprint(model)
 
     def settings() -> dict[str, Any]:
         return run_settings(model=model_name, model_fingerprint=model_id, hparams=hparams,
-                            trace_settings=trace_settings, seed=seed, generation=generation, layers=layers,
-                            sweep=bool(sweep_layers), sequential=sequential, editor=editor, facts=facts_path,
-                            wall_time_s=time.perf_counter() - t0,
-                            **({} if layer_rule is None else {"layer_rule": layer_rule}), **(extra_settings or {}))
+                            trace_settings=trace_settings, seed=seed, generation=generation, layers=rule.mode,
+                            sweep=bool(sweep_layers), sequential=sequential, editor=editor_obj.name,
+                            facts=facts_path, wall_time_s=time.perf_counter() - t0, layer_rule=rule,
+                            **(extra_settings or {}))
 
-    records: list[EvalRecord] = []
-    error: str | None = None
-
-    def finished(recs: list[EvalRecord]) -> None:
-        records[:] = recs
-        if out is not None:
-            write_results_json(recs, out, settings(), complete=False)
-
-    paths: dict[str, Path] = {}
     try:
-        if layers == "validated":  # trial edits with the editor the edits use (the scratch folder is cleaned up)
+        return run.execute(editor_obj, settings)
+    finally:
+        close = getattr(editor_obj, "close", None)
+        if close is not None and editor_obj is not editor:  # an editor object the caller passed is the caller's
+            close()
+
+
+@dataclass
+class _Run:
+    """One pipeline run once its rule, traces and statistics are settled: place, edit, measure, write."""
+
+    model: Any
+    tok: Any
+    facts: list[Fact]
+    hparams: Any
+    rule: LayerRule
+    located: Sequence[Any] | None
+    out: Path | None
+    sweep_layers: list[int]
+    generation: GenerationSettings | None
+    max_neighborhood: int | None
+    sequential: bool
+    progress: bool
+    n_layers: int
+    records: list[EvalRecord] = field(default_factory=list)
+
+    def placements(self, editor: Editor) -> list[Placement]:
+        """Every fact's placement; `validated` first trial-edits its tries with the run's editor."""
+        picks = None
+        if self.rule.mode == "validated":
             from .validate import validated_layers
 
-            picks = validated_layers(model, tok, facts, hparams, [p.trace for p in placements], layer_rule,
-                                     editor=editor, edit_context=edit_context, progress=progress)
-            placements = place(facts, hparams, layers, located, n_layers=n_layers, picks=picks)
-        if sequential:
-            evaluate_sequential(model, tok, facts, hparams, placements=placements, generation=generation,
-                                editor=editor, edit_context=edit_context, max_neighborhood=max_neighborhood,
-                                progress=progress, on_record=finished)
-        else:
-            evaluate(model, tok, facts, hparams, placements=placements, sweep=sweep_layers or False,
-                     generation=generation, editor=editor, edit_context=edit_context,
-                     max_neighborhood=max_neighborhood, progress=progress, on_record=finished)
-    except BaseException as exc:  # also Ctrl-C: the report still covers what finished
-        error = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-        if out is not None:
-            paths = write_report(records, out, settings(), traces=[p.trace for p in placements], error=error)
-    return list(records), paths
+            traces = [p.trace for p in place(self.facts, replace(self.rule, mode="traced"), self.located)]
+            picks = validated_layers(self.model, self.tok, self.facts, self.hparams, traces, self.rule,
+                                     editor=editor, progress=self.progress)
+        return place(self.facts, self.rule, self.located, picks=picks)
 
+    def execute(self, editor: Editor, settings: Callable[[], dict[str, Any]]) -> tuple[list[EvalRecord],
+                                                                                         dict[str, Path]]:
+        """Edit and measure every fact; results.json after each, the report at the end (also on a failure)."""
+        def finished(recs: list[EvalRecord]) -> None:
+            self.records[:] = recs
+            if self.out is not None:
+                write_results_json(recs, self.out, settings(), complete=False)
 
-def _trace_of(entry: Any) -> Any:
-    return entry[0] if isinstance(entry, tuple) else None
+        error: str | None = None
+        placements: list[Placement] = []
+        paths: dict[str, Path] = {}
+        try:
+            placements = self.placements(editor)
+            common = dict(generation=self.generation, editor=editor, max_neighborhood=self.max_neighborhood,
+                          progress=self.progress, on_record=finished)
+            if self.sequential:
+                evaluate_sequential(self.model, self.tok, self.facts, self.hparams, placements, **common)
+            else:
+                evaluate(self.model, self.tok, self.facts, self.hparams, placements, n_layers=self.n_layers,
+                         sweep=self.sweep_layers or False, **common)
+        except BaseException as exc:  # also Ctrl-C: the report still covers what finished
+            error = str(exc) if isinstance(exc, EvaluationError) else f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            if self.out is not None:
+                paths = write_report(self.records, self.out, settings(), traces=[p.trace for p in placements],
+                                     error=error)
+        return list(self.records), paths
 
 
 def edit_facts(model, tok, facts: Sequence[Fact], hparams: Any, *, layers: str = "fixed",

@@ -11,7 +11,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .evaluate import EvalRecord, summarize
+from .outcome import EvalRecord
+from .summary import summarize
 from .files import safe_name, write_text
 
 IMAGES = "images"
@@ -198,7 +199,7 @@ SEQUENTIAL_HEADER = ("edits so far", "success", "efficacy", "paraphrase", "rephr
 
 
 def _sequential_rows(seq: Mapping[str, Any]) -> list[list[str]]:
-    from .evaluate import SEQUENTIAL_FIELDS
+    from .outcome import SEQUENTIAL_FIELDS
 
     return [[str(int(p["n_edits"]))] + [_fmt(p.get(k)) for k in SEQUENTIAL_FIELDS] for p in seq["curve"]]
 

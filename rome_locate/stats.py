@@ -237,13 +237,14 @@ def missing_mom2_layers(model: nn.Module, hparams: Any, layers: Sequence[int]) -
 
 def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequence[int],
                         stats_dir: str | Path | None = None, n_samples: int | None = None,
-                        notice: Any = print) -> Any:
+                        notice: Any = print, arch: Arch | None = None) -> Any:
     """Hyperparameters whose mom2 files exist for `layers`: when some are missing, self-sampled ones are used.
 
     Without a corpus this is the fallback of `hparams`, `edit` and `eval`: the
     statistics come from texts the model samples itself (`self_sample_mom2`),
     written under `stats_dir` (default: the hyperparameters' own), and a notice
-    is printed. Hyperparameters without mom2_adjustment are returned as they are.
+    is printed. Hyperparameters without mom2_adjustment are returned as they are. `arch` is the model's
+    resolved architecture (a family known only through --arch has no other).
     """
     import dataclasses
 
@@ -258,7 +259,7 @@ def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequen
         notice(f"notice: mom2 statistics missing ({hparams.mom2_dataset}, layers {todo}) and no corpus given: "
                f"using covariance statistics of {n} texts sampled from the model itself "
                f"(written to {out.stats_dir})")
-        self_sample_mom2(model, tok, None, todo, out.stats_dir, n_samples=n, model_name=name,
+        self_sample_mom2(model, tok, arch, todo, out.stats_dir, n_samples=n, model_name=name,
                          dtype=hparams.mom2_dtype)
     return out
 

@@ -9,10 +9,10 @@ import pytest
 from conftest import build_tiny_model, params_hash
 from rome_locate.pipeline import run_pipeline
 from rome_locate.trace import TraceSettings
-from rome_locate.evaluate import EvaluationError
+from rome_locate.outcome import EvaluationError
 from rome_locate.facts import Fact
 from rome_locate.locate import locate
-from test_evaluate import FACT, FakeHParams, bias_edit, failing_on
+from test_evaluate import FACT, ContextEditor, FakeHParams, bias_edit, failing_on
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_pipeline_writes_report_and_keeps_weights(tiny, tmp_path):
     before = params_hash(model)
     located = locate(model, tok, facts[:2], TraceSettings(samples=3, window=2, noise=0.5, full=True), progress=False)
     records, paths = run_pipeline(model, tok, facts[:2], FakeHParams(layers=[1]), tmp_path, model_name="tiny",
-                                  layers="traced", sweep=True, located=located, edit_context=bias_edit,
+                                  layers="traced", sweep=True, located=located, editor=ContextEditor(bias_edit),
                                   progress=False)
     assert params_hash(model) == before
     assert [r.fact_id for r in records] == ["f0", "f1"]
@@ -45,7 +45,7 @@ def test_pipeline_failure_leaves_partial_report(tiny, tmp_path):
     before = params_hash(model)
     with pytest.raises(EvaluationError, match="editor broke on f2"):
         run_pipeline(model, tok, facts, FakeHParams(), tmp_path, model_name="tiny", layers="fixed",
-                     edit_context=failing_on(3), progress=False)
+                     editor=ContextEditor(failing_on(3)), progress=False)
     assert params_hash(model) == before
     obj = json.loads((tmp_path / "results.json").read_text())
     assert obj["complete"] is False

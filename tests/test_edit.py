@@ -13,7 +13,8 @@ from conftest import SENTENCES, build_tiny_model
 from rome_locate.choose import LayerChoice
 from rome_locate.arch import LayerRangeError
 from rome_locate.edit import edited
-from rome_locate.evaluate import EvalRecord
+from rome_locate.outcome import EvalRecord
+from test_evaluate import ContextEditor
 from rome_locate.facts import Fact
 from rome_locate.pipeline import edit_facts
 from rome_locate.hooks import hook_count
@@ -50,9 +51,12 @@ def test_edited_restores_even_when_the_body_raises(gpt2):
             raise KeyError("boom")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert hook_count(model) == 0
-    with pytest.raises(ValueError, match="editor"):
-        with edited(model, tok, FACTS[0], _hp(model), editor="memit"):
-            pass
+    from rome_locate.editors import EDITORS, BuiltinRome, make_editor
+
+    with pytest.raises(ValueError, match="editor must be one of \\('builtin', 'easyedit'\\), got 'memit'"):
+        make_editor("memit", model, tok, _hp(model))
+    assert isinstance(make_editor("builtin", model, tok, _hp(model), seed=3), BuiltinRome)
+    assert set(EDITORS) == {"builtin", "easyedit"}
 
 
 def test_edit_facts_writes_results(gpt2, tmp_path):
@@ -77,27 +81,29 @@ def test_edit_facts_writes_results(gpt2, tmp_path):
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
-def test_traced_layers_from_choices(gpt2, tmp_path):
+def test_layers_given_by_hand_and_choices_without_traces(gpt2, tmp_path):
     model, tok = gpt2
+    outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), located=[1, 3], progress=False)
+    assert [(o.layer, o.layer_source) for o in outcomes] == [(1, "given"), (3, "given")]
+    # A bare LayerChoice has no effects for the layer rule to read: an error, never its raw argmax.
     choices = [LayerChoice("needle", 0, "mlp", 0.1, 1, 0.05), LayerChoice("miles", 3, "mlp", 0.2, 2, 0.1)]
-    outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), layers="traced", located=choices, progress=False)
-    assert [(o.layer, o.layer_source) for o in outcomes] == [(0, "traced"), (3, "traced")]
-    outcomes = edit_facts(model, tok, FACTS, _hp(model, layer=2), located=[1, 1], progress=False)
-    assert [(o.layer, o.layer_source) for o in outcomes] == [(1, "given"), (1, "given")]
+    with pytest.raises(ValueError, match="carries no trace"):
+        edit_facts(model, tok, FACTS, _hp(model, layer=2), layers="traced", located=choices, progress=False)
     with pytest.raises(ValueError, match="2 layer choices for 1 facts"):
-        edit_facts(model, tok, FACTS[:1], _hp(model), layers="traced", located=choices, progress=False)
-    # Ids only cross-check the position: a choice in the wrong place is an error naming both facts.
-    with pytest.raises(ValueError, match="for fact 'needle' but fact 0 is 'miles'"):
-        edit_facts(model, tok, FACTS[::-1], _hp(model), layers="traced", located=choices, progress=False)
+        edit_facts(model, tok, FACTS[:1], _hp(model), located=[1, 2], progress=False)
+    with pytest.raises(ValueError, match="given for fact 'miles': 7 out of range"):
+        edit_facts(model, tok, FACTS, _hp(model), located=[1, 7], progress=False)
 
 
-@pytest.mark.parametrize("fact_id", ["", "7"])
-def test_traced_layers_attach_by_position_without_unique_ids(gpt2, fact_id):
+def test_traced_layers_attach_by_position_without_unique_ids(gpt2):
     """Facts without ids (or with one case_id) traced 2, 2, 1, 1 are edited at 2, 2, 1, 1, not all at one layer."""
+    from types import SimpleNamespace
+
     model, tok = gpt2
-    facts = [dataclasses.replace(FACTS[0], id=fact_id) for _ in range(4)]
-    choices = [LayerChoice(fact_id, layer, "mlp", 0.1, 0, 0.05) for layer in (2, 2, 1, 1)]
-    records = edit_facts(model, tok, facts, _hp(model), layers="traced", located=choices, progress=False)
+    facts = [dataclasses.replace(FACTS[0], id="") for _ in range(4)]
+    located = [(SimpleNamespace(fact_id="", effects=tuple(0.5 if i == layer else 0.0 for i in range(4))), None)
+               for layer in (2, 2, 1, 1)]
+    records = edit_facts(model, tok, facts, _hp(model), layers="traced", located=located, progress=False)
     assert [r.layer for r in records] == [2, 2, 1, 1]
 
 
@@ -105,8 +111,10 @@ def test_traced_locates_when_no_choices(gpt2):
     model, tok = gpt2
     outcomes = edit_facts(model, tok, FACTS[:1], _hp(model), layers="traced", progress=False,
                           trace_settings=TraceSettings(samples=2, noise=0.5))
-    assert outcomes[0].layer_source == "traced" and 0 <= outcomes[0].layer < 4
-    assert outcomes[0].layer == outcomes[0].traced_layer and outcomes[0].effects is not None
+    # The rule's decision: a traced candidate below the last layer, or the hyperparameters' layer as fallback.
+    o = outcomes[0]
+    assert (o.layer_source, o.layer) in {("traced", l) for l in range(3)} | {("fallback", 1)}
+    assert o.layer == o.traced_layer and o.effects is not None and o.layer_reason
 
 
 def test_missing_mom2_is_computed_from_a_corpus(gpt2, tmp_path):
@@ -147,7 +155,7 @@ def test_target_new_equal_to_the_true_answer_is_not_a_success(gpt2, tmp_path):
 
 def test_results_written_after_each_fact(gpt2, tmp_path):
     """A failure on the second fact leaves the first one's record in results.json."""
-    from rome_locate.evaluate import EvaluationError
+    from rome_locate.outcome import EvaluationError
 
     model, tok = gpt2
     calls = []
@@ -156,10 +164,10 @@ def test_results_written_after_each_fact(gpt2, tmp_path):
         calls.append(fact.id)
         if len(calls) == 2:
             raise RuntimeError("editor broke")
-        return edited(model, tok, fact, hparams, editor=editor)
+        return edited(model, tok, fact, hparams)
 
     with pytest.raises(EvaluationError, match="editor broke"):
-        edit_facts(model, tok, FACTS, _hp(model), out_dir=tmp_path, progress=False, edit_context=breaks_second)
+        edit_facts(model, tok, FACTS, _hp(model), out_dir=tmp_path, progress=False, editor=ContextEditor(breaks_second))
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["complete"] is False and [r["fact_id"] for r in data["records"]] == ["needle"]
 
@@ -265,11 +273,11 @@ def test_sequential_edits_accumulate_and_report_retention(gpt2, tmp_path):
     def watching(model, tok, fact, hparams, editor="builtin"):
         # Which layers differ from the unedited model when this edit starts: the earlier edits are still in.
         seen.append({n for n, p in model.named_parameters() if not torch.equal(p, before[n])})
-        return edited(model, tok, fact, hparams, editor=editor)
+        return edited(model, tok, fact, hparams)
 
     facts = FACTS + [dataclasses.replace(FACTS[0], id="needle2", target_new="Rome")]
     records = edit_facts(model, tok, facts, _hp(model), located=[1, 3, 2], sequential=True, out_dir=tmp_path,
-                         progress=False, edit_context=watching)
+                         progress=False, editor=ContextEditor(watching))
     assert seen == [set(), {"transformer.h.1.mlp.c_proj.weight"},
                     {"transformer.h.1.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.weight"}]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored after the last
@@ -299,47 +307,23 @@ def test_checkpoints():
     assert checkpoints(25) == [1, 2, 5, 10, 20, 25] and checkpoints(100) == [1, 2, 5, 10, 20, 50, 100]
 
 
-def test_place_traced_rule_and_validated_picks():
-    from types import SimpleNamespace
-
-    from rome_locate.evaluate import place
-    from rome_locate.validate import LayerRule
-
-    h = SimpleNamespace(layers=[1])
-    # Fact 0: a clear trace (margin 0.4) at layer 0; fact 1: an unclear one (margin 0.01).
-    located = [(SimpleNamespace(effects=(0.5, 0.1, 0.0, 0.9)), SimpleNamespace(fact_id=f.id, layer=3, margin=0.4))
-               for f in FACTS[:1]]
-    located.append((SimpleNamespace(effects=(0.30, 0.0, 0.29, 0.9)),
-                    SimpleNamespace(fact_id=FACTS[1].id, layer=3, margin=0.01)))
-    rule = LayerRule(1, (0, 1, 2), 0.2, "test")
-    traced = place(FACTS, h, "traced", located, n_layers=4, rule=rule)
-    assert [(p.layer, p.source) for p in traced] == [(0, "traced"), (1, "traced")]  # never the last layer 3
-    assert [p.layer for p in place(FACTS, h, "traced", located, n_layers=4)] == [3, 3]  # no rule: the choice
-    valid = place(FACTS, h, "validated", located, n_layers=4, picks=[2, 0])
-    assert [(p.layer, p.source) for p in valid] == [(2, "validated"), (0, "validated")]
-    with pytest.raises(ValueError, match="one trial-edit pick per fact"):
-        place(FACTS, h, "validated", located, n_layers=4)
-    with pytest.raises(LayerRangeError):
-        place(FACTS, h, "validated", located, n_layers=4, picks=[2, 7])
-
-
 def test_validated_trial_edits_use_the_pipeline_editor(gpt2):
     # The trial edits of --layers validated go through the pipeline's own edit context (EasyEdit's session
     # with --editor easyedit), never a second editor: a counting stand-in sees every trial and every edit.
     from contextlib import contextmanager
 
-    from rome_locate.validate import LayerRule
+    from rome_locate.choose import LayerRule
 
     model, tok = gpt2
     calls = []
 
     @contextmanager
-    def counting(model, tok, fact, hparams, editor="builtin"):
+    def counting(model, tok, fact, hparams):
         calls.append((fact.id, hparams.layers[0], bool(fact.rephrase_prompts)))
         yield model
 
-    rule = LayerRule(1, (0, 1, 2), 0.0, "test")
-    records = edit_facts(model, tok, FACTS, _hp(model), layers="validated", layer_rule=rule, edit_context=counting,
+    rule = LayerRule("validated", 1, (0, 1, 2), 0.0, "test")
+    records = edit_facts(model, tok, FACTS, _hp(model), layers="validated", layer_rule=rule, editor=ContextEditor(counting),
                          progress=False, trace_settings=TraceSettings(samples=2, noise=0.5))
     assert [r.layer_source for r in records] == ["validated", "validated"]
     assert all(r.layer in (0, 1, 2) for r in records)

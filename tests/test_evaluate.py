@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, params_hash
-from rome_locate.evaluate import (
-    EvalRecord, EvaluationError, GenerationSettings, evaluate, evaluate_fact, generate, harmonic_mean,
-    kl_divergence, mean_margin, ngram_entropy, rewrite_score, spearman, success_rate, summarize,
-)
+from rome_locate.choose import LayerRule, place
+from rome_locate.evaluate import evaluate, evaluate_fact, generate
+from rome_locate.metrics import (harmonic_mean, kl_divergence, mean_margin, ngram_entropy, rewrite_score, spearman,
+                                 success_rate)
+from rome_locate.outcome import EvalRecord, EvaluationError, GenerationSettings
+from rome_locate.summary import summarize
 from rome_locate.facts import Fact
 from rome_locate.scoring import score_targets, token_accuracy, top1_agreement
 
@@ -23,6 +25,21 @@ class FakeHParams:
     """Stands in for ROME hyperparameters: the harness only reads and replaces `layers`."""
 
     layers: list = field(default_factory=lambda: [1])
+
+
+class ContextEditor:
+    """A test double of an editor (`rome_locate.editors`): its `edited` is the given context function."""
+
+    def __init__(self, context, name="double"):
+        self.context, self.name = context, name
+
+    def edited(self, model, tok, fact, hparams):
+        return self.context(model, tok, fact, hparams)
+
+
+def fixed_placements(facts, layer):
+    """Every fact at `layer`, as the fixed rule places it."""
+    return place(facts, LayerRule("fixed", layer, (layer,), 0.0, "test"))
 
 
 @contextmanager
@@ -134,7 +151,7 @@ def test_score_targets_matches_direct_logprob(gpt2):
 
 def test_noop_edit_changes_nothing(tiny_model):
     model, tok = tiny_model
-    rec = evaluate_fact(model, tok, FACT, FakeHParams(), edit_context=noop_edit)
+    rec = evaluate_fact(model, tok, FACT, FakeHParams(), editor=ContextEditor(noop_edit))
     m = rec.metrics
     assert m["locality"] == 1.0
     assert m["neighborhood_kl"] == pytest.approx(0.0, abs=1e-9)
@@ -154,7 +171,7 @@ def test_bias_edit_succeeds_and_restores_bit_identically(gpt2):
         calls.append(hparams.layers[0])
         return bias_edit(model, tok, fact, hparams, editor)
 
-    rec = evaluate_fact(model, tok, FACT, FakeHParams(layers=[3]), edit_context=counting_edit, sweep=True,
+    rec = evaluate_fact(model, tok, FACT, FakeHParams(layers=[3]), editor=ContextEditor(counting_edit), sweep=True,
                         generation=GenerationSettings(mode="sample", seed=3, top_k=20))
     # The main edit at layer 3 doubles as the sweep's layer-3 step.
     assert calls == [3, 0, 1, 2]
@@ -210,7 +227,8 @@ def test_failure_keeps_finished_records_and_weights(gpt2):
                      "locality_answers": ()}) for i in range(4)]
     seen_partial: list[int] = []
     with pytest.raises(EvaluationError, match="'f2' after 2 finished") as info:
-        evaluate(model, tok, facts, FakeHParams(), edit_context=failing_on(3), progress=False,
+        evaluate(model, tok, facts, FakeHParams(), fixed_placements(facts, 1), editor=ContextEditor(failing_on(3)),
+                 progress=False,
                  on_record=lambda recs: seen_partial.append(len(recs)))
     assert [r.fact_id for r in info.value.records] == ["f0", "f1"]
     assert seen_partial == [1, 2]
@@ -239,9 +257,11 @@ def test_summary_strategies_and_correlation(gpt2):
     facts = [Fact(**{**FACT.to_json(), "id": f"f{i}"}) for i in range(2)]
     # Trace effects rise with the layer, like the double's push: rank correlation 1 per fact.
     located = [(Trace(scores=(0.1, 0.2, 0.3, 0.4), low_score=0.05), Choice(f.id, 2, 0.1)) for f in facts]
-    recs = evaluate(model, tok, facts, FakeHParams(layers=[0]), layers="traced", located=located, sweep=True,
-                    edit_context=bias_edit, progress=False)
+    rule = LayerRule("traced", 0, (0, 1, 2), 0.0, "test: every layer but the last")
+    recs = evaluate(model, tok, facts, FakeHParams(layers=[0]), place(facts, rule, located), sweep=True,
+                    editor=ContextEditor(bias_edit), progress=False)
     assert [r.layer for r in recs] == [2, 2] and recs[0].layer_source == "traced"
+    assert recs[0].traced_layer == 2 and recs[0].fixed_layer == 0 and "largest effect" in recs[0].layer_reason
     assert recs[0].effects == pytest.approx((0.05, 0.15, 0.25, 0.35))
     s = summarize(recs)
     assert set(s["strategies"]) == {"traced", "fixed", "sweep best"}
@@ -255,8 +275,8 @@ def test_summary_strategies_and_correlation(gpt2):
     assert s["verdict"].startswith("best layer choice by ROME score: ")
     low, high = s["success_rate_interval"]
     assert low <= s["success_rate"] <= high
-    with pytest.raises(ValueError, match="needs the located"):
-        evaluate(model, tok, facts, FakeHParams(), layers="traced", edit_context=bias_edit, progress=False)
+    with pytest.raises(ValueError, match="needs the facts' traces"):
+        place(facts, rule)
 
 
 
@@ -264,7 +284,7 @@ def test_validated_records_and_summary_say_validated(gpt2):
     # --layers validated: the records, the summary's strategies and the report name the validated picks as such.
     from types import SimpleNamespace
 
-    from rome_locate.evaluate import place
+    from rome_locate.choose import LayerDecision
     from rome_locate.report import print_summary
 
     model, tok = gpt2
@@ -272,8 +292,9 @@ def test_validated_records_and_summary_say_validated(gpt2):
     located = [(SimpleNamespace(effects=(0.1, 0.2, 0.3, 0.4)), SimpleNamespace(fact_id=f.id, layer=2, margin=0.1))
                for f in facts]
     hp = FakeHParams(layers=[0])
-    placements = place(facts, hp, "validated", located, n_layers=4, picks=[1, 3])
-    recs = evaluate(model, tok, facts, hp, placements=placements, sweep=True, edit_context=bias_edit, progress=False)
+    picks = [LayerDecision(l, "validated", "trial edits") for l in (1, 3)]
+    placements = place(facts, LayerRule("validated", 0, (0, 1, 2), 0.0, "test"), located, picks=picks)
+    recs = evaluate(model, tok, facts, hp, placements, sweep=True, editor=ContextEditor(bias_edit), progress=False)
     assert [(r.layer, r.layer_source) for r in recs] == [(1, "validated"), (3, "validated")]
     s = summarize(recs)
     assert list(s["strategies"]) == ["validated", "traced", "fixed", "sweep best"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rome_locate.evaluate import verdict
+from rome_locate.summary import verdict
 from rome_locate.intervals import Interval, bootstrap, overlap
 
 

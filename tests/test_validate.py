@@ -10,9 +10,19 @@ import yaml
 
 from rome_locate import fact_models as FM
 from rome_locate.facts import Fact
+from rome_locate.choose import LayerRule
 from rome_locate.validate import (Interval, TrialScores, ValidationError, bootstrap, calibrate_threshold,
-                                  default_grid, objective, schedule, shortlist, split_by_subject, traced_layer,
-                                  validated_pick)
+                                  default_grid, objective, schedule, shortlist, split_by_subject)
+
+
+def traced_layer(effects, candidates, fallback, threshold):
+    """The layer the one traced rule (`choose.LayerRule`) decides."""
+    return LayerRule("traced", fallback, tuple(candidates), threshold, "test").traced(effects).layer
+
+
+def validated_pick(results, fallback):
+    """The layer the one validated rule picks from trial edits."""
+    return LayerRule("validated", fallback, tuple(results), 0.0, "test").pick(results).layer
 
 
 def _fact(subject, i):
@@ -169,11 +179,9 @@ def test_edit_per_fact_layers_stay_among_validated_candidates(tmp_path, capsys):
 
 
 def test_validated_always_tries_the_validated_layer():
-    from rome_locate.validate import validated_tries
-
     # The trace prefers layers 1 and 2, but the validated layer 0 is always among the tries.
-    assert validated_tries([0.1, 0.5, 0.4, 0.9], [0, 1, 2], fixed=0) == [0, 1]
-    assert validated_tries([0.1, 0.5, 0.4, 0.9], [0, 1, 2], fixed=1) == [1, 2]
+    assert LayerRule("validated", 0, (0, 1, 2), 0.0, "t").tries([0.1, 0.5, 0.4, 0.9]) == [0, 1]
+    assert LayerRule("validated", 1, (0, 1, 2), 0.0, "t").tries([0.1, 0.5, 0.4, 0.9]) == [1, 2]
 
 
 def test_hparams_never_writes_over_validation_files_it_did_not_write(tmp_path, capsys):
