@@ -49,7 +49,8 @@ from rome_locate.facts import Fact  # noqa: E402
 from rome_locate.files import write_json  # noqa: E402
 from rome_locate.hparams import load_hparams, with_layer  # noqa: E402
 from rome_locate.rome import context_templates  # noqa: E402
-from rome_locate.runs import ACCELERATOR_MAX_BATCH, effective_window  # noqa: E402
+from rome_locate.costs import ACCELERATOR_MAX_BATCH  # noqa: E402
+from rome_locate.runs import effective_window  # noqa: E402
 from rome_locate.trace import TraceSettings, noise_level, trace_fact  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

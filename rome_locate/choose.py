@@ -240,6 +240,12 @@ def editable_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(range(max(1, n_layers - 1)))
 
 
+def dataset_edit_layer(mean_effects: Sequence[float]) -> int:
+    """The dataset's edit layer: the editable layer (never the last) of largest mean indirect effect."""
+    editable = editable_layers(len(mean_effects))
+    return max(editable, key=lambda l: (mean_effects[l], -l))
+
+
 def validation_record_path(hparams_path: str | Path) -> Path:
     """Where `rome-locate hparams` writes the validation record of a YAML: `<stem>.validation.json`."""
     return Path(f"{Path(hparams_path).with_suffix('')}{VALIDATION_SUFFIX}")

@@ -26,8 +26,8 @@ from .facts import Fact
 from .hooks import get_module
 from .models import ModelFingerprint, context_length, input_device, model_dtype
 from .records import Record, non_finite
-from .runs import (Caller, Corruption, FirstRun, Prompt, batch_size, effective_window, first_run, max_rows,
-                   restored_scores)
+from .costs import batch_size, max_rows
+from .runs import Caller, Corruption, FirstRun, Prompt, effective_window, first_run, restored_scores
 from .tokens import char_range_tokens, continuation, find_subject_range, subject_starts
 
 NoiseDraws = Literal["torch", "rome", "replace"]
@@ -338,7 +338,7 @@ def prepare_batches(model: nn.Module, tok, facts: Sequence[Fact], settings: Trac
                     batch_facts: int | None, gradients: bool = False
                     ) -> tuple[list[ValueError | None], list[list[tuple[int, _Prepared]]]]:
     """Prepare every fact (its ValueError where it cannot be traced) and group the others into batches of one
-    prompt length, at most `batch_facts` each (default: `runs.batch_size`), in the facts' order."""
+    prompt length, at most `batch_facts` each (default: `costs.batch_size`), in the facts' order."""
     if batch_facts is not None and (isinstance(batch_facts, bool) or not isinstance(batch_facts, int)
                                     or batch_facts < 1):
         raise ValueError(f"batch_facts must be an integer >= 1, got {batch_facts!r}")

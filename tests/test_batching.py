@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from rome_locate import cli, runs
+from rome_locate import cli, costs, runs
 from rome_locate.atp import attribution_each, attribution_trace
 from rome_locate.facts import Fact
 from rome_locate.fact_models import fact_model_dir, facts_path
@@ -220,6 +220,6 @@ def test_the_cost_model_runs_small_batches_together_and_large_ones_apart():
 
     model, _ = load_fact_model("gpt2")  # 8 layers, d 64: a forward's fixed part outweighs one fact's padding
     L = model.config.n_layer
-    assert runs.clean_rides_along(model, L, 1, 10, 8, 9, gradients=False)
-    assert not runs.clean_rides_along(model, L, 64, 640, 8, 10, gradients=False)
-    assert runs.clean_rides_along(model, L, 64, 640, 8, 8, gradients=False)  # no padding: one forward
+    assert costs.clean_rides_along(model, L, 1, 10, 8, 9, gradients=False)
+    assert not costs.clean_rides_along(model, L, 64, 640, 8, 10, gradients=False)
+    assert costs.clean_rides_along(model, L, 64, 640, 8, 8, gradients=False)  # no padding: one forward
