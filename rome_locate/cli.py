@@ -325,14 +325,17 @@ def _quiet(args: argparse.Namespace) -> bool:
 
 
 def _print_pipeline_summary(args: argparse.Namespace, records, paths) -> None:
-    from .report import edit_summary_line, print_summary
-    from .summary import summarize
+    """The terminal lines of `edit`/`eval`, from the summary results.json holds (computed once, when written)."""
+    import json
 
+    from .report import edit_summary_line, print_summary
+
+    summary = json.loads(paths["json"].read_text(encoding="utf-8"))["summary"]
     if args.command == "eval":
-        print_summary(records)
+        print_summary(records, summary=summary)
         print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")
     else:
-        print(edit_summary_line(summarize(records), args.editor, args.layers))
+        print(edit_summary_line(summary, args.editor, args.layers))
         print(f"wrote {paths['json']}")
 
 
