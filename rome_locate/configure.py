@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from .records import Record
 from .choose import VALIDATED_TOP_K
-from .validate import Validation
+from .validation_records import Validation
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,8 @@ def _validation_base(job: HParamsJob, lm) -> Any:
 def write_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path:
     """`hparams` with validation: statistics, the search, then the YAML and its validation files."""
     from .hparams import with_layer, write_hparams
-    from .validate import GRIDS, run_validation, usable_facts
+    from .validate import run_validation, usable_facts
+    from .validation_records import GRIDS
 
     usable_facts(lm.model, lm.tok, facts, job.test_fraction, job.seed, job.facts_file)  # before any statistics
     base = _validation_base(job, lm)

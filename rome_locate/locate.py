@@ -179,10 +179,8 @@ def _draw(plots: Path | None, result: TraceResult) -> None:
             heatmap(result, stem)
 
 
-def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], settings: TraceSettings,
-            out_path: Path | None, plots: Path | None, progress: bool, arch: Arch,
-            skip_errors: bool, batch_facts: int | None) -> list[tuple[TraceResult, LayerChoice]]:
-    model_id = fingerprint(model)
+def _resumable(out_path: Path | None, settings: TraceSettings, model_id) -> dict[tuple[str, str], tuple[int, dict]]:
+    """The records already in `out_path` by (id, prompt); an error naming the line when one cannot be reused."""
     done: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
     if out_path is not None:
         done = _read_done(out_path)
@@ -191,23 +189,28 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
             if why is not None:
                 raise ValueError(f"{out_path}:{n}: cannot resume: {why}. To start fresh, pass another --out "
                                  f"or delete {out_path}")
+    return done
 
-    replacements = None
-    level = None
+
+def _corruption(model: nn.Module, tok, whole: list[Fact], settings: TraceSettings,
+                arch: Arch) -> tuple[float | None, list[str] | None]:
+    """(noise level, replacement subjects) of the dataset: one of them, as the settings ask."""
     if settings.noise_draws == "replace":
-        replacements = [f.subject for f in whole]
-    elif settings.fixed_noise is None:
-        level = noise_level(model, tok, whole, arch, factor=settings.noise_factor)
-        if not math.isfinite(level):
-            raise ValueError(f"the noise level ({settings.noise} of the subjects' embeddings) is {level}: the "
-                             f"model's embedding weights hold NaN or inf (check the model file and --dtype)")
-    if plots is not None:
-        plots.mkdir(parents=True, exist_ok=True)
+        return None, [f.subject for f in whole]
+    if settings.fixed_noise is not None:
+        return None, None
+    level = noise_level(model, tok, whole, arch, factor=settings.noise_factor)
+    if not math.isfinite(level):
+        raise ValueError(f"the noise level ({settings.noise} of the subjects' embeddings) is {level}: the "
+                         f"model's embedding weights hold NaN or inf (check the model file and --dtype)")
+    return level, None
 
-    # Facts not yet in `out`, each (id, prompt) once, by window of `facts` (the windows of a fresh run and of a
-    # resumed one are the same); a window is written (and flushed) as soon as it is traced, in the facts' order.
+
+def _windows(facts: list[Fact], seen: set) -> list[list[int]]:
+    """Facts not yet traced, each (id, prompt) once, by window of WINDOW facts: the windows of a fresh run and
+    of a resumed one are the same, so a window traces (and is written) alike either way."""
     windows: list[list[int]] = []
-    seen = set(done)
+    seen = set(seen)
     for n, fact in enumerate(facts):
         if n % WINDOW == 0:
             windows.append([])
@@ -215,6 +218,18 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
         if key not in seen:
             seen.add(key)
             windows[-1].append(n)
+    return windows
+
+
+def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], settings: TraceSettings,
+            out_path: Path | None, plots: Path | None, progress: bool, arch: Arch,
+            skip_errors: bool, batch_facts: int | None) -> list[tuple[TraceResult, LayerChoice]]:
+    model_id = fingerprint(model)
+    done = _resumable(out_path, settings, model_id)
+    level, replacements = _corruption(model, tok, whole, settings, arch)
+    if plots is not None:
+        plots.mkdir(parents=True, exist_ok=True)
+    windows = _windows(facts, set(done))
     fresh: dict[tuple[str, str], tuple[TraceResult, LayerChoice]] = {}
     fh = out_path.open("a", encoding="utf-8") if out_path is not None else None
     bar = tqdm(total=len(facts), desc=f"locate ({settings.kind})", unit="fact", disable=not progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +331,33 @@ def test_validated_trial_edits_use_the_pipeline_editor(gpt2):
     trials = [c for c in calls if not c[2] and c[0] == "needle"]  # the pick never sees the paraphrases
     assert len(trials) >= 2 and {c[1] for c in trials} >= {1}  # the rule's layer is always tried
     assert len(calls) == 2 * 2 + 2  # two tries per fact, then one edit each
+
+
+def test_edit_and_eval_traced_report_the_layers_applied(tmp_path, capsys):
+    """The shipped validated YAML's rule (candidates [1, 2, 3], threshold null): `--layers traced` applies the
+    fallback to every fact and says so; the verdict compares what was applied, not the raw argmax."""
+    from rome_locate import fact_models as FM
+    from rome_locate.cli import main
+    from rome_locate.facts import load_facts
+
+    root = Path(__file__).resolve().parent.parent
+    facts = tmp_path / "f.json"
+    facts.write_text(json.dumps([f.to_json() for f in load_facts(FM.counterfact_path("gpt2"))[:3]]))
+    base = ["--model", str(FM.fact_model_dir("gpt2")), "--facts", str(facts), "--device", "cpu",
+            "--hparams", str(root / "hparams" / "ROME" / "fact-gpt2.yaml"), "--layers", "traced", "--samples", "3"]
+    assert main(["edit", *base, "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    assert "candidates [1, 2, 3], fallback layer 1, margin threshold inf" in capsys.readouterr().err
+    data = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert [(r["layer"], r["layer_source"]) for r in data["records"]] == [(1, "fallback")] * 3
+    assert all("below the threshold inf" in r["layer_reason"] or "positive" in r["layer_reason"]
+               for r in data["records"])
+    assert data["summary"]["layer_sources"] == {"fallback": 3} and list(data["summary"]["strategies"]) == ["traced"]
+    assert data["settings"]["layer_rule"]["candidates"] == [1, 2, 3] and data["settings"]["layer_rule"]["threshold"] is None
+    assert main(["eval", *base, "--out", str(tmp_path / "v"), "--sweep", "--no-progress", "--max-new-tokens", "2",
+                 "--no-heatmaps"]) == 0
+    s = json.loads((tmp_path / "v" / "results.json").read_text())["summary"]
+    records = json.loads((tmp_path / "v" / "results.json").read_text())["records"]
+    assert all(r["traced_layer"] == r["layer"] == 1 for r in records)
+    # The traced strategy is scored at the layer applied, so it equals the fixed one here: a tie, not a trail.
+    assert s["strategies"]["traced"]["score"] == s["strategies"]["fixed"]["score"]
+    assert "the traced layer ties the fixed one" in s["verdict"]
