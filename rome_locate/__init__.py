@@ -26,7 +26,7 @@ _EXPORTS = {
     "RomeHParams": "hparams", "load_hparams": "hparams", "with_layer": "hparams", "generate_hparams": "hparams",
     "write_hparams": "hparams",
     "compute_mom2": "stats",
-    "edited": "edit", "make_editor": "editors", "EDITORS": "editors",
+    "edited": "edit", "make_editor": "editors",
     "GenerationSettings": "outcome", "EvalRecord": "outcome", "summarize": "summary",
     "write_report": "report",
     "run_pipeline": "pipeline", "edit_facts": "pipeline",
