@@ -215,7 +215,13 @@ def read_arch(path: str | Path) -> Arch:
 
 
 def arch_for(model: nn.Module, arch: Arch | str | Path | dict | None = None) -> Arch:
-    """Resolve and check the module names of a loaded model; `arch` overrides the table."""
+    """Resolve and check the module names of a loaded model; `arch` overrides the table.
+
+    An Arch that is already resolved (its `n_layers` set, as this function and `models.LoadedModel` leave it) is
+    returned as it is: a model is resolved once and its Arch passed on, not re-derived at every stage.
+    """
+    if isinstance(arch, Arch) and arch.n_layers:
+        return arch
     if isinstance(arch, (str, Path)):
         arch = read_arch(arch)
     elif isinstance(arch, dict):

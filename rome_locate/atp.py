@@ -63,7 +63,7 @@ def attribution_each(model: nn.Module, tok, facts: Sequence[Fact],
         raise TypeError(f"settings must be a TraceSettings, got {type(settings).__name__}")
     if settings.method != "atp":
         settings = replace(settings, method="atp")
-    arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
+    arch = arch_for(model, arch)
     L, kind = arch.n_layers, settings.kind
     w = effective_window(settings.window, L, kind)
     caller = Caller.of(model)

@@ -179,7 +179,7 @@ def _subject_embedding_values(model: nn.Module, tok, subjects: Iterable[str], ar
 def noise_level(model: nn.Module, tok, facts: Sequence[Fact] | Sequence[str], arch: Arch | None = None,
                 factor: float = 3.0) -> float:
     """`factor` × the standard deviation of the subjects' token embeddings, all elements pooled."""
-    arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
+    arch = arch_for(model, arch)
     subjects = [f if isinstance(f, str) else f.subject for f in facts]
     return _sigma_level(model, tok, subjects, arch, factor)
 
@@ -376,7 +376,7 @@ def trace_each(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSett
         # atp builds on this module's runs, so it lives above it: rome_locate.atp.trace_by_method.
         raise ValueError(f"trace_fact makes exact restored runs; method={settings.method!r} is traced by "
                          f"rome_locate.atp (trace_by_method or attribution_trace)")
-    arch = arch if arch is not None and arch.n_layers else arch_for(model, arch)
+    arch = arch_for(model, arch)
     L = arch.n_layers
     w = effective_window(settings.window, L, settings.kind)
     outcomes: list[TraceResult | ValueError | None] = [None] * len(facts)
