@@ -324,6 +324,9 @@ def place(facts: Sequence[Any], rule: LayerRule, located: Sequence[Any] | None =
         if fact_id is not None and str(fact_id) != str(fact.id):
             raise ValueError(f"layer choice {i} is for fact {fact_id!r} but fact {i} is {fact.id!r}; "
                              f"the choices must be in the order of the facts")
+        if getattr(trace, "effects", None) is None and rule.mode == "fixed":
+            out.append(Placement(rule.decide(None), fallback=rule.fallback))  # the fixed layer needs no trace
+            continue
         if getattr(trace, "effects", None) is None:
             raise ValueError(f"layer choice {i} (fact {fact.id!r}) carries no trace: the layer rule reads the "
                              f"traced effects; pass locate()'s (TraceResult, LayerChoice) pairs, or ints for layers "

@@ -167,5 +167,7 @@ def test_place_applies_the_rule_and_keeps_given_layers():
     assert [p.source for p in fixed[:2]] == ["fixed", "fixed"] and fixed[0].traced.layer == 2
     with pytest.raises(ValueError, match="choice 0 is for fact 'b' but fact 0 is 'a'"):
         place(facts, rule, [located[1], located[0], 3])
+    bare = [LayerChoice("a", 2, "mlp", 0.1, 1, 0.05)]
     with pytest.raises(ValueError, match="carries no trace"):
-        place(facts[:1], rule, [LayerChoice("a", 2, "mlp", 0.1, 1, 0.05)])
+        place(facts[:1], rule, bare)
+    assert place(facts[:1], LayerRule("fixed", 1, (0, 1, 2), 0.0, "test"), bare)[0].layer == 1
