@@ -227,7 +227,7 @@ def easyedit_hparams_class() -> type | None:
     """EasyEdit's ROMEHyperParams if EasyEdit is already imported in this process, else None.
 
     Importing EasyEdit has side effects (it seeds the global RNGs and configures
-    logging), so this never imports it: `rome_locate.edit.import_easyedit()` does.
+    logging), so this never imports it: `rome_locate.easyedit.import_easyedit()` does.
     """
     module = sys.modules.get("easyeditor.models.rome.rome_hparams")
     return getattr(module, "ROMEHyperParams", None)
@@ -242,7 +242,7 @@ def load_hparams(path: str | Path, n_layers: int | None = None, easyedit: bool |
     config = read_config(path, n_layers=n_layers)
     cls = easyedit_hparams_class() if easyedit is not False else None
     if easyedit and cls is None:
-        raise RuntimeError("easyedit=True but EasyEdit is not imported; call rome_locate.edit.import_easyedit() first")
+        raise RuntimeError("easyedit=True but EasyEdit is not imported; call rome_locate.easyedit.import_easyedit() first")
     if cls is None:
         return RomeHParams(**config)
     return cls(**config)
