@@ -257,8 +257,7 @@ def _located_class() -> type:
             def from_hparams(cls, hparams_name_or_path: str):
                 """EasyEdit's from_hparams that remembers the YAML's path (the validation record beside it)."""
                 path = str(hparams_name_or_path)
-                if ".yaml" not in path:  # as EasyEdit does
-                    path += ".yaml"
+                path += "" if ".yaml" in path else ".yaml"  # as EasyEdit does
                 if not Path(path).is_file():
                     raise FileNotFoundError(f"ROME hyperparameters not found: {path}")
                 return dataclasses.replace(super().from_hparams(path), hparams_path=str(Path(path).resolve()))
@@ -281,8 +280,7 @@ def located_hparams(hparams: Any, **fields: Any) -> Any:
 
 
 def request_rule(hparams: Any, n_layers: int) -> LayerRule:
-    """The layer rule of requests edited with `hparams`: mode traced, fallback `layers[0]`, the record beside
-    `hparams.hparams_path` (the rule's defaults without one)."""
+    """The rule for requests edited with `hparams`: traced, fallback `layers[0]`, the record beside `hparams_path`."""
     from .choose import layer_rule
 
     return layer_rule("traced", int(hparams.layers[0]), n_layers, getattr(hparams, "hparams_path", None))
@@ -292,6 +290,8 @@ def trace_request(model: nn.Module, tok: Any, request: dict[str, Any], settings:
     """The trace (TraceResult) of one EasyEdit request on the model as it is now."""
     from .locate import locate
 
+    if not request.get("subject"):
+        raise ValueError(f"request {request.get('prompt')!r} has no subject: ROME needs one (edit(..., subject=...))")
     fact = Fact(prompt=request["prompt"], subject=request["subject"], target=request.get("ground_truth") or None,
                 target_new=request.get("target_new"), id=str(request.get("case_id", "")))
     [(result, _)] = locate(model, tok, [fact], settings, progress=False)
@@ -310,15 +310,16 @@ def decide_request(model: nn.Module, tok: Any, request: dict[str, Any], hparams:
 
 def apply_located_rome(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hparams: Any,
                        rule: LayerRule | None = None, **kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """EasyEdit's ALG_DICT entry for ROME at the layer `rule` decides for the request (`decide_request`): same
-    signature and result as `apply_rome_to_model`, which it calls with that layer in `layers`. The layer and the
-    decision are written into the request (BaseEditor passes its own copy)."""
+    """EasyEdit's ALG_DICT entry for ROME at the layer `rule` decides (`decide_request`): `apply_rome_to_model` with
+    that layer in `layers`. The layer and the decision are written into the request (BaseEditor passes a copy)."""
     from easyeditor.models.rome.rome_hparams import ROMEHyperParams
     from easyeditor.models.rome.rome_main import apply_rome_to_model
 
     from .arch import arch_for
 
-    [request] = requests  # EasyEdit's ROME edits one request a call
+    if len(requests) != 1:
+        raise ValueError(f"apply_located_rome edits one request a call, as EasyEdit's ROME; got {len(requests)}")
+    request = requests[0]
     if request.get(DECISION_KEY) is None:
         decision = decide_request(model, tok, request, hparams, rule or request_rule(hparams, arch_for(model).n_layers))
         # JSON, not the record: EasyEdit dumps its requests into logs/results.json.
