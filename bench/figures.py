@@ -292,6 +292,18 @@ def _integration_config() -> str:
                                             f"{_f(ee.get('locality'))}" if ee else "") + ".\n")
 
 
+@figure("easyedit-parity")
+def _easyedit_parity() -> str:
+    # bench/ is on sys.path when this script runs: the benchmark's own table formats its JSON.
+    from easyedit_parity import table
+
+    d = bench_results("easyedit_parity.py", "easyedit_parity")
+    n = {r["case"]: r["n"] for r in d["rows"]}
+    return (f"torch {d['torch']}, {d['threads']} thread, {d['wall_s']} s wall for all cases; requests: the first "
+            f"{max(n.values())} test facts of each YAML's validation record ({n.get('gpt2-sequential', '–')} "
+            f"kept one after another in gpt2-sequential); tolerance {d['tolerance']}.\n\n" + table(d["rows"]))
+
+
 @figure("tokenizers")
 def _tokenizers() -> str:
     import subprocess

@@ -2,8 +2,9 @@
 """EasyEdit's own model loader against the plugin's BaseEditor on the shipped GPT-2 fact model.
 
 EasyEdit's BaseEditor loads GPT2Tokenizer for any model path containing "gpt"; the plugin's loads the model's own
-tokenizer (AutoTokenizer). Same YAML (hparams/ROME/fact-gpt2.yaml, layer 2), same first N CounterFact facts, one
-rephrasing each, EasyEdit's own post-edit metrics:
+tokenizer (AutoTokenizer). Same YAML (hparams/ROME/fact-gpt2.yaml), same first N CounterFact facts, one rephrasing
+each, every request at the YAML's layer (given in the request, so the plugin's layer rule does not move it),
+EasyEdit's own post-edit metrics:
 
     EASYEDIT_PATH=/path/to/EasyEdit python integration/compare_tokenizers.py [N]
 """
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(n: int = 10) -> int:
-    from rome_locate.easyedit import BaseEditor, import_easyedit
+    from rome_locate.easyedit import BaseEditor, ROMEHyperParams as LocatedHParams, import_easyedit
     from rome_locate.hparams import bind_model, load_hparams, write_hparams
 
     import_easyedit()
@@ -32,18 +33,19 @@ def main(n: int = 10) -> int:
     path = write_hparams(h, Path("rome.yaml"))
     facts = json.loads((model_dir / "counterfact.json").read_text())[:n]
     rw = [f["requested_rewrite"] for f in facts]
-    request = dict(prompts=[r["prompt"].format(r["subject"]) for r in rw],
-                   ground_truth=[r["target_true"]["str"] for r in rw], target_new=[r["target_new"]["str"] for r in rw],
-                   subject=[r["subject"] for r in rw], rephrase_prompts=[f["paraphrase_prompts"][0] for f in facts],
-                   sequential_edit=False, verbose=False)
+    # EasyEdit's ROME ignores "layer" (it edits at the YAML's); the plugin edits a request that has one there.
+    requests = [{"prompt": r["prompt"].format(r["subject"]), "ground_truth": r["target_true"]["str"],
+                 "target_new": r["target_new"]["str"], "subject": r["subject"], "portability": {}, "locality": {},
+                 "rephrase_prompt": f["paraphrase_prompts"][0], "layer": h.layers[0]} for r, f in zip(rw, facts)]
 
     def mean(metrics, key):
         values = [m["post"][key] for m in metrics]
         return sum(sum(v) / len(v) if isinstance(v, list) else float(v) for v in values) / len(values)
 
-    for name, cls in (("EasyEdit's BaseEditor", EasyEditBaseEditor), ("rome_locate.easyedit.BaseEditor", BaseEditor)):
-        editor = cls.from_hparams(ROMEHyperParams.from_hparams(str(path)))
-        metrics, _, _ = editor.edit(**request)
+    for name, cls, hparams_cls in (("EasyEdit's BaseEditor", EasyEditBaseEditor, ROMEHyperParams),
+                                   ("rome_locate.easyedit.BaseEditor", BaseEditor, LocatedHParams)):
+        editor = cls.from_hparams(hparams_cls.from_hparams(str(path)))
+        metrics, _, _ = editor.edit_requests([dict(r) for r in requests], sequential_edit=False, verbose=False)
         print(f"{name}: tokenizer {type(editor.tok).__name__}, post rewrite_acc {mean(metrics, 'rewrite_acc'):.3f}, "
               f"rephrase_acc {mean(metrics, 'rephrase_acc'):.3f} (n={len(metrics)})")
     return 0

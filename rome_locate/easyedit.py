@@ -1,28 +1,30 @@
 """Everything that touches EasyEdit: its import (with stand-ins for what ROME never runs), its hyperparameters,
-its request format, and its BaseEditor with a layer per request. The only module that imports `easyeditor`.
+its request format, and its BaseEditor with the layer rule on every request. The only module that imports
+`easyeditor`.
 
-A user's EasyEdit ROME script gets each request edited at its traced layer by
-changing one line, its import:
+A user's EasyEdit ROME script gets each request edited at the layer rome-locate's rule
+(`rome_locate.choose.layer_rule`, mode traced) decides by changing one line, its import:
 
     from easyeditor import BaseEditor, ROMEHyperParams          # before
     from rome_locate.easyedit import BaseEditor, ROMEHyperParams  # after
 
-`ROMEHyperParams` here is EasyEdit's with each request's layer located when it is
-edited (`LocatedROMEHyperParams`), `BaseEditor` EasyEdit's with the model's own
-tokenizer and that per-request layer (`edit`, `edit_requests`, `sequential_edit`).
-
-EasyEdit is found through `path`, the `EASYEDIT_PATH` environment variable (a
-clone of its GitHub main) or the import path; see `import_easyedit`.
+`ROMEHyperParams` here is EasyEdit's plus trace settings and the YAML's path (`LocatedROMEHyperParams`): the
+validation record beside the YAML gives the rule, the YAML's layer is its fallback. `BaseEditor` is EasyEdit's with
+the model's own tokenizer, right padding, and that rule on every request (`edit`, `edit_requests`,
+`sequential_edit`). EasyEdit is found through `path`, `$EASYEDIT_PATH` or the import path (`import_easyedit`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -33,18 +35,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .choose import LayerDecision, LayerRule
 from .facts import Fact
-from .hparams import to_dict
 from .models import hidden_modules, hide_unloadable  # noqa: F401  (part of this module's API: EasyEdit users)
 from .trace import TraceSettings
 
-# Modules EasyEdit's package __init__ imports only for its multimodal, API and
-# training methods; none is needed by ROME. On a CPU-only torch, torchvision's
-# compiled ops fail to load, and other extras (higher, open_clip, ...) are often
-# not installed, so `import easyeditor` fails. `import_easyedit(stub_missing=True)`
-# puts empty stand-ins for exactly the modules that fail in sys.modules while
-# EasyEdit's import runs, and removes them afterwards.
-# Whatever else fails to import is stubbed too, except what ROME itself runs on.
+# EasyEdit's package __init__ imports modules only its multimodal, API and training methods need: torchvision's
+# compiled ops fail on a CPU-only torch, other extras (higher, open_clip, ...) are often not installed, so
+# `import easyeditor` fails. `import_easyedit(stub_missing=True)` puts stand-ins for exactly the modules that fail
+# in sys.modules while EasyEdit's import runs, and removes them afterwards; never what ROME itself runs on.
 _KNOWN_BROKEN = ("torchvision",)  # raises RuntimeError (not ModuleNotFoundError) on a CPU-only torch
 _NEVER_STUB = ("torch", "transformers", "numpy", "yaml", "tqdm", "easyeditor", "tokenizers", "safetensors")
 
@@ -198,16 +197,6 @@ def stubbed_modules() -> list[str]:
     return list(_STUBBED)
 
 
-def easyedit_hparams(hparams: Any) -> Any:
-    """EasyEdit's ROMEHyperParams with the same values (EasyEdit must be importable)."""
-    import_easyedit()
-    from easyeditor.models.rome.rome_hparams import ROMEHyperParams
-
-    if isinstance(hparams, ROMEHyperParams):
-        return hparams
-    return ROMEHyperParams(**to_dict(hparams))
-
-
 def easyedit_request(fact: Fact) -> dict[str, Any]:
     """The request dict EasyEdit's BaseEditor.edit_requests takes for one fact (targets without a leading space)."""
     request: dict[str, Any] = {"prompt": fact.prompt, "subject": fact.subject, "target_new": fact.target_new,
@@ -221,14 +210,16 @@ def easyedit_request(fact: Fact) -> dict[str, Any]:
     return request
 
 
-# ---- EasyEdit's BaseEditor, with a layer per request ------------------------------------
+# ---- EasyEdit's BaseEditor, with the layer rule applied to every request ------------------------------
 
-# The request key that carries the layer a request is edited at. rome-locate sets it from its traced
-# choices; a request without it is located when it is edited. It is left in the request, so EasyEdit's
-# returned metrics ("requested_rewrite") show the layer each edit was made at.
+# A request's edit layer and the rule's decision (LayerDecision JSON), written into the editor's own copy of each
+# request (so EasyEdit's "requested_rewrite" and logs/results.json show them) and each metrics entry, never into
+# the caller's dicts. A request that comes with a "layer" is edited there (source "given").
 LAYER_KEY = "layer"
+DECISION_KEY = "layer_decision"
 # The names a user's EasyEdit script imports, served lazily (importing EasyEdit has side effects).
 _EXPORTS = {"BaseEditor": "_editor_class", "ROMEHyperParams": "_located_class"}
+LOG = logging.getLogger(__name__)
 
 
 def __getattr__(name: str) -> Any:
@@ -242,24 +233,34 @@ _CLASSES: dict[str, type] = {}
 
 
 def _located_class() -> type:
-    """EasyEdit's ROMEHyperParams, plus trace settings: each request is edited at its own traced layer."""
+    """EasyEdit's ROMEHyperParams plus trace settings and its YAML's path (the layer rule's record)."""
     if "hparams" not in _CLASSES:
         import_easyedit()
         from easyeditor.models.rome.rome_hparams import ROMEHyperParams
 
         @dataclasses.dataclass
         class LocatedROMEHyperParams(ROMEHyperParams):
-            """ROME hyperparameters whose `layers` is replaced, request by request, by the traced layer.
+            """ROME hyperparameters whose `layers[0]` is the fallback of the layer rule (`rome_locate.choose`).
 
-            A request's "layer" key wins; a request without one is traced on the
-            model as it is when it is edited (ROME's causal tracing of MLP outputs at
-            the last subject token, `rome_locate.locate`), with these settings.
+            A request's "layer" key wins; one without is traced (MLP outputs at the last subject token, these
+            settings) on the model as it is when it is edited, and edited where the rule decides: the validation
+            record beside `hparams_path`, or the rule's documented defaults without one.
             """
 
             trace_samples: int = 10
             trace_window: int = 10
             trace_noise: Any = "3sigma"
             trace_seed: int = 0
+            hparams_path: str | None = None  # the YAML read; its `<stem>.validation.json` gives the rule
+
+            @classmethod
+            def from_hparams(cls, hparams_name_or_path: str):
+                """EasyEdit's from_hparams that remembers the YAML's path (the validation record beside it)."""
+                path = str(hparams_name_or_path)
+                path += "" if ".yaml" in path else ".yaml"  # as EasyEdit does
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"ROME hyperparameters not found: {path}")
+                return dataclasses.replace(super().from_hparams(path), hparams_path=str(Path(path).resolve()))
 
             def trace_settings(self) -> TraceSettings:
                 """The TraceSettings requests are located with."""
@@ -272,73 +273,160 @@ def _located_class() -> type:
 
 def located_hparams(hparams: Any, **fields: Any) -> Any:
     """LocatedROMEHyperParams with the values of `hparams` (ours or EasyEdit's) and `fields` set."""
-    cls = _located_class()
-    return cls(**{**to_dict(hparams), **fields})
+    # Field by field, not dataclasses.asdict: that would deep-copy a preloaded (model, tokenizer) model_name.
+    values = {f.name: v if f.name == "model_name" else copy.deepcopy(v)
+              for f in dataclasses.fields(hparams) for v in [getattr(hparams, f.name)]}
+    return _located_class()(**{**values, **fields})
 
 
-def locate_request(model: nn.Module, tok: Any, request: dict[str, Any], settings: TraceSettings) -> int:
-    """The traced layer of one EasyEdit request on the model as it is now."""
+def request_rule(hparams: Any, n_layers: int) -> LayerRule:
+    """The rule for requests edited with `hparams`: traced, fallback `layers[0]`, the record beside `hparams_path`."""
+    from .choose import layer_rule
+
+    return layer_rule("traced", int(hparams.layers[0]), n_layers, getattr(hparams, "hparams_path", None))
+
+
+def trace_request(model: nn.Module, tok: Any, request: dict[str, Any], settings: TraceSettings) -> Any:
+    """The trace (TraceResult) of one EasyEdit request on the model as it is now."""
     from .locate import locate
 
+    if not request.get("subject"):
+        raise ValueError(f"request {request.get('prompt')!r} has no subject: ROME needs one (edit(..., subject=...))")
     fact = Fact(prompt=request["prompt"], subject=request["subject"], target=request.get("ground_truth") or None,
                 target_new=request.get("target_new"), id=str(request.get("case_id", "")))
-    [(_, choice)] = locate(model, tok, [fact], settings, progress=False)
-    return int(choice.layer)
+    [(result, _)] = locate(model, tok, [fact], settings, progress=False)
+    return result
+
+
+def decide_request(model: nn.Module, tok: Any, request: dict[str, Any], hparams: Any, rule: LayerRule) -> LayerDecision:
+    """Where one request is edited: its own "layer" (source given), else `rule` on its trace on the model now."""
+    from .arch import arch_for, check_layer
+
+    if request.get(LAYER_KEY) is not None:
+        layer = check_layer(request[LAYER_KEY], arch_for(model).n_layers, f"layer of request {request['prompt']!r}")
+        return LayerDecision(layer, "given", "the request's own layer")
+    return rule.decide(trace_request(model, tok, request, hparams.trace_settings()).effects)
 
 
 def apply_located_rome(model: nn.Module, tok: Any, requests: Sequence[dict[str, Any]], hparams: Any,
-                       **kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """EasyEdit's ALG_DICT entry for ROME at each request's own layer: same signature and result as
-    `apply_rome_to_model`, which it calls with the request's layer in `layers`."""
+                       rule: LayerRule | None = None, **kwargs: Any) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """EasyEdit's ALG_DICT entry for ROME at the layer `rule` decides (`decide_request`): `apply_rome_to_model` with
+    that layer in `layers`. The layer and the decision are written into the request (BaseEditor passes a copy)."""
     from easyeditor.models.rome.rome_hparams import ROMEHyperParams
     from easyeditor.models.rome.rome_main import apply_rome_to_model
 
-    from .arch import arch_for, check_layer
+    from .arch import arch_for
 
-    [request] = requests  # EasyEdit's ROME edits one request a call
-    if request.get(LAYER_KEY) is None:
-        request[LAYER_KEY] = locate_request(model, tok, request, hparams.trace_settings())
-    layer = check_layer(request[LAYER_KEY], arch_for(model).n_layers, f"layer of request {request['prompt']!r}")
+    if len(requests) != 1:
+        raise ValueError(f"apply_located_rome edits one request a call, as EasyEdit's ROME; got {len(requests)}")
+    request = requests[0]
+    if request.get(DECISION_KEY) is None:
+        decision = decide_request(model, tok, request, hparams, rule or request_rule(hparams, arch_for(model).n_layers))
+        # JSON, not the record: EasyEdit dumps its requests into logs/results.json.
+        request[LAYER_KEY], request[DECISION_KEY] = decision.layer, decision.to_json()
     plain = {f.name: getattr(hparams, f.name) for f in dataclasses.fields(ROMEHyperParams)}
-    return apply_rome_to_model(model, tok, [request], ROMEHyperParams(**{**plain, "layers": [layer]}), **kwargs)
+    layers = [int(request[DECISION_KEY]["layer"])]
+    return apply_rome_to_model(model, tok, [request], ROMEHyperParams(**{**plain, "layers": layers}), **kwargs)
+
+
+def load_for_hparams(hparams: Any) -> tuple[nn.Module, Any]:
+    """(model, the model's own tokenizer) of `hparams.model_name` as EasyEdit loads it: float16 with `fp16`, spread
+    by device_map "auto" with `model_parallel`, else on `device` (EasyEdit's reading: an int is a CUDA index)."""
+    from easyeditor.util.device import normalize_device
+
+    from .models import load_model
+
+    name, dtype = str(hparams.model_name), "float16" if getattr(hparams, "fp16", False) else "float32"
+    where: dict[str, Any] = {"device_map": "auto"}
+    if not getattr(hparams, "model_parallel", False):
+        device = normalize_device(getattr(hparams, "device", None))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"hyperparameters device: {hparams.device!r} is a CUDA device, but this torch sees "
+                             f"none; set device: cpu")
+        where = {"device": str(device)}
+    try:
+        return load_model(name, dtype=dtype, **where)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"model_name {name!r} of the hyperparameters: {exc}") from None
+
+
+def _as_located(hparams: Any) -> tuple[Any, str | None]:
+    """ROME hyperparameters of another class (EasyEdit's own) as LocatedROMEHyperParams, and that class's name."""
+    if getattr(hparams, "alg_name", None) != "ROME" or isinstance(hparams, _located_class()):
+        return hparams, None
+    return located_hparams(hparams), f"{type(hparams).__module__}.{type(hparams).__name__}"
 
 
 def _editor_class() -> type:
-    """EasyEdit's BaseEditor that keeps the model's own tokenizer and edits each request at its own layer."""
+    """EasyEdit's BaseEditor that keeps the model's own tokenizer and applies the layer rule to every request."""
     if "editor" not in _CLASSES:
         import_easyedit()
         from easyeditor import BaseEditor as EasyEditBaseEditor
 
-        class BaseEditor(EasyEditBaseEditor):
-            """EasyEdit's BaseEditor with two changes.
+        from .arch import arch_for
 
-            - A model path is loaded with `AutoTokenizer` (the model's own tokenizer),
-              not by model-name substring (EasyEdit loads GPT2Tokenizer for any path
-              containing "gpt"); a preloaded `(model, tokenizer)` works as in EasyEdit,
-              with `model_name` a string again afterwards.
-            - With LocatedROMEHyperParams, each request is edited at its own layer
-              (`apply_located_rome`), in `edit`, `edit_requests` and sequential editing.
+        class BaseEditor(EasyEditBaseEditor):
+            """EasyEdit's BaseEditor, for ROME with the layer rule of `rome_locate.choose` on every request.
+
+            A model path is loaded with the model's own tokenizer (EasyEdit loads GPT2Tokenizer for any path with
+            "gpt"), honouring `fp16`, `model_parallel` and `device`; a preloaded `(model, tokenizer)` works as in
+            EasyEdit. For ROME the tokenizer pads on the right (EasyEdit's rule), a preloaded one too: its
+            `padding_side` is set to "right". Every request of `edit` and `edit_requests` (sequential or not) is
+            edited, on a copy, at the layer the rule decides (`apply_located_rome`); each metrics entry carries
+            "layer" and "layer_decision". EasyEdit's own ROMEHyperParams are converted (no YAML path: the rule's
+            defaults), which one logged warning says. `hparams.layers` is the YAML's until the first edit call,
+            then the layers that call applied (sorted); the rule (`layer_rule`) keeps the YAML's as its fallback.
+            Parameters keep their `requires_grad` flags (EasyEdit's ROME clears them).
             """
 
             def __init__(self, hparams: Any, name: str | None = None):
-                model_name = hparams.model_name
-                if isinstance(model_name, (str, Path)):
-                    from .models import load_model
-
-                    name = str(model_name)
-                    model, tok = load_model(name, device="cpu")
+                hparams, converted = _as_located(hparams)
+                if isinstance(hparams.model_name, (str, Path)):
+                    name = str(hparams.model_name)
+                    model, tok = load_for_hparams(hparams)
                     hparams = dataclasses.replace(hparams, model_name=(model, tok))
                 else:
-                    model, tok = model_name
+                    model, tok = hparams.model_name
                     name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
                 if tok.pad_token_id is None:  # as EasyEdit does for the families it loads itself
                     tok.pad_token_id = tok.eos_token_id
+                if getattr(hparams, "alg_name", None) == "ROME":
+                    tok.padding_side = "right"  # EasyEdit's rule for ROME, whatever the tokenizer's default
                 super().__init__(hparams)
                 # EasyEdit reads model_name as a string ('t5' in model_name.lower(), ...).
                 self.model_name = name
                 self.hparams = dataclasses.replace(hparams, model_name=name)
+                self.layer_rule: LayerRule | None = None
                 if isinstance(hparams, _located_class()):
-                    self.apply_algo = apply_located_rome
+                    self.layer_rule = request_rule(hparams, arch_for(self.model).n_layers)
+                    self.apply_algo = functools.partial(apply_located_rome, rule=self.layer_rule)
+                if converted:
+                    LOG.warning(f"rome_locate.easyedit.BaseEditor got {converted}, which does not know its YAML's "
+                                f"path: no validation record is read, each request is edited by the rule "
+                                f"{self.layer_rule.describe()}; import ROMEHyperParams from rome_locate.easyedit "
+                                f"to apply the YAML's record")
+
+            def edit_requests(self, requests, sequential_edit=False, verbose=True, test_generation=False, **kwargs):
+                """EasyEdit's edit_requests on copies of `requests`, each at the rule's layer, with "layer" and
+                "layer_decision" in its metrics entry; the caller's dicts and requires_grad flags are left as they
+                were."""
+                if self.layer_rule is None:
+                    return super().edit_requests(requests, sequential_edit, verbose, test_generation, **kwargs)
+                # A decision in a request (EasyEdit's returned "requested_rewrite" passed back) is decided anew.
+                copies = [{k: v for k, v in copy.deepcopy(r).items() if k != DECISION_KEY} for r in requests]
+                flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
+                try:
+                    metrics, model, weights = super().edit_requests(copies, sequential_edit, verbose,
+                                                                    test_generation=test_generation, **kwargs)
+                finally:
+                    for n, p in self.model.named_parameters():
+                        p.requires_grad_(flags.get(n, p.requires_grad))
+                for entry, request in zip(metrics, copies):
+                    entry[LAYER_KEY], entry[DECISION_KEY] = request.get(LAYER_KEY), request.get(DECISION_KEY)
+                applied = sorted({r[LAYER_KEY] for r in copies if r.get(LAYER_KEY) is not None})
+                if applied:
+                    self.hparams = dataclasses.replace(self.hparams, layers=applied)
+                return metrics, model, weights
 
         _CLASSES["editor"] = BaseEditor
     return _CLASSES["editor"]
@@ -352,26 +440,24 @@ def easyedit_device(model: nn.Module) -> int | str:
     return device.index or 0 if device.type == "cuda" else device.type
 
 
+def _flat(v: Any) -> list[float]:
+    if isinstance(v, (list, tuple)):
+        return [x for item in v for x in _flat(item)]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [float(v)]
+    return [float(v.item())] if hasattr(v, "item") else []
+
+
 def _mean(values: Any) -> float | None:
-    flat = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            flat.append(float(v))
-        elif hasattr(v, "item"):
-            flat.append(float(v.item()))
-
-    walk(values)
+    flat = _flat(values)
     return sum(flat) / len(flat) if flat else None
 
 
 def easyedit_metrics(metric: dict[str, Any]) -> dict[str, Any]:
     """EasyEdit's returned metrics of one request, reduced to plain numbers: pre/post rewrite_acc, rephrase_acc and
     locality (mean of its `*_acc` lists), and the layer EasyEdit edited at."""
-    out: dict[str, Any] = {"layer": (metric.get("requested_rewrite") or {}).get(LAYER_KEY)}
+    layer = metric.get(LAYER_KEY, (metric.get("requested_rewrite") or {}).get(LAYER_KEY))
+    out: dict[str, Any] = {"layer": layer}
     for stage in ("pre", "post"):
         m = metric.get(stage) or {}
         row = {key: _mean(m.get(key)) for key in ("rewrite_acc", "rephrase_acc") if key in m}

@@ -4,17 +4,20 @@ Each test names the EasyEdit behaviour it covers."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import SENTENCES, build_tiny_model
+from conftest import SENTENCES, build_tiny_model, params_hash
 from rome_locate.facts import Fact
 from rome_locate.hparams import generate_hparams, load_hparams, with_layer, write_hparams
 from rome_locate.stats import compute_mom2, load_mom2
@@ -180,7 +183,8 @@ def test_cli_edit_easyedit_validated_trials_go_through_the_same_base_editor(monk
 
 
 def test_base_editor_sequential_keeps_per_fact_layers(tiny_tokenizer, tmp_path, monkeypatch):
-    """EasyEdit: edit_requests(sequential_edit=True) keeps every edit; each request at its own "layer"."""
+    """EasyEdit: edit_requests(sequential_edit=True) keeps every edit; a request's own "layer" is where it is edited
+    (source given), and the caller's request dicts are left as they were."""
     monkeypatch.chdir(tmp_path)  # EasyEdit writes logs/ into the working directory
     from rome_locate.easyedit import BaseEditor, easyedit_request, located_hparams
 
@@ -192,8 +196,12 @@ def test_base_editor_sequential_keeps_per_fact_layers(tiny_tokenizer, tmp_path, 
     assert editor.model_name == "tiny" or isinstance(editor.model_name, str)
     other = Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", target_new="nurse")
     requests = [{**easyedit_request(FACT), "layer": 1}, {**easyedit_request(other), "layer": 3}]
+    asked = copy.deepcopy(requests)
     metrics, _, _ = editor.edit_requests(requests, sequential_edit=True, verbose=False)
-    assert [m["requested_rewrite"]["layer"] for m in metrics] == [1, 3]
+    assert requests == asked
+    assert [m["requested_rewrite"]["layer"] for m in metrics] == [m["layer"] for m in metrics] == [1, 3]
+    assert [m["layer_decision"]["source"] for m in metrics] == ["given", "given"]
+    assert editor.hparams.layers == [1, 3]
     changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
     assert changed == ["transformer.h.1.mlp.c_proj.weight", "transformer.h.3.mlp.c_proj.weight"]
 
@@ -230,7 +238,8 @@ metrics, _, _ = editor.edit(prompts=[r["prompt"].format(r["subject"]) for r in r
                             subject=[r["subject"] for r in rw],
                             rephrase_prompts=[f["paraphrase_prompts"][0] for f in facts],
                             sequential_edit=False)
-print("RESULT " + json.dumps({{"layers": [m["requested_rewrite"].get("layer") for m in metrics],
+print("RESULT " + json.dumps({{"layers": [m.get("layer") for m in metrics],
+                              "sources": [(m.get("layer_decision") or {{}}).get("source") for m in metrics],
                               "tokenizer": type(editor.tok).__name__,
                               "rephrase_acc": [m["post"]["rephrase_acc"] for m in metrics]}}, default=float))
 """
@@ -329,18 +338,24 @@ def fresh_processes(tmp_path_factory):
 
 def test_one_line_change_edits_each_request_at_its_traced_layer(fresh_processes):
     """EasyEdit: a user's ROME script (ROMEHyperParams.from_hparams, BaseEditor.from_hparams, editor.edit) runs
-    unchanged but for its import line, and each request is edited at its traced layer."""
+    unchanged but for its import line, and each request is edited where the layer rule decides on its trace: here
+    the rule's defaults (the YAML has no validation record beside it), never the last layer."""
+    from rome_locate.choose import layer_rule
+    from rome_locate.easyedit import located_hparams
     from rome_locate.facts import load_facts
     from rome_locate.locate import locate
     from rome_locate.models import load_model
-    from rome_locate.trace import TraceSettings
 
     model, tok = load_model(FACT_MODEL, device="cpu")
     facts = load_facts(FACT_MODEL / "counterfact.json", limit=2)
-    traced = [locate(model, tok, [f], TraceSettings(), progress=False)[0][1].layer for f in facts]
+    h = load_hparams(ROOT / "hparams" / "ROME" / "fact-gpt2.yaml", easyedit=False)
+    rule = layer_rule("traced", h.layers[0], 8)
+    settings = located_hparams(h).trace_settings()
+    expected = [rule.decide(locate(model, tok, [f], settings, progress=False)[0][0].effects) for f in facts]
     before, after = fresh_processes("before"), fresh_processes("after")
     assert before["layers"] == [None, None]  # EasyEdit's ROME: every request at the YAML's layer
-    assert after["layers"] == traced
+    assert after["layers"] == [d.layer for d in expected] and 7 not in after["layers"]
+    assert after["sources"] == [d.source for d in expected]
     # EasyEdit's own loader picks GPT2Tokenizer for this "gpt" path; the plugin keeps the model's own.
     assert before["tokenizer"] == "GPT2Tokenizer" and after["tokenizer"] != "GPT2Tokenizer"
 
@@ -421,3 +436,214 @@ def test_edit_facts_through_easyedit_without_an_out_folder(tiny_tokenizer, tmp_p
     assert [r.editor_metrics["layer"] for r in records] == [r.layer for r in records] == [1, 2]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- the one-line change: the layer rule on every request, the caller's requests untouched --------------------
+
+def _yaml_copy(tmp_path: Path, family: str = "gpt2", record: bool = True, name: str | None = None,
+               **fields) -> Path:
+    """The shipped fact-FAMILY.yaml with absolute paths (and `fields` set) in tmp_path, with its validation record
+    beside it when `record`."""
+    from rome_locate.fact_models import fact_model_dir
+    from rome_locate.hparams import bind_model
+
+    src = ROOT / "hparams" / "ROME" / f"fact-{family}.yaml"
+    h = bind_model(load_hparams(src, easyedit=False), fact_model_dir(family))
+    path = write_hparams(dataclasses.replace(h, **fields), tmp_path / f"{name or src.stem}.yaml")
+    if record:
+        shutil.copy(src.with_name(f"fact-{family}.validation.json"), path.with_name(f"{path.stem}.validation.json"))
+    return path
+
+
+def _requests(n: int, family: str = "gpt2") -> list[dict]:
+    from rome_locate.easyedit import easyedit_request
+    from rome_locate.fact_models import counterfact_path
+    from rome_locate.facts import load_facts
+
+    return [easyedit_request(f) for f in load_facts(counterfact_path(family), limit=n)]
+
+
+def _rule_decisions(editor, requests: list[dict]) -> list:
+    """What the rule of `rome_locate.choose` decides for each request, traced on the editor's model as it is now."""
+    from rome_locate.choose import layer_rule
+    from rome_locate.facts import Fact
+    from rome_locate.locate import locate
+
+    rule = layer_rule("traced", editor.layer_rule.fallback, 8, editor.hparams.hparams_path)
+    facts = [Fact(prompt=r["prompt"], subject=r["subject"], target=r["ground_truth"]) for r in requests]
+    return [rule.decide(locate(editor.model, editor.tok, [f], editor.hparams.trace_settings(),
+                               progress=False)[0][0].effects) for f in facts]
+
+
+def test_validated_yaml_with_no_threshold_edits_every_request_at_its_layer(tmp_path, monkeypatch):
+    """EasyEdit: edit_requests puts each request dict into its returned metrics ("requested_rewrite"); the plugin
+    edits copies, so the caller's dicts are unchanged, and the record's null threshold sends every request to the
+    YAML's layer (source fallback)."""
+    monkeypatch.chdir(tmp_path)
+    from rome_locate.easyedit import BaseEditor, ROMEHyperParams as Located
+
+    layers = _spy_rome(monkeypatch)
+    hparams = Located.from_hparams(str(_yaml_copy(tmp_path, v_num_grad_steps=5)))
+    assert hparams.hparams_path == str(tmp_path / "fact-gpt2.yaml") and hparams.layers == [1]
+    editor = BaseEditor.from_hparams(hparams)
+    requests = _requests(3)
+    asked = copy.deepcopy(requests)
+    metrics, _, _ = editor.edit_requests(requests, verbose=False)
+    assert requests == asked and all("layer" not in r for r in requests)
+    assert layers == [m["layer"] for m in metrics] == [m["requested_rewrite"]["layer"] for m in metrics] == [1, 1, 1]
+    assert [m["layer_decision"]["source"] for m in metrics] == ["fallback"] * 3
+    assert editor.layer_rule.source.endswith("fact-gpt2.validation.json") and editor.hparams.layers == [1]
+    saved = json.loads((tmp_path / "logs" / "results.json").read_text())
+    assert [m["requested_rewrite"]["layer_decision"]["layer"] for m in saved] == [1, 1, 1]
+
+
+def test_yaml_without_record_and_easyedit_hparams_get_the_rule_defaults(tmp_path, monkeypatch, caplog):
+    """EasyEdit: ROMEHyperParams.from_hparams keeps no path. Our ROMEHyperParams from a YAML without a record, and
+    EasyEdit's own passed to our BaseEditor (only the BaseEditor import changed), both get the rule's defaults
+    (never the last layer); the latter says so in one logged warning."""
+    monkeypatch.chdir(tmp_path)
+    from rome_locate.choose import layer_rule
+    from rome_locate.easyedit import BaseEditor, ROMEHyperParams as Located
+
+    layers = _spy_rome(monkeypatch)
+    requests = _requests(3)
+    ours = BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, record=False, v_num_grad_steps=5))))
+    defaults = layer_rule("traced", 1, 8)
+    assert dataclasses.replace(ours.layer_rule, source="") == dataclasses.replace(defaults, source="")
+    assert 7 not in ours.layer_rule.candidates and "no fact-gpt2.validation.json" in ours.layer_rule.source
+    expected = _rule_decisions(ours, requests)
+    mine, _, _ = ours.edit_requests(requests, verbose=False)
+    assert [m["layer"] for m in mine] == [d.layer for d in expected] == layers
+    assert [m["layer_decision"]["source"] for m in mine] == [d.source for d in expected]
+    assert {d.source for d in expected} <= {"traced", "fallback"} and 7 not in layers
+    assert ours.hparams.layers == sorted(set(layers))
+    caplog.clear()
+    # EasyEdit's own class, from a YAML whose record it cannot know about.
+    theirs = BaseEditor.from_hparams(ROMEHyperParams.from_hparams(str(_yaml_copy(tmp_path, name="with-record",
+                                                                                 v_num_grad_steps=5))))
+    [line] = [r.getMessage() for r in caplog.records if r.name == "rome_locate.easyedit"]
+    assert "ROMEHyperParams" in line and "no validation record" in line and "\n" not in line
+    assert theirs.layer_rule == defaults
+    metrics, _, _ = theirs.edit_requests(requests, verbose=False)
+    assert [m["layer_decision"] for m in metrics] == [m["layer_decision"] for m in mine]
+
+
+def test_sequential_edits_twice_on_the_same_requests_retrace(tmp_path, monkeypatch):
+    """EasyEdit: sequential_edit=True keeps each edit; every request is traced on the model as it is when it is
+    edited, and a second call with the same list traces again (no layer left behind in the caller's dicts)."""
+    monkeypatch.chdir(tmp_path)
+    from rome_locate import easyedit
+    from rome_locate.easyedit import BaseEditor, ROMEHyperParams as Located
+
+    traced: list[str] = []
+    real = easyedit.trace_request
+
+    def spy(model, tok, request, settings):
+        traced.append(params_hash(model))
+        return real(model, tok, request, settings)
+
+    monkeypatch.setattr(easyedit, "trace_request", spy)
+    editor = BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, record=False, v_num_grad_steps=5))))
+    requests = _requests(2)
+    asked = copy.deepcopy(requests)
+    for _ in range(2):
+        metrics, _, _ = editor.edit_requests(requests, sequential_edit=True, verbose=False)
+        assert requests == asked
+        assert all(m["layer_decision"]["source"] in ("traced", "fallback") for m in metrics)
+    assert len(traced) == 4 and len(set(traced)) == 4  # four traces, each on the model after the edits before it
+
+
+def _left_padded_copy(tmp_path: Path, side: str) -> Path:
+    """The LLaMA fact model copied to tmp_path/SIDE/llama (the folder name the statistics are filed under) with
+    "padding_side": SIDE in its tokenizer_config.json, as many LLaMA tokenizers ship."""
+    from rome_locate.fact_models import fact_model_dir
+
+    dst = tmp_path / side / "llama"
+    shutil.copytree(fact_model_dir("llama"), dst, ignore=shutil.ignore_patterns("stats"))
+    config = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": side}))
+    return dst
+
+
+def test_left_padding_tokenizer_gives_the_same_edit_as_right_padding(tmp_path, monkeypatch):
+    """EasyEdit: sets padding_side="right" for ROME only for llama/mistral/qwen paths it loads itself, and its
+    ROME reads positions as if padding were on the right. The plugin pads right whatever the tokenizer's default:
+    a LLaMA tokenizer that pads left gives the same edit and metrics as one that pads right."""
+    monkeypatch.chdir(tmp_path)
+    from rome_locate.easyedit import BaseEditor, ROMEHyperParams as Located
+
+    runs = {}
+    for side in ("left", "right"):
+        (tmp_path / side).mkdir()
+        model_dir = _left_padded_copy(tmp_path, side)
+        path = _yaml_copy(tmp_path / side, family="llama", model_name=str(model_dir))
+        editor = BaseEditor.from_hparams(Located.from_hparams(str(path)))
+        assert editor.tok.padding_side == "right"
+        metrics, model, _ = editor.edit_requests(_requests(2, "llama"), sequential_edit=True, verbose=False)
+        runs[side] = ([[float(np.mean(m["post"][k])) for k in ("rewrite_acc", "rephrase_acc")]
+                       + [float(np.mean(m["post"]["locality"]["neighborhood_acc"]))] for m in metrics],
+                      {n: p.detach().clone() for n, p in model.named_parameters()})
+    assert runs["left"][0] == runs["right"][0]
+    assert np.mean([row[0] for row in runs["left"][0]]) > 0  # an edit took: the equality is not of failures
+    for name, value in runs["right"][1].items():
+        torch.testing.assert_close(runs["left"][1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_preloaded_tokenizer_is_set_to_pad_right(tmp_path, monkeypatch):
+    """EasyEdit: leaves a preloaded tokenizer's padding side as it is; the plugin sets it right for ROME."""
+    monkeypatch.chdir(tmp_path)
+    from rome_locate.easyedit import BaseEditor, ROMEHyperParams as Located
+    from rome_locate.fact_models import load_fact_model
+
+    model, tok = load_fact_model("llama")
+    tok.padding_side = "left"
+    hparams = dataclasses.replace(Located.from_hparams(str(_yaml_copy(tmp_path, family="llama"))),
+                                  model_name=(model, tok))
+    editor = BaseEditor.from_hparams(hparams)
+    assert editor.tok is tok and tok.padding_side == "right"
+
+
+def test_fp16_model_parallel_and_device_of_the_yaml_are_honoured(tmp_path, monkeypatch):
+    """EasyEdit: loads a model path in float16 with `fp16: true`, with device_map "auto" with `model_parallel`,
+    and moves it to `device` (an int is a CUDA index)."""
+    monkeypatch.chdir(tmp_path)
+    from rome_locate.easyedit import BaseEditor, ROMEHyperParams as Located
+
+    half = BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, name="half", fp16=True))))
+    assert half.model.dtype == torch.float16 and half.layer_rule.fallback == 1
+    full = BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, name="full"))))
+    assert full.model.dtype == torch.float32
+    from rome_locate import models
+
+    loads: list[dict] = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: loads.append(kw) or real(name, **kw))
+    BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, name="mp", model_parallel=True))))
+    assert loads == [{"dtype": "float32", "device_map": "auto"}]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device: 0 is a CUDA device.*set device: cpu"):
+        BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, name="gpu", device=0))))
+    with pytest.raises(FileNotFoundError, match="model_name .*no-such-model"):
+        BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, name="missing",
+                                                                    model_name=str(tmp_path / "no-such-model")))))
+
+
+def test_requires_grad_flags_survive_an_edit(tiny_tokenizer, tmp_path, monkeypatch):
+    """EasyEdit: ROME's compute_v sets requires_grad=False on every parameter; the plugin's BaseEditor and
+    EasyEditSession.edited leave each parameter's flag as it was."""
+    monkeypatch.chdir(tmp_path)
+    from rome_locate.easyedit import BaseEditor, EasyEditSession, easyedit_request, located_hparams
+
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    model.transformer.wte.weight.requires_grad_(False)  # a mix, as in a partly frozen model
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    h = generate_hparams(model, None, 1, "tiny", context_template_length_params=[[5, 5]], v_num_grad_steps=2)
+    editor = BaseEditor.from_hparams(located_hparams(h, model_name=(model, tiny_tokenizer)))
+    editor.edit_requests([{**easyedit_request(FACT), "layer": 2}], verbose=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    session = EasyEditSession(model, tiny_tokenizer, h, "tiny", tmp_path / "session")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with session.edited(model, tiny_tokenizer, FACT, with_layer(h, 3)) as metrics:
+        assert metrics["layer"] == 3 and session.editor.hparams.layers == [3]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
