@@ -83,15 +83,22 @@ def test_easyedit_reads_our_mom2_offline(family, tiny_tokenizer, tmp_path, monke
     torch.testing.assert_close(inv, torch.inverse(stat.mom2.moment()).float())
 
 
-def test_easyedit_rome_through_edited_restores(tiny_tokenizer):
-    from rome_locate.edit import edited
+def test_easyedit_rome_through_the_registry_restores(tiny_tokenizer):
+    from rome_locate.editors import EasyEditRome, make_editor
 
     model = build_tiny_model("gpt2", len(tiny_tokenizer))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     h = generate_hparams(model, None, 1, "tiny", context_template_length_params=[[5, 5]], v_num_grad_steps=2)
-    with edited(model, tiny_tokenizer, FACT, h, editor="easyedit"):
-        assert not torch.equal(model.get_parameter("transformer.h.1.mlp.c_proj.weight"),
-                               before["transformer.h.1.mlp.c_proj.weight"])
+    editor = make_editor("easyedit", model, tiny_tokenizer, h, model_name="tiny")
+    assert isinstance(editor, EasyEditRome) and editor.name == "easyedit"
+    try:
+        with editor.edited(model, tiny_tokenizer, FACT, h) as metrics:
+            assert not torch.equal(model.get_parameter("transformer.h.1.mlp.c_proj.weight"),
+                                   before["transformer.h.1.mlp.c_proj.weight"])
+        assert metrics["layer"] == 1 and "post" in metrics
+    finally:
+        editor.close()
+    assert editor._scratch is None  # its temporary folder for EasyEdit's logs is gone
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
