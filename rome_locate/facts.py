@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
-from .files import write_text
+from .files import not_utf8, write_text
 from .records import Record
 
 
@@ -249,6 +249,14 @@ def _records(path: Path, fh: IO[str]) -> Iterator[tuple[str, Any]]:
         yield f"{path}:{n}", rec
 
 
+def _decoded(path: Path, records: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    # The codec's own message names no file; the file is read lazily, so the error can come at any record.
+    try:
+        yield from records
+    except UnicodeDecodeError as exc:
+        raise FactFormatError(not_utf8(path, exc)) from None
+
+
 def check_limit(limit: int | None, flag: str = "limit") -> int | None:
     """`limit` when it is None or an integer >= 1; otherwise a ValueError naming `flag`."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -263,7 +271,7 @@ def iter_facts(path: str | Path, limit: int | None = None) -> Iterator[Fact]:
     if not path.is_file():
         raise FileNotFoundError(f"facts file not found: {path}")
     with path.open(encoding="utf-8") as fh:
-        for i, (where, rec) in enumerate(_records(path, fh)):
+        for i, (where, rec) in enumerate(_decoded(path, _records(path, fh))):
             try:
                 fact = fact_from_record(rec, i)
             except FactFormatError as exc:

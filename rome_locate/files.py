@@ -84,6 +84,16 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def not_utf8(path: str | Path, exc: UnicodeDecodeError, data: bytes | None = None) -> str:
+    """One line naming `path` for a decoding error; with the whole file's `data`, also the line of the bad byte."""
+    byte = exc.object[exc.start:exc.start + 1].hex() or "??"
+    where = ""
+    if data is not None:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = f" on line {line}"
+    return f"{path}: not UTF-8 text (byte 0x{byte}{where} cannot be decoded); save it as UTF-8"
+
+
 def safe_name(text: str, limit: int = 60) -> str:
     """`text` (e.g. a fact id) as a file-name part, one name per text.
 

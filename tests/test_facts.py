@@ -144,3 +144,16 @@ def test_numeric_ids_still_read_as_text():
     assert fact_from_record({"prompt": "x is", "subject": "x", "id": 12, "relation_id": 131}).id == "12"
     assert fact_from_record({"prompt": "x is", "subject": "x", "relation_id": 131}).relation_id == "131"
     assert fact_from_record({"prompt": "x is", "subject": "x", "rephrase_prompts": None}).rephrase_prompts == ()
+
+
+@pytest.mark.parametrize("name, text", [("latin1.json", '[{"prompt": "Caf\xe9 is in", "subject": "Caf\xe9"}]'),
+                                        ("latin1.jsonl", '{"prompt": "A is in", "subject": "A"}\n'
+                                                         '{"prompt": "Caf\xe9 is in", "subject": "Caf\xe9"}\n')],
+                         ids=["json", "jsonl"])
+def test_non_utf8_facts_file_is_named(tmp_path, name, text):
+    # Issue 21 (21): the codec's message alone ("can't decode byte 0xe9") does not say which file.
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(FactFormatError, match=rf"{name}.*not UTF-8.*0xe9") as err:
+        load_facts(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
