@@ -127,3 +127,79 @@ def test_truncated_bin_is_one_line_naming_the_file(tmp_path):
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     message = _load_error(model_dir)
     assert message.startswith(f"{weights}: not a complete PyTorch checkpoint")
+
+
+# ---- the evaluation reads each metric from its own prompt group ------------------
+
+
+def _scores(rows, answers=False):
+    """Hand-built scores of one prompt group: per row (NLL of target_new, NLL of the true target, tokens of
+    target_new predicted right out of 2); with `answers`, also the locality answer's top-1 token."""
+    import torch
+
+    from rome_locate.scoring import PairScore
+
+    out = []
+    for new_nll, true_nll, right in rows:
+        new = PairScore(nll=new_nll, target_ids=(5, 6), predicted=(5, 6)[:right] + (9,) * (2 - right), next_logp=None)
+        row = {"new": new, "true": PairScore(nll=true_nll, target_ids=(7,), predicted=(7,), next_logp=None)}
+        if answers:
+            # The answer's top-1 token follows `right`, so that before and after agree on some rows only.
+            row["answer"] = PairScore(nll=1.0, target_ids=(3,), predicted=(right,),
+                                      next_logp=torch.log_softmax(torch.arange(4.0) * (right + 1), -1))
+        out.append(row)
+    return out
+
+
+def _state(edit, paraphrase, neighborhood):
+    return {"edit": _scores(edit), "paraphrase": _scores(paraphrase), "neighborhood": _scores(neighborhood, True)}
+
+
+def _share(rows, won):
+    return sum(won(r) for r in rows) / len(rows)
+
+
+def _margin(rows, a, b):
+    return sum(r[a].prob - r[b].prob for r in rows) / len(rows)
+
+
+def _accuracy(rows):
+    return sum(sum(p == t for p, t in zip(r["new"].predicted, r["new"].target_ids)) / 2 for r in rows) / len(rows)
+
+
+def test_each_metric_comes_from_its_own_prompt_group():
+    from rome_locate.evaluate import metrics_between
+
+    # Each group's rows give other success rates, margins and accuracies, so a metric read from another group
+    # (or from the other model state) would differ; the asserts below on `readings` check that they do.
+    after = _state(edit=[(0.2, 3.0, 2)],
+                   paraphrase=[(0.5, 2.0, 2), (2.5, 0.4, 0)],
+                   neighborhood=[(0.3, 2.2, 1), (0.6, 1.9, 2), (3.1, 0.7, 0), (0.9, 1.4, 2)])
+    before = _state(edit=[(4.0, 0.3, 0)],
+                    paraphrase=[(0.6, 3.5, 0), (0.9, 3.0, 1)],
+                    neighborhood=[(2.9, 0.2, 0), (2.4, 0.8, 1), (2.0, 0.5, 0), (0.1, 1.1, 2)])
+    m = metrics_between(before, after)
+
+    new_wins = lambda r: r["new"].nll < r["true"].nll  # noqa: E731
+    true_wins = lambda r: r["true"].nll < r["new"].nll  # noqa: E731
+    for state, suffix in ((after, ""), (before, "_pre")):
+        readings = {g: (_share(rows, new_wins), _margin(rows, "new", "true"), _accuracy(rows),
+                        _share(rows, true_wins)) for g, rows in state.items()}
+        for i in range(4):
+            assert len({r[i] for r in readings.values()}) == 3, (suffix, i, readings)
+        assert m["efficacy_score" + suffix] == pytest.approx(readings["edit"][0])
+        assert m["efficacy_magnitude" + suffix] == pytest.approx(readings["edit"][1])
+        assert m["paraphrase_score" + suffix] == pytest.approx(readings["paraphrase"][0])
+        assert m["paraphrase_magnitude" + suffix] == pytest.approx(readings["paraphrase"][1])
+        assert m["neighborhood_score" + suffix] == pytest.approx(readings["neighborhood"][3])
+        assert m["neighborhood_magnitude" + suffix] == pytest.approx(_margin(state["neighborhood"], "true", "new"))
+        assert m["rewrite_acc" + suffix] == pytest.approx(readings["edit"][2])
+        assert m["rephrase_acc" + suffix] == pytest.approx(readings["paraphrase"][2])
+    assert m["efficacy_score"] != m["efficacy_score_pre"] and m["paraphrase_score"] != m["paraphrase_score_pre"]
+    assert m["p_new"] == pytest.approx(after["edit"][0]["new"].prob)
+    assert m["p_new_pre"] == pytest.approx(before["edit"][0]["new"].prob)
+    # Locality compares the neighbourhood answers' top-1 tokens before and after the edit, row by row.
+    agree = [b["answer"].predicted == a["answer"].predicted for b, a in zip(before["neighborhood"],
+                                                                           after["neighborhood"])]
+    assert 0 < sum(agree) < len(agree)
+    assert m["locality"] == pytest.approx(sum(agree) / len(agree))
