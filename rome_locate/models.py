@@ -202,7 +202,8 @@ class WeightsFileError(ValueError):
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    # transformers' messages may span lines; the CLI prints one line per error.
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _cause(exc: BaseException) -> str:

@@ -77,11 +77,11 @@ def _fact_model_copy(tmp_path, weights: str | None = "model.safetensors"):
     return dst
 
 
-def _load_error(model_dir):
+def _load_error(model_dir, expected=ValueError):
     from rome_locate import cli
     from rome_locate.models import load_model
 
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(expected) as err:
         load_model(model_dir, device="cpu")
     # The CLI turns exactly these into its one-line "error:" message.
     assert isinstance(err.value, cli._user_errors()) and "\n" not in str(err.value)
@@ -127,6 +127,17 @@ def test_truncated_bin_is_one_line_naming_the_file(tmp_path):
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     message = _load_error(model_dir)
     assert message.startswith(f"{weights}: not a complete PyTorch checkpoint")
+
+
+def test_a_multi_line_loader_message_stays_one_line(tmp_path, monkeypatch):
+    import transformers
+
+    def refuse(*_a, **_k):
+        raise OSError("first line of the loader's message\nsecond line, with the file it names")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    message = _load_error(_fact_model_copy(tmp_path), expected=FileNotFoundError)
+    assert "first line of the loader's message second line, with the file it names" in message
 
 
 # ---- the evaluation reads each metric from its own prompt group ------------------
