@@ -7,49 +7,91 @@ import json
 import os
 import re
 import socket
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path`, on failure it is removed.
-
-    The temporary name keeps `path`'s suffix, so writers that infer the format
-    from it (matplotlib, numpy) behave as they would on `path` itself.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain name (not mkstemp's 0600 file) so the output gets the user's umask permissions.
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+def _umask() -> int:
+    """This process's umask, read without changing it where the system allows (Linux's /proc)."""
     try:
-        yield tmp
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def _temp_beside(path: Path) -> Iterator[tuple[int, Path]]:
+    """(open descriptor, path) of a new temporary file beside `path`; on success it replaces `path`, on failure
+    it is removed.
+
+    mkstemp creates the file exclusively under an unpredictable name (O_CREAT | O_EXCL never follows a link),
+    so a link planted in the output folder cannot redirect the write to another file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    tmp = Path(name)
+    try:
+        try:
+            if hasattr(os, "fchmod"):
+                # mkstemp's 0600 would make outputs private; give them the permissions a plain open would.
+                os.fchmod(fd, 0o666 & ~_umask())
+            yield fd, tmp
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield the path of a new, empty temporary file beside `path`; on success it replaces `path`, on failure it
+    is removed.
+
+    The temporary name keeps `path`'s suffix, so writers that infer the format
+    from it (matplotlib, numpy) behave as they would on `path` itself.
+    """
+    with _temp_beside(Path(path)) as (_fd, tmp):
+        yield tmp
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically, flushed to disk."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return Path(path)
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    """Write `data` to `path` atomically, flushed to disk."""
+    with _temp_beside(Path(path)) as (fd, _tmp):
+        # Through the descriptor mkstemp opened: the name is never opened a second time.
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
     return Path(path)
 
 
 def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
     """Write `obj` as JSON to `path` atomically."""
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def not_utf8(path: str | Path, exc: UnicodeDecodeError, data: bytes | None = None) -> str:
+    """One line naming `path` for a decoding error; with the whole file's `data`, also the line of the bad byte."""
+    byte = exc.object[exc.start:exc.start + 1].hex() or "??"
+    where = ""
+    if data is not None:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = f" on line {line}"
+    return f"{path}: not UTF-8 text (byte 0x{byte}{where} cannot be decoded); save it as UTF-8"
 
 
 def safe_name(text: str, limit: int = 60) -> str:

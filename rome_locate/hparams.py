@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +29,8 @@ FIELD_ORDER = (
 _FLOAT_FIELDS = ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor")
 _INT_FIELDS = ("v_num_grad_steps", "v_loss_layer", "mom2_n_samples", "max_length")
 FACT_TOKENS = ("subject_last", "subject_first", "last")
+# ROME's context-template prefixes ("The", "Therefore", "Because", "I", "You"; rome.TEMPLATE_PREFIXES).
+_TEMPLATE_PREFIXES = 5
 # The rewrite-module template fields a `generate_hparams` call copies from the architecture map.
 _ARCH_FIELDS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
                 "ln_f_module", "lm_head_module")
@@ -175,7 +178,8 @@ def check_config(config: dict[str, Any], source: str = "hyperparameters", n_laye
                     value = float(value)
                 except ValueError:
                     pass
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or int(value) != value):
                 raise HParamsError(f"{source}: {key} must be an integer, got {config[key]!r}")
             config[key] = int(value)
     layers = config["layers"]
@@ -190,14 +194,18 @@ def check_config(config: dict[str, Any], source: str = "hyperparameters", n_laye
         except LayerRangeError as exc:
             raise HParamsError(f"{source}: {exc}") from None
     config["layers"] = list(layers)
+    _check_ranges(config, source, n_layers)
     if config["fact_token"] not in FACT_TOKENS:
         raise HParamsError(f"{source}: fact_token must be one of {FACT_TOKENS}, got {config['fact_token']!r}")
     ctp = config["context_template_length_params"]
+    # ROME splits each count over its 5 template prefixes (count // 5 texts each): below 5 the sampler gets none.
     if (not isinstance(ctp, list)
-            or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p)
-                       for p in ctp)):
-        raise HParamsError(f"{source}: context_template_length_params must be a list of [length, count] pairs, "
-                           f"got {ctp!r}")
+            or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                       and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+                       and p[0] >= 1 and p[1] >= _TEMPLATE_PREFIXES for p in ctp)):
+        raise HParamsError(f"{source}: context_template_length_params must be a list of [length >= 1, count >= "
+                           f"{_TEMPLATE_PREFIXES}] pairs (tokens per sampled text, texts split over ROME's "
+                           f"{_TEMPLATE_PREFIXES} template prefixes), got {ctp!r}")
     config["context_template_length_params"] = [list(p) for p in ctp]
     for key in ("mom2_adjustment", "model_parallel", "fp16"):
         if key in config and not isinstance(config[key], bool):
@@ -213,6 +221,26 @@ def check_config(config: dict[str, Any], source: str = "hyperparameters", n_laye
     config["model_name"] = str(config["model_name"])
     config["stats_dir"] = str(config["stats_dir"])
     return config
+
+
+def _check_ranges(config: dict[str, Any], source: str, n_layers: int | None) -> None:
+    """Numbers of the right type but outside what ROME can use (a NaN learning rate, zero steps, a loss layer
+    below the model): an HParamsError naming the field and the value."""
+    for key in ("v_lr", "clamp_norm_factor"):
+        if not (math.isfinite(config[key]) and config[key] > 0):
+            raise HParamsError(f"{source}: {key} must be a finite number > 0, got {config[key]!r}")
+    for key in ("kl_factor", "v_weight_decay"):
+        if not (math.isfinite(config[key]) and config[key] >= 0):
+            raise HParamsError(f"{source}: {key} must be a finite number >= 0, got {config[key]!r}")
+    for key in ("v_num_grad_steps", "mom2_n_samples", "max_length"):
+        if key in config and config[key] < 1:
+            raise HParamsError(f"{source}: {key} must be >= 1, got {config[key]!r}")
+    loss_layer = config["v_loss_layer"]
+    if n_layers is not None and not 0 <= loss_layer < n_layers:
+        raise HParamsError(f"{source}: v_loss_layer must be a layer index in 0..{n_layers - 1}, got {loss_layer!r} "
+                           f"(the model has {n_layers} layers)")
+    if loss_layer < 0:
+        raise HParamsError(f"{source}: v_loss_layer must be a layer index >= 0, got {loss_layer!r}")
 
 
 def to_dict(hparams: RomeParams) -> dict[str, Any]:

@@ -201,6 +201,75 @@ def hidden_modules() -> dict[str, str]:
     return dict(_HIDDEN)
 
 
+class WeightsFileError(ValueError):
+    """A model's weights file that is truncated, damaged, or refused (a pickle that is not plain tensors)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    # transformers' messages may span lines; the CLI prints one line per error.
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    """The informative line of a safetensors or torch.load message (torch wraps it in paragraphs of advice)."""
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue", "In PyTorch 2.6")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = next((l for l in lines if not l.startswith(advice)), lines[0] if lines else type(exc).__name__)
+    # miniz and safetensors append sentences of advice after the cause.
+    return line.split(". ")[0].rstrip(".")
+
+
+def _bin_problem(path: Path) -> str | None:
+    """Why torch.load(weights_only=True) cannot read `path`, or None; weights_only runs nothing in the file."""
+    import zipfile
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # any failure here is this file's
+        return _cause(exc)
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a complete safetensors file (its header and extent are checked, no tensor read), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # SafetensorError, or an OSError reading the file
+        return _cause(exc)
+    return None
+
+
+def _weights_problem(exc: BaseException, local: Path | None, name: str) -> str | None:
+    """One line naming the weights file behind `exc`, when `exc` is a damaged or refused weights file; else None."""
+    import pickle
+
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover (transformers requires safetensors)
+        SafetensorError = ()  # noqa: N806
+    if isinstance(exc, SafetensorError):
+        kind, pattern, check = "safetensors", "*.safetensors", _safetensors_problem
+        advice = "not a complete safetensors file ({}): truncated or damaged; download or save it again"
+    elif isinstance(exc, pickle.UnpicklingError):
+        kind, pattern, check = "PyTorch", "*.bin", _bin_problem
+        advice = ("refused as model weights: torch.load(weights_only=True) found more than plain tensors or no "
+                  "checkpoint ({}); nothing in the file was run. Use the model's safetensors, or a copy from a "
+                  "trusted source")
+    elif isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc):
+        kind, pattern, check = "PyTorch", "*.bin", _bin_problem
+        advice = "not a complete PyTorch checkpoint ({}): truncated or damaged; download or save it again"
+    else:
+        return None
+    for path in sorted(local.glob(pattern)) if local is not None else ():
+        why = check(path)
+        if why is not None:
+            return f"{path}: " + advice.format(why)
+    return f"--model {name!r}: its {kind} weights cannot be read ({_cause(exc)})"
+
+
 def load_model(name: str | Path, *, device: str | None = None, dtype: str = "float32",
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
                offload_folder: str | Path | None = None):
@@ -251,7 +320,14 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
         model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else text, **kw)
     except (OSError, ValueError) as exc:
         where = "local directory" if local.exists() else "local directory or reachable hub model"
-        raise FileNotFoundError(f"--model {text!r} is not a loadable {where}: {exc}") from None
+        raise FileNotFoundError(f"--model {text!r} is not a loadable {where}: {_one_line(exc)}") from None
+    except Exception as exc:
+        # safetensors and torch.load raise their own types (SafetensorError, UnpicklingError, RuntimeError) for
+        # a damaged or refused weights file; other errors (a bug, out of memory) keep their traceback.
+        why = _weights_problem(exc, local if local.is_dir() else None, text)
+        if why is None:
+            raise
+        raise WeightsFileError(why) from None
     if device_map is None:
         model = model.to(device)
     return model.eval(), tok

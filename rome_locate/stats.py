@@ -24,6 +24,8 @@ with `model dir name` = the last path component of `model.config._name_or_path`,
 from __future__ import annotations
 
 import struct
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -33,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Arch, arch_for, check_layer
-from .files import atomic_path
+from .files import atomic_path, not_utf8
 from .hooks import captured_inputs
 from .hparams import RomeParams
 from .models import context_length, input_device
@@ -88,7 +90,12 @@ def read_corpus(path: str | Path, n_samples: int | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"corpus not found: {path}")
-    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"corpus {not_utf8(path, exc, data)}") from None
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"corpus {path} has no non-empty lines")
     return texts if n_samples is None else texts[:n_samples]
@@ -264,6 +271,22 @@ def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequen
     return out
 
 
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays load_mom2 reads from an npz; a damaged file is a ValueError naming it, not zipfile's traceback."""
+    def unreadable(why: str) -> ValueError:
+        return ValueError(f"{path}: not a readable mom2 statistics file ({why}); recompute it with `rome-locate stats`")
+
+    # np.load would read anything that is not a zip or .npy as a pickle (refused, but with a misleading message).
+    if not zipfile.is_zipfile(path):
+        raise unreadable("not a complete npz archive: truncated, damaged or another format")
+    try:
+        # allow_pickle=False (the default, stated): an object array is refused, never unpickled.
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in ("mom2.count", "mom2.mom2", "sample_size") if key in data.files}
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+        raise unreadable(str(exc).split("\n")[0][:120]) from None
+
+
 def load_mom2(path: str | Path, n_samples: int | None = None) -> torch.Tensor:
     """C = E[k k^T] (float32) from an EasyEdit-format mom2 file; `n_samples` is checked when given."""
     path = Path(path)
@@ -272,16 +295,16 @@ def load_mom2(path: str | Path, n_samples: int | None = None) -> torch.Tensor:
             f"mom2 statistics not found: {path}. Compute them offline with "
             f"`rome-locate stats --model PATH --corpus TEXT --layers N --stats-dir DIR`, "
             f"or set mom2_adjustment: false")
-    with np.load(path) as data:
-        missing = {"mom2.count", "mom2.mom2"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path}: not a mom2 statistics file (missing keys {sorted(missing)})")
-        stored = data["sample_size"] if "sample_size" in data.files else _NULL
-        if n_samples is not None and (np.isnan(stored) or int(stored) != n_samples):
-            raise ValueError(f"{path}: computed with sample_size {stored}, "
-                             f"hyperparameters ask for {n_samples}")
-        count = int(data["mom2.count"])
-        total = torch.from_numpy(data["mom2.mom2"].astype(np.float64))
+    arrays = _read_npz(path)
+    missing = {"mom2.count", "mom2.mom2"} - set(arrays)
+    if missing:
+        raise ValueError(f"{path}: not a mom2 statistics file (missing keys {sorted(missing)})")
+    stored = arrays.get("sample_size", _NULL)
+    if n_samples is not None and (np.isnan(stored) or int(stored) != n_samples):
+        raise ValueError(f"{path}: computed with sample_size {stored}, "
+                         f"hyperparameters ask for {n_samples}")
+    count = int(arrays["mom2.count"])
+    total = torch.from_numpy(arrays["mom2.mom2"].astype(np.float64))
     if count <= 0:
         raise ValueError(f"{path}: mom2.count is {count}")
     return (total / count).float()

@@ -97,3 +97,63 @@ def test_load_errors_name_the_file(tmp_path):
 def test_fact_is_frozen():
     with pytest.raises(AttributeError):
         Fact(prompt="p", subject="s").prompt = "q"
+
+
+# Issue 21 (15): a wrong JSON type is named where it is read, not met later as a traceback from the tokenizer.
+WRONG_TYPES = [
+    ({"prompt": 123, "subject": "x", "id": "a"}, "prompt", "number 123"),
+    ({"prompt": "x is", "subject": ["x"], "id": "a"}, "subject", "array"),
+    ({"prompt": "x is", "subject": None, "id": "a"}, "subject", "null"),
+    ({"prompt": "x is", "subject": "x", "target": 5, "id": "a"}, "target", "number 5"),
+    ({"prompt": "x is", "subject": "x", "target": float("nan"), "id": "a"}, "target", "NaN"),
+    ({"prompt": "x is", "subject": "x", "locality_prompts": "y is", "id": "a"}, "locality_prompts", "string"),
+    ({"prompt": "x is", "subject": "x", "rephrase_prompts": ["x's", 7], "id": "a"}, r"rephrase_prompts\[1\]",
+     "number 7"),
+    ({**EASYEDIT, "prompt": 123, "case_id": "a"}, "prompt", "number 123"),
+    ({**EASYEDIT, "target_new": 5, "case_id": "a"}, "target_new", "number 5"),
+    ({**EASYEDIT, "ground_truth": {"str": 5}, "case_id": "a"}, r"ground_truth\.str", "number 5"),
+    ({**EASYEDIT, "locality_prompt": [None], "case_id": "a"}, r"locality_prompt\[0\]", "null"),
+    ({**KNOWN, "subject": 5, "known_id": "a"}, "subject", "number 5"),
+    ({**KNOWN, "attribute": ["Seattle"], "known_id": "a"}, "attribute", "array"),
+    ({**COUNTERFACT, "case_id": "a", "requested_rewrite": {**COUNTERFACT["requested_rewrite"], "prompt": 5}},
+     r"requested_rewrite\.prompt", "number 5"),
+    ({**COUNTERFACT, "case_id": "a",
+      "requested_rewrite": {**COUNTERFACT["requested_rewrite"], "target_new": {"str": float("nan")}}},
+     r"requested_rewrite\.target_new\.str", "NaN"),
+    ({**COUNTERFACT, "case_id": "a", "requested_rewrite": "rewrite"}, "requested_rewrite", "string"),
+]
+
+
+@pytest.mark.parametrize("rec, field, found", WRONG_TYPES, ids=[f"{i}-{c[1]}" for i, c in enumerate(WRONG_TYPES)])
+def test_wrong_json_type_names_the_fact_the_field_and_the_type(rec, field, found):
+    with pytest.raises(FactFormatError, match=rf"^record 4 \(id 'a'\): {field} must be .*, got {found}") as err:
+        fact_from_record(rec, 4)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_type_in_a_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps(KNOWN) + "\n" + json.dumps({"prompt": "x is", "subject": "x", "target": 5}) + "\n")
+    with pytest.raises(FactFormatError, match=r"facts.jsonl:2: record 1 \(no id\): target must be a string or null, "
+                                              r"got number 5"):
+        load_facts(path)
+
+
+def test_numeric_ids_still_read_as_text():
+    # Every format stores the id as text; a hand-written own-format file may give a number.
+    assert fact_from_record({"prompt": "x is", "subject": "x", "id": 12, "relation_id": 131}).id == "12"
+    assert fact_from_record({"prompt": "x is", "subject": "x", "relation_id": 131}).relation_id == "131"
+    assert fact_from_record({"prompt": "x is", "subject": "x", "rephrase_prompts": None}).rephrase_prompts == ()
+
+
+@pytest.mark.parametrize("name, text", [("latin1.json", '[{"prompt": "Caf\xe9 is in", "subject": "Caf\xe9"}]'),
+                                        ("latin1.jsonl", '{"prompt": "A is in", "subject": "A"}\n'
+                                                         '{"prompt": "Caf\xe9 is in", "subject": "Caf\xe9"}\n')],
+                         ids=["json", "jsonl"])
+def test_non_utf8_facts_file_is_named(tmp_path, name, text):
+    # Issue 21 (21): the codec's message alone ("can't decode byte 0xe9") does not say which file.
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(FactFormatError, match=rf"{name}.*not UTF-8.*0xe9") as err:
+        load_facts(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

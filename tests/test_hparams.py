@@ -157,3 +157,64 @@ def test_fact_yaml_is_validated_with_no_field_set_by_hand(family):
     assert (h.v_lr, h.v_num_grad_steps, h.clamp_norm_factor) == (setting["v_lr"], setting["v_num_grad_steps"],
                                                                 setting["clamp_norm_factor"])
     assert h.mom2_adjustment and h.mom2_dataset == v["mom2"]["mom2_dataset"]
+
+
+# Issue 21 (17): values of the right type but outside what ROME can use are refused at load, naming the value.
+OUT_OF_RANGE = [
+    ({"v_loss_layer": 48}, "v_loss_layer must be a layer index in 0..47, got 48"),
+    ({"v_loss_layer": 99}, "v_loss_layer must be a layer index in 0..47, got 99"),
+    ({"v_loss_layer": -3}, "v_loss_layer must be a layer index in 0..47, got -3"),
+    ({"v_num_grad_steps": 0}, "v_num_grad_steps must be >= 1, got 0"),
+    ({"v_num_grad_steps": -5}, "v_num_grad_steps must be >= 1, got -5"),
+    ({"clamp_norm_factor": -1}, "clamp_norm_factor must be a finite number > 0, got -1.0"),
+    ({"clamp_norm_factor": 0}, "clamp_norm_factor must be a finite number > 0, got 0.0"),
+    ({"v_lr": float("inf")}, "v_lr must be a finite number > 0, got inf"),
+    ({"v_lr": 0}, "v_lr must be a finite number > 0, got 0.0"),
+    ({"v_lr": float("nan")}, "v_lr must be a finite number > 0, got nan"),
+    ({"kl_factor": -0.1}, "kl_factor must be a finite number >= 0, got -0.1"),
+    ({"v_weight_decay": float("nan")}, "v_weight_decay must be a finite number >= 0, got nan"),
+    ({"context_template_length_params": [[0, 10]]},
+     r"context_template_length_params must be a list of \[length >= 1, count >= 5\] pairs .*, got \[\[0, 10\]\]"),
+    ({"context_template_length_params": [[5, 10], [10, 0]]},
+     r"context_template_length_params must be .*, got \[\[5, 10\], \[10, 0\]\]"),
+    ({"context_template_length_params": [[5, 3]]}, r"context_template_length_params must be .*, got \[\[5, 3\]\]"),
+    ({"context_template_length_params": [[5, True]]},
+     r"context_template_length_params must be .*, got \[\[5, True\]\]"),
+    ({"mom2_n_samples": 0}, "mom2_n_samples must be >= 1, got 0"),
+    ({"v_num_grad_steps": float("inf")}, "v_num_grad_steps must be an integer, got inf"),
+    ({"v_loss_layer": float("nan")}, "v_loss_layer must be an integer, got nan"),
+    ({"max_length": -40}, "max_length must be >= 1, got -40"),
+]
+
+
+@pytest.mark.parametrize("change, message", OUT_OF_RANGE, ids=[f"{i}-{next(iter(c))}" for i, (c, _) in
+                                                              enumerate(OUT_OF_RANGE)])
+def test_values_out_of_range_name_the_field_and_value(tmp_path, change, message):
+    good = yaml.safe_load((ROOT / "hparams" / "ROME" / "gpt2-xl.yaml").read_text())
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump({**good, **change}))
+    with pytest.raises(HParamsError, match=message) as err:
+        load_hparams(p, n_layers=48)
+    assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_v_loss_layer_is_checked_against_the_model_only_when_its_depth_is_known(tmp_path):
+    good = yaml.safe_load((ROOT / "hparams" / "ROME" / "gpt2-xl.yaml").read_text())
+    p = tmp_path / "deep.yaml"
+    p.write_text(yaml.safe_dump({**good, "layers": [3], "v_loss_layer": 47}))
+    assert load_hparams(p).v_loss_layer == 47
+    with pytest.raises(HParamsError, match="v_loss_layer must be a layer index in 0..11, got 47"):
+        load_hparams(p, n_layers=12)
+    p.write_text(yaml.safe_dump({**good, "v_loss_layer": -1}))
+    with pytest.raises(HParamsError, match="v_loss_layer must be a layer index >= 0, got -1"):
+        load_hparams(p)
+
+
+@pytest.mark.parametrize("pairs", [[[0, 3]], [[5, 3]]])
+def test_template_pairs_that_crashed_the_sampler_are_refused(tiny_tokenizer, pairs):
+    # Fewer than 5 texts gives each of ROME's 5 template prefixes none, and the sampler then died with
+    # "IndexError: tuple index out of range" in the middle of an edit.
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    with pytest.raises(HParamsError, match=r"context_template_length_params must be .*count >= 5"):
+        generate_hparams(model, None, 1, "tiny", context_template_length_params=pairs)
+    assert generate_hparams(model, None, 1, "tiny", context_template_length_params=[[1, 5]]).layers == [1]

@@ -159,3 +159,119 @@ def test_edit_on_the_shipped_fact_model_succeeds_and_restores():
     assert p_after[ids[pos[0]]] > 0.5 and p_before[ids[pos[0]]] < 0.05
     restore(model, originals)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# ---- each term of v*'s loss, and C in the update, pinned by its own effect -------------------------------------
+# The tests above hold for any v* and any u with u.k0 = 1; these change one term and check what it is for.
+
+
+def _v0_and_templates(model, tok, h, layer=1):
+    """v0 (the MLP output at the subject's last token of the bare prompt) and the seeded templates."""
+    templates = context_templates(model, tok, h.context_template_length_params)
+    k0 = compute_key(model, tok, FACT, h, layer, ["{}"])
+    with torch.no_grad():
+        # The rewrite module is the MLP's last operation, so its output at k0 is the MLP output v0.
+        v0 = model.get_submodule(h.rewrite_module_tmp.format(layer))(k0[None])[0]
+    return v0, templates
+
+
+def _essence_drift(model, tok, h, value, layer=1):
+    """KL(edited || unedited) of the next-token distribution ROME's kl term reads: the "{subject} is a" prompt
+    at the subject's last token (as ROME's released code reads it), with that token's MLP output set to `value`."""
+    import torch.nn.functional as F
+
+    from rome_locate.hooks import patched
+    from rome_locate.rome import KL_PROMPT
+
+    text = KL_PROMPT.format(FACT.subject)
+    ids = torch.tensor([tok(text)["input_ids"]])
+    at = lookup_index(tok, text, FACT.subject, h.fact_token)
+
+    def put(out):
+        out = out.clone()
+        out[0, at] = value.to(out.dtype)
+        return out
+
+    with torch.no_grad():
+        before = model(ids).logits[0, at].log_softmax(-1)
+        with patched(model, {h.mlp_module_tmp.format(layer): put}):
+            after = model(ids).logits[0, at].log_softmax(-1)
+    return float(F.kl_div(before, after, log_target=True, reduction="sum"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_kl_factor_keeps_the_subjects_essence(family, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = build_tiny_model(family, len(tok))
+    values, drifts = {}, {}
+    for kl in (0.0625, 10.0):  # the paper's weight, and a much stronger one
+        h = _hp(model, kl_factor=kl, v_num_grad_steps=20, v_weight_decay=0.0, clamp_norm_factor=100.0)
+        _, templates = _v0_and_templates(model, tok, h)
+        values[kl], _ = compute_value(model, tok, FACT, h, 1, templates)
+        drifts[kl] = _essence_drift(model, tok, h, values[kl])
+    assert not torch.allclose(values[0.0625], values[10.0], rtol=1e-3, atol=1e-4)
+    assert drifts[0.0625] > 0 and drifts[10.0] < 0.2 * drifts[0.0625], drifts
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_weight_decay_shrinks_the_shift(family, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = build_tiny_model(family, len(tok))
+    norms = []
+    for decay in (0.0, 1e-4, 1e-2):
+        # A clamp far out of reach, so that only the decay bounds the shift.
+        h = _hp(model, v_weight_decay=decay, clamp_norm_factor=1e4, v_num_grad_steps=10)
+        v0, templates = _v0_and_templates(model, tok, h)
+        value, info = compute_value(model, tok, FACT, h, 1, templates)
+        norms.append(float((value - v0).norm()))
+        assert norms[-1] == pytest.approx(info["delta_norm"], rel=1e-4)
+        assert norms[-1] < 0.5 * h.clamp_norm_factor * float(v0.norm())
+    assert norms[0] > norms[1] > norms[2] > 0, norms
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_clamp_bounds_the_shift_by_the_original_norm(family, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = build_tiny_model(family, len(tok))
+    norms = {}
+    for clamp in (0.5, 1e4):
+        h = _hp(model, clamp_norm_factor=clamp, v_weight_decay=0.0, v_num_grad_steps=10)
+        v0, templates = _v0_and_templates(model, tok, h)
+        value, _ = compute_value(model, tok, FACT, h, 1, templates)
+        norms[clamp] = float((value - v0).norm())
+    bound = 0.5 * float(v0.norm())
+    # Binding: the shift sits on the bound (float32 rounding aside), not merely under it.
+    assert 0.999 * bound <= norms[0.5] <= bound * (1 + 1e-5), (norms, bound)
+    assert norms[1e4] > 2 * norms[0.5], norms
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_update_direction_is_the_inverse_covariance_times_the_key(family, tiny_tokenizer, monkeypatch):
+    from rome_locate import rome
+
+    tok = tiny_tokenizer
+    model = build_tiny_model(family, len(tok))
+    h = _hp(model, mom2_adjustment=True)
+    module = model.get_submodule(h.rewrite_module_tmp.format(1))
+    gen = torch.Generator().manual_seed(0)
+    d_in = module.weight.shape[0 if family == "gpt2" else 1]
+    key = torch.randn(d_in, generator=gen)
+    k0 = key + 0.3 * torch.randn(d_in, generator=gen)  # the prompt's key differs from the template average
+    value = torch.randn(32, generator=gen)
+    a = torch.randn(d_in, d_in, generator=gen)
+    covariances = {"identity": torch.eye(d_in), "correlated": a @ a.T / d_in + 0.1 * torch.eye(d_in)}
+    with torch.no_grad():
+        residual = (value - module(k0[None])[0]).double()
+    directions = {}
+    for name, cov in covariances.items():
+        monkeypatch.setattr(rome, "mom2_for", lambda *_a, cov=cov: cov)
+        delta = rank_one_update(model, h, 1, key, value, prompt_key=k0).double()
+        # ROME's update: (v* - W k0) u^T with u = C^-1 k* / ((C^-1 k*) . k0); Conv1D stores it transposed.
+        u = torch.linalg.solve(cov.double(), key.double())
+        u = u / (u @ k0.double())
+        expected = torch.outer(u, residual) if family == "gpt2" else torch.outer(residual, u)
+        torch.testing.assert_close(delta, expected, rtol=1e-4, atol=1e-6)
+        left = (delta @ residual if family == "gpt2" else delta.T @ residual) / (residual @ residual)
+        directions[name] = left / left.norm()
+    cosine = float(directions["identity"] @ directions["correlated"])
+    assert cosine < 0.9, cosine

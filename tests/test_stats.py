@@ -120,3 +120,31 @@ def test_missing_stats_fall_back_to_self_sample_with_notice(tiny_tokenizer, tmp_
     assert ensure_self_sampled(model, tok, out, [1], notice=again.append) == out and not again
     off = dataclasses.replace(h, mom2_adjustment=False)
     assert ensure_self_sampled(model, tok, off, [1], notice=again.append) is off and not again
+
+
+def test_non_utf8_corpus_is_named(tiny_tokenizer, tmp_path):
+    # Issue 21 (21): the codec's message alone ("can't decode byte 0xe9") does not say which file.
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("Caf\xe9 au lait\n".encode("latin-1"))
+    model = build_tiny_model("gpt2", len(tiny_tokenizer))
+    with pytest.raises(ValueError, match=r"latin1\.txt.*not UTF-8.*0xe9") as err:
+        compute_mom2(model, tiny_tokenizer, None, [0], corpus, tmp_path / "stats", model_name="m")
+    assert str(corpus) in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "pickled"])
+def test_unreadable_mom2_file_is_named(tmp_path, damage):
+    # Issue 21 (21): a damaged npz used to end in zipfile's BadZipFile, a traceback that names no file.
+    path = tmp_path / "transformer.h.1.mlp.c_proj_float32_mom2_4.npz"
+    np.savez_compressed(path, **{"mom2.count": np.array(3), "mom2.mom2": np.eye(8, dtype=np.float32),
+                                 "sample_size": np.array(4)})
+    data = path.read_bytes()
+    if damage == "pickled":
+        # An object array needs pickle to load; np.load refuses it, so no code in the file runs.
+        np.savez(path, **{"mom2.count": np.array(3), "mom2.mom2": np.array([{"a": 1}], dtype=object),
+                          "sample_size": np.array(4)})
+    else:
+        path.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x00not a zip" * 50, "empty": b""}[damage])
+    with pytest.raises(ValueError, match="not a readable mom2 statistics file") as err:
+        load_mom2(path, n_samples=4)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
