@@ -98,7 +98,7 @@ def context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequen
     """ROME's context templates: "{}" plus texts sampled from the model (top-5, seeded), each + ". {}".
 
     `length_params` is [[max_length_in_tokens, count], ...]; count is spread over the
-    five prefixes (the first `count % 5` prefixes give one more). Cached per model object (never across models) and per seed.
+    five prefixes. Cached per model object (never across models) and per seed.
     """
     key = (tuple(tuple(int(x) for x in p) for p in length_params), int(seed))
     per_model = _TEMPLATE_CACHE.setdefault(model, {})
@@ -107,12 +107,8 @@ def context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequen
         gen.manual_seed(int(seed))
         templates = ["{}"]
         for length, count in key[0]:
-            # `count` templates in all, spread over the prefixes (ROME's counts are multiples of five; a smaller
-            # count still gets its templates instead of none from each prefix).
-            per, extra = divmod(count, len(TEMPLATE_PREFIXES))
-            for i, prefix in enumerate(TEMPLATE_PREFIXES):
-                n = per + (i < extra)
-                for text in _sample(model, tok, prefix, n, length, gen) if n else ():
+            for prefix in TEMPLATE_PREFIXES:
+                for text in _sample(model, tok, prefix, count // len(TEMPLATE_PREFIXES), length, gen):
                     templates.append(text.replace("{", "").replace("}", "") + ". {}")
         per_model[key] = templates
     return list(per_model[key])
