@@ -179,7 +179,7 @@ def _accuracy(rows):
 
 
 def test_each_metric_comes_from_its_own_prompt_group():
-    from rome_locate.evaluate import metrics_between
+    from rome_locate.metrics import metrics_between
 
     # Each group's rows give other success rates, margins and accuracies, so a metric read from another group
     # (or from the other model state) would differ; the asserts below on `readings` check that they do.
