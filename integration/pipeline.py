@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     mode = config.get("layers", "dataset")
 
     from rome_locate.arch import arch_for
-    from rome_locate.choose import choose_dataset_layer
+    from rome_locate.choose import choose_dataset_layer, dataset_edit_layer
     from rome_locate.easyedit import hide_unloadable, hidden_modules, import_easyedit, stubbed_modules
-    from rome_locate.summary import summarize
     from rome_locate.facts import load_facts
     from rome_locate.hparams import bind_model, dataset_header, generate_hparams, load_hparams, with_layer, \
         write_hparams
@@ -119,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if mode != "fixed":
         located = locate(model, tok, facts, trace, out=out / "locate.jsonl", arch=arch, progress=True)
         dataset = choose_dataset_layer([r for r, _ in located])
+        # The layer ROME edits: the editable layer of largest mean effect (the rule's, never the last layer).
+        dataset = dataclasses.replace(dataset, layer=dataset_edit_layer(dataset.mean_effects))
         print(f"dataset layer {dataset.layer}; per-fact histogram {list(dataset.histogram)}")
 
     # 2. hyperparameters
@@ -148,10 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     # 3. edit, 4. metrics: rome-locate's pipeline, through one BaseEditor with `editor: easyedit`.
     records, paths = run_pipeline(
         model, tok, facts, hparams, out, model_name=model_path, layers="traced" if mode == "traced" else "fixed",
-        located=located, trace_settings=trace, generation=None, sweep=False, editor=editor,
+        # The layer rule reads the validation record beside the base YAML, when there is one.
+        hparams_path=config.get("base_hparams"), located=located, trace_settings=trace, generation=None, sweep=False, editor=editor,
         sequential=bool(config.get("sequential")), facts_path=str(config["facts"]), progress=True,
         extra_settings={"integration": {"config": str(Path(args.config).resolve()), "layers": mode}})
-    print(edit_summary_line(summarize(records), editor, mode))
+    print(edit_summary_line(json.loads(paths["json"].read_text(encoding="utf-8"))["summary"], editor, mode))
     print(f"wrote {paths['json']} and {paths['md']}")
     return 0
 
