@@ -3,12 +3,14 @@ does not have, and --editor easyedit without an importable EasyEdit."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
 
 from rome_locate import cli
-from rome_locate.fact_models import fact_model_dir, facts_path
+from rome_locate.fact_models import counterfact_path, fact_model_dir, facts_path
 
 M = str(fact_model_dir("gpt2"))
 FACTS = str(facts_path("gpt2"))
@@ -57,3 +59,26 @@ def test_check_device_accepts_what_this_torch_has():
     assert check_device("cpu") == "cpu" and check_device("cpu:0") == "cpu:0"
     if torch.cuda.is_available():
         assert check_device("cuda:0") == "cuda:0"
+
+
+@pytest.mark.parametrize("command", ["edit", "eval"])
+def test_editor_easyedit_without_easyedit_is_one_line_naming_easyedit_path(tmp_path, capsys, monkeypatch, command):
+    import sys
+
+    # As if EasyEdit had never been imported in this process, and EASYEDIT_PATH named no clone.
+    for name in [n for n in sys.modules if n == "easyeditor" or n.startswith("easyeditor.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setenv("EASYEDIT_PATH", str(tmp_path / "no-easyedit"))
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --editor was checked")
+
+    monkeypatch.setattr(cli, "load_model", load)
+    hparams = Path(__file__).resolve().parent.parent / "hparams" / "ROME" / "fact-gpt2.yaml"
+    argv = [command, "--model", M, "--facts", str(counterfact_path("gpt2")), "--limit", "1", "--hparams",
+            str(hparams), "--editor", "easyedit", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert cli.main(argv) == 2
+    errors = _errors(capsys)
+    assert len(errors) == 1 and errors[0].startswith(f"rome-locate {command}: error: --editor easyedit")
+    assert "EASYEDIT_PATH" in errors[0] and str(tmp_path / "no-easyedit") in errors[0]
+    assert not (tmp_path / "out").exists()
