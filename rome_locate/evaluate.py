@@ -118,6 +118,7 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
     gen_prompts = _generation_prompts(fact, max_neighborhood) if generation is not None else []
     texts = [p for _, p in gen_prompts]
     before = _state_scores(model, tok, fact, full=True)
+    check_changes(fact, before["edit"][0]["new"])
     gens_before = generate(model, tok, texts, generation) if texts else []
     context = editor.edited(model, tok, fact, with_layer(hparams, layer))
     with context if keep is None else nullcontext() as handle:
@@ -179,6 +180,31 @@ def _sweep(model, tok, fact: Fact, hparams, editor: Editor, layers: Sequence[int
 def _editor_report(handle: Any) -> dict[str, Any] | None:
     # An edit context may yield the editor's own metrics (a mapping); the built-in editor yields the model.
     return dict(handle) if isinstance(handle, Mapping) else None
+
+
+def check_changes(fact: Fact, new_before: PairScore) -> None:
+    """A ValueError naming the fact when its edit could count as a success without changing anything: it has no
+    target, and the unedited model already predicts target_new's first token (`new_before`: its scores)."""
+    if fact.target is None and new_before.predicted[:1] == new_before.target_ids[:1]:
+        raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}) has no target, and the model already predicts "
+                         f"target_new {fact.target_new!r}: an edit to it would count as a success without changing "
+                         f"anything (give the fact its true answer as target, another target_new, or --skip-errors "
+                         f"to skip it)")
+
+
+def already_predicted(model, tok, facts: Sequence[Fact]) -> list[ValueError | None]:
+    """`check_changes` of every fact on the unedited model: its ValueError, or None (also for a fact with a target,
+    which needs no scoring)."""
+    out: list[ValueError | None] = [None] * len(facts)
+    for i, fact in enumerate(facts):
+        if fact.target is None and fact.target_new:
+            try:
+                # One fact at a time: a target that cannot be tokenized is that fact's error, not the run's.
+                [score] = score_targets(model, tok, [(fact.prompt, fact.target_new)])
+                check_changes(fact, score)
+            except ValueError as exc:
+                out[i] = exc
+    return out
 
 
 def check_editable(fact: Fact) -> None:
