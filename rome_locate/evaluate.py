@@ -10,6 +10,7 @@ the editor an object of `rome_locate.editors`.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import replace
@@ -59,6 +60,41 @@ def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[
         out[group][i][key] = s
     return out
 
+
+
+_SLOTS = {"new": "target_new", "true": "target", "answer": "locality answer"}
+# What a non-finite number after an edit usually comes from, for the message.
+_NON_FINITE_HINT = ("check the mom2 statistics and the v* settings (v_lr, clamp_norm_factor, v_weight_decay, "
+                    "kl_factor), and --dtype (float16 overflows: float32 or bfloat16)")
+
+
+def _non_finite_scores(state: dict[str, list[dict[str, PairScore]]]) -> list[str]:
+    """Where the scores of a model state are NaN or infinite: "edit prompt 0: target_new", ..."""
+    bad = []
+    for group, rows in state.items():
+        for i, row in enumerate(rows):
+            for slot, score in row.items():
+                nll_bad = bool(score.target_ids) and not math.isfinite(score.nll)
+                if nll_bad or (score.next_logp is not None and bool(torch.isnan(score.next_logp).any())):
+                    bad.append(f"{group} prompt {i}: {_SLOTS.get(slot, slot)}")
+    return bad
+
+
+def check_finite(model, fact: Fact, state: dict[str, list[dict[str, PairScore]]], edit: str | None) -> None:
+    """A ValueError naming the fact and what is non-finite when `state` holds NaN or inf; `edit` says which edit
+    made it (None: the unedited model), and then the non-finite weights are named too."""
+    bad = _non_finite_scores(state)
+    if not bad:
+        return
+    where = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    if edit is None:
+        raise ValueError(f"fact {fact.id!r}: the unedited model gives non-finite outputs (NaN or inf) at {where}; "
+                         f"check its weights and --dtype (float16 overflows: float32 or bfloat16)")
+    weights = [name for name, p in model.named_parameters()
+               if p.device.type != "meta" and not bool(torch.isfinite(p).all())]
+    made = f"{', '.join(weights[:3])} became non-finite, and so did" if weights else "non-finite numbers in"
+    raise ValueError(f"fact {fact.id!r}: {edit} made the model non-finite (NaN or inf): {made} its outputs at "
+                     f"{where}; {_NON_FINITE_HINT}")
 
 
 # ---- generation ------------------------------------------------------------------
@@ -118,6 +154,7 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
     gen_prompts = _generation_prompts(fact, max_neighborhood) if generation is not None else []
     texts = [p for _, p in gen_prompts]
     before = _state_scores(model, tok, fact, full=True)
+    check_finite(model, fact, before, None)
     check_changes(fact, before["edit"][0]["new"])
     gens_before = generate(model, tok, texts, generation) if texts else []
     context = editor.edited(model, tok, fact, with_layer(hparams, layer))
@@ -125,6 +162,7 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
         if keep is not None:
             handle = keep.enter_context(context)
         after = _state_scores(model, tok, fact, full=True)
+        check_finite(model, fact, after, f"the edit at layer {layer} ({editor.name})")
         gens_after = generate(model, tok, texts, generation) if texts else []
     metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
                               [t + g for t, g in zip(texts, gens_after)])
@@ -167,6 +205,7 @@ def _sweep(model, tok, fact: Fact, hparams, editor: Editor, layers: Sequence[int
         else:
             with editor.edited(model, tok, fact, with_layer(hparams, sweep_layer)):
                 state = _state_scores(model, tok, fact, full=False)
+                check_finite(model, fact, state, f"the sweep's edit at layer {sweep_layer} ({editor.name})")
         scores.append(LayerScore(
             layer=sweep_layer,
             effect=None if effects is None or sweep_layer >= len(effects) else effects[sweep_layer],

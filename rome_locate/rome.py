@@ -257,7 +257,16 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
             key = compute_key(model, tok, fact, hparams, layer, templates)
             prompt_key = compute_key(model, tok, fact, hparams, layer, ["{}"])
             value, v_info = compute_value(model, tok, fact, hparams, layer, templates)
+            if not bool(torch.isfinite(value).all()):
+                raise EditError(
+                    f"fact {fact.id!r}: v* (the output of {hparams.mlp_module_tmp.format(layer)} that the edit "
+                    f"optimises) became non-finite (NaN or inf): the optimisation diverged; check v_lr "
+                    f"({hparams.v_lr}), clamp_norm_factor, v_weight_decay and kl_factor, and --dtype (float16 "
+                    f"overflows: float32 or bfloat16)")
             delta = rank_one_update(model, hparams, layer, key, value, prompt_key=prompt_key)
+            if not bool(torch.isfinite(delta).all()):
+                raise EditError(f"fact {fact.id!r}: the update of {name} became non-finite (NaN or inf): its key "
+                                f"(C^-1 k*) cannot be solved; check the mom2 statistics and --dtype")
             if name not in originals:
                 originals[name] = weight_value(model, name)
             # The weight's real storage: its device, or accelerate's CPU/disk copy when offloaded.

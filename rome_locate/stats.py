@@ -293,4 +293,9 @@ def mom2_for(model: nn.Module, hparams: RomeParams, layer: int) -> torch.Tensor:
     name = stats_model_name(model) or str(hparams.model_name).rstrip("/").rsplit("/")[-1]
     path = mom2_path(hparams.stats_dir, name, hparams.rewrite_module_tmp.format(layer),
                      hparams.mom2_dataset, hparams.mom2_n_samples, hparams.mom2_dtype)
-    return load_mom2(path, hparams.mom2_n_samples)
+    cov = load_mom2(path, hparams.mom2_n_samples)
+    if not bool(torch.isfinite(cov).all()):
+        # An edit through them would make the model non-finite.
+        raise ValueError(f"mom2 statistics {path} hold non-finite numbers (NaN or inf); recompute them "
+                         f"(`rome-locate stats`) or set mom2_adjustment: false")
+    return cov
