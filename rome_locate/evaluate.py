@@ -26,6 +26,7 @@ from .metrics import cf_metrics, mean_of, metrics_between, rewrite_score
 from .models import input_device
 from .outcome import SEQUENTIAL_FIELDS, EvalRecord, EvaluationError, Generation, GenerationSettings, LayerScore
 from .scoring import PairScore, score_targets
+from .stats import check_mom2
 from .tokens import pad_id
 
 
@@ -314,6 +315,10 @@ def evaluate_sequential(model, tok, facts: Sequence[Fact], hparams, placements: 
     from tqdm.auto import tqdm
 
     editor = editor if editor is not None else BuiltinRome()
+    if getattr(hparams, "mom2_adjustment", False):
+        # Every fact's statistics, while the model is unedited: once edits accumulate its weights are not the ones
+        # the statistics' records name.
+        check_mom2(model, hparams, {p.layer for p in placements})
     marks = set(checkpoints(len(facts)))
     unedited = [_state_scores(model, tok, f, full=True) for f in facts]
     records: list[EvalRecord] = []

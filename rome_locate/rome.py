@@ -38,7 +38,7 @@ from .facts import Fact
 from .hooks import captured, captured_inputs, get_module, patched
 from .hparams import RomeParams
 from .models import input_device, set_weight, weight_value
-from .stats import mom2_for
+from .stats import check_mom2, mom2_for
 from .tokens import continuation, find_subject_range, pad_id, right_pad
 
 # ROME's template prefixes (its context templates start with these words).
@@ -249,6 +249,8 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
     n_layers = count_layers(model, hparams.layer_module_tmp)
     for layer in hparams.layers:
         check_layer(layer, n_layers, what="hyperparameters' layer")
+    if hparams.mom2_adjustment:
+        check_mom2(model, hparams, hparams.layers)  # every layer's, while no layer is edited yet
     templates = context_templates(model, tok, hparams.context_template_length_params, seed=seed)
     originals: dict[str, torch.Tensor] = {}
     try:
