@@ -281,6 +281,7 @@ def _pipeline_inputs(args: argparse.Namespace, lm, corpus: str | None):
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     """`edit` and `eval`: one command path; `edit` is the pipeline without generations, sweep and heatmaps."""
+    from .editors import check_editor
     from .facts import check_limit, load_facts
     from .outcome import EvaluationError
     from .pipeline import run_pipeline
@@ -291,6 +292,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     generation = _generation_settings(args) if evaluating else None
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
     arch_file = _arch_file(args)
+    check_editor(args.editor)  # EasyEdit importable: said now, not after the model has loaded
     part = _pipeline_part(args, facts)
     records = paths = None
     if not part.finished:  # a rank's shard finished by an earlier run is not edited again

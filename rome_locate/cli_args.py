@@ -172,8 +172,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="output directory: results.json (rewritten after every fact), report.md, report.html, "
                         "locate.jsonl (resumable)")
     p.add_argument("--skip-errors", action="store_true",
-                   help="warn and skip a fact that cannot be an edit (no target_new, or target_new equal to the "
-                        "true answer) instead of stopping")
+                   help="warn and skip a fact that cannot be an edit (no target_new, target_new equal to the "
+                        "true answer, or no target and target_new already the model's answer) instead of stopping")
     p.add_argument("--sequential", action="store_true",
                    help="keep every edit (each fact at its own layer) instead of restoring the weights in between; "
                         "reports retention of earlier edits, paraphrase and locality after the last edit, and "

@@ -381,12 +381,14 @@ def merge_eval(payloads: list[dict[str, Any]], out: Path | None, complete: bool)
     lines = [r for p in payloads for r in (p.get("locate") or [])]
     records, traces = [], []
     for p in payloads:
-        # The report's heatmaps: each record's trace, matched within its own shard by fact id and prompt.
-        shard = {(str(r["fact_id"]), r["prompt"]): r for r in (p.get("locate") or [])}
+        # The report's heatmaps: each record's trace, matched within its own shard by what defines the fact's
+        # trace (locate.fact_key); the last line of a key is the newest, after a corrected fact was traced again.
+        shard = {(str(r["fact_id"]), r["prompt"], r.get("subject"), r.get("target")): r
+                 for r in (p.get("locate") or [])}
         for r in p["results"]["records"]:
             rec = EvalRecord.from_json(r)
             records.append(rec)
-            line = shard.get((str(rec.fact_id), getattr(rec, "prompt", None)))
+            line = shard.get((str(rec.fact_id), rec.prompt, rec.subject, rec.target_true))
             traces.append(TraceResult.from_json(line) if line is not None else None)
     settings = payloads[0]["results"]["settings"] if payloads else {}
     errors = [p["results"]["error"] for p in payloads if p["results"].get("error")]

@@ -15,7 +15,8 @@ from .arch import Arch, arch_for
 from .facts import Fact
 from .files import write_bytes
 from .rome import apply_rome, restore
-from .stats import compute_mom2, mom2_path, stats_model_name
+from .mom2_owner import record_path
+from .stats import check_mom2, compute_mom2, mom2_path, stats_model_name
 
 
 @contextmanager
@@ -33,10 +34,12 @@ def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, seed: int = 0,
 
 def ensure_stats(model: nn.Module, tok: Any, hparams: Any, layers: set[int], corpus: str | Path | None,
                  stats_dir: str | Path | None, arch: Arch | None = None) -> Any:
-    """Hyperparameters whose stats_dir holds mom2 files for every layer; missing ones are computed from `corpus`
-    (`arch` is the model's resolved architecture, for a family known only through --arch)."""
+    """Hyperparameters whose stats_dir holds mom2 files of this model for every layer; missing ones are computed
+    from `corpus` (`arch` is the model's resolved architecture, for a family known only through --arch). Files
+    recorded as another model's, or of another shape, are an error (`stats.check_mom2`), said before any edit."""
     if not getattr(hparams, "mom2_adjustment", False):
         return hparams
+    check_mom2(model, hparams, layers)
     name = stats_model_name(model) or Path(str(hparams.model_name)).name
 
     def path(d, layer):
@@ -57,8 +60,12 @@ def ensure_stats(model: nn.Module, tok: Any, hparams: Any, layers: set[int], cor
         src, dst = path(hparams.stats_dir, layer), path(stats_dir, layer)
         if not dst.exists():
             write_bytes(dst, src.read_bytes())
+            if record_path(src).is_file():  # the copy names its model as the original does
+                write_bytes(record_path(dst), record_path(src).read_bytes())
     todo = [l for l in missing if not path(stats_dir, l).is_file()]
     if todo:
         compute_mom2(model, tok, arch_for(model, arch), todo, corpus, stats_dir, model_name=name,
                      mom2_dataset=hparams.mom2_dataset, n_samples=hparams.mom2_n_samples, dtype=hparams.mom2_dtype)
-    return replace(hparams, stats_dir=str(stats_dir))
+    out = replace(hparams, stats_dir=str(stats_dir))
+    check_mom2(model, out, layers)  # files an earlier run left in stats_dir
+    return out

@@ -97,6 +97,24 @@ def check_editor(name: Any) -> None:
         raise ValueError(f"editor must be one of {tuple(EDITORS)}, got {name!r}")
     if not isinstance(name, str) and not callable(getattr(name, "edited", None)):
         raise ValueError(f"an editor is one of {tuple(EDITORS)} or an object with edited(), got {name!r}")
+    if name == "easyedit":
+        check_easyedit()
+
+
+def check_easyedit() -> None:
+    """A ValueError naming EASYEDIT_PATH when EasyEdit cannot be imported: said before a model is loaded."""
+    import os
+
+    from .easyedit import import_easyedit
+
+    try:
+        import_easyedit()
+    except ImportError as exc:
+        where = os.environ.get("EASYEDIT_PATH")
+        now = f"EASYEDIT_PATH is {where}" if where else "EASYEDIT_PATH is not set"
+        why = " ".join(str(exc).split())  # one line, whatever EasyEdit's import raised
+        raise ValueError(f"--editor easyedit: EasyEdit cannot be imported ({why}); {now}: set it to a clone of "
+                         f"EasyEdit (the folder holding easyeditor/), or use --editor builtin") from None
 
 
 def make_editor(editor: str | Editor, model: nn.Module, tok: Any, hparams: Any, *, model_name: str = "model",

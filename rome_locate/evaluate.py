@@ -10,6 +10,7 @@ the editor an object of `rome_locate.editors`.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import replace
@@ -25,6 +26,7 @@ from .metrics import cf_metrics, mean_of, metrics_between, rewrite_score
 from .models import input_device
 from .outcome import SEQUENTIAL_FIELDS, EvalRecord, EvaluationError, Generation, GenerationSettings, LayerScore
 from .scoring import PairScore, score_targets
+from .stats import check_mom2
 from .tokens import pad_id
 
 
@@ -59,6 +61,41 @@ def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[
         out[group][i][key] = s
     return out
 
+
+
+_SLOTS = {"new": "target_new", "true": "target", "answer": "locality answer"}
+# What a non-finite number after an edit usually comes from, for the message.
+_NON_FINITE_HINT = ("check the mom2 statistics and the v* settings (v_lr, clamp_norm_factor, v_weight_decay, "
+                    "kl_factor), and --dtype (float16 overflows: float32 or bfloat16)")
+
+
+def _non_finite_scores(state: dict[str, list[dict[str, PairScore]]]) -> list[str]:
+    """Where the scores of a model state are NaN or infinite: "edit prompt 0: target_new", ..."""
+    bad = []
+    for group, rows in state.items():
+        for i, row in enumerate(rows):
+            for slot, score in row.items():
+                nll_bad = bool(score.target_ids) and not math.isfinite(score.nll)
+                if nll_bad or (score.next_logp is not None and bool(torch.isnan(score.next_logp).any())):
+                    bad.append(f"{group} prompt {i}: {_SLOTS.get(slot, slot)}")
+    return bad
+
+
+def check_finite(model, fact: Fact, state: dict[str, list[dict[str, PairScore]]], edit: str | None) -> None:
+    """A ValueError naming the fact and what is non-finite when `state` holds NaN or inf; `edit` says which edit
+    made it (None: the unedited model), and then the non-finite weights are named too."""
+    bad = _non_finite_scores(state)
+    if not bad:
+        return
+    where = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    if edit is None:
+        raise ValueError(f"fact {fact.id!r}: the unedited model gives non-finite outputs (NaN or inf) at {where}; "
+                         f"check its weights and --dtype (float16 overflows: float32 or bfloat16)")
+    weights = [name for name, p in model.named_parameters()
+               if p.device.type != "meta" and not bool(torch.isfinite(p).all())]
+    made = f"{', '.join(weights[:3])} became non-finite, and so did" if weights else "non-finite numbers in"
+    raise ValueError(f"fact {fact.id!r}: {edit} made the model non-finite (NaN or inf): {made} its outputs at "
+                     f"{where}; {_NON_FINITE_HINT}")
 
 
 # ---- generation ------------------------------------------------------------------
@@ -118,12 +155,15 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
     gen_prompts = _generation_prompts(fact, max_neighborhood) if generation is not None else []
     texts = [p for _, p in gen_prompts]
     before = _state_scores(model, tok, fact, full=True)
+    check_finite(model, fact, before, None)
+    check_changes(fact, before["edit"][0]["new"])
     gens_before = generate(model, tok, texts, generation) if texts else []
     context = editor.edited(model, tok, fact, with_layer(hparams, layer))
     with context if keep is None else nullcontext() as handle:
         if keep is not None:
             handle = keep.enter_context(context)
         after = _state_scores(model, tok, fact, full=True)
+        check_finite(model, fact, after, f"the edit at layer {layer} ({editor.name})")
         gens_after = generate(model, tok, texts, generation) if texts else []
     metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
                               [t + g for t, g in zip(texts, gens_after)])
@@ -166,6 +206,7 @@ def _sweep(model, tok, fact: Fact, hparams, editor: Editor, layers: Sequence[int
         else:
             with editor.edited(model, tok, fact, with_layer(hparams, sweep_layer)):
                 state = _state_scores(model, tok, fact, full=False)
+                check_finite(model, fact, state, f"the sweep's edit at layer {sweep_layer} ({editor.name})")
         scores.append(LayerScore(
             layer=sweep_layer,
             effect=None if effects is None or sweep_layer >= len(effects) else effects[sweep_layer],
@@ -179,6 +220,31 @@ def _sweep(model, tok, fact: Fact, hparams, editor: Editor, layers: Sequence[int
 def _editor_report(handle: Any) -> dict[str, Any] | None:
     # An edit context may yield the editor's own metrics (a mapping); the built-in editor yields the model.
     return dict(handle) if isinstance(handle, Mapping) else None
+
+
+def check_changes(fact: Fact, new_before: PairScore) -> None:
+    """A ValueError naming the fact when its edit could count as a success without changing anything: it has no
+    target, and the unedited model already predicts target_new's first token (`new_before`: its scores)."""
+    if fact.target is None and new_before.predicted[:1] == new_before.target_ids[:1]:
+        raise ValueError(f"fact {fact.id!r} ({fact.prompt!r}) has no target, and the model already predicts "
+                         f"target_new {fact.target_new!r}: an edit to it would count as a success without changing "
+                         f"anything (give the fact its true answer as target, another target_new, or --skip-errors "
+                         f"to skip it)")
+
+
+def already_predicted(model, tok, facts: Sequence[Fact]) -> list[ValueError | None]:
+    """`check_changes` of every fact on the unedited model: its ValueError, or None (also for a fact with a target,
+    which needs no scoring)."""
+    out: list[ValueError | None] = [None] * len(facts)
+    for i, fact in enumerate(facts):
+        if fact.target is None and fact.target_new:
+            try:
+                # One fact at a time: a target that cannot be tokenized is that fact's error, not the run's.
+                [score] = score_targets(model, tok, [(fact.prompt, fact.target_new)])
+                check_changes(fact, score)
+            except ValueError as exc:
+                out[i] = exc
+    return out
 
 
 def check_editable(fact: Fact) -> None:
@@ -249,6 +315,10 @@ def evaluate_sequential(model, tok, facts: Sequence[Fact], hparams, placements: 
     from tqdm.auto import tqdm
 
     editor = editor if editor is not None else BuiltinRome()
+    if getattr(hparams, "mom2_adjustment", False):
+        # Every fact's statistics, while the model is unedited: once edits accumulate its weights are not the ones
+        # the statistics' records name.
+        check_mom2(model, hparams, {p.layer for p in placements})
     marks = set(checkpoints(len(facts)))
     unedited = [_state_scores(model, tok, f, full=True) for f in facts]
     records: list[EvalRecord] = []

@@ -9,7 +9,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Container, Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,8 +31,32 @@ from .trace import TraceResult, TraceSettings, noise_level
 WINDOW = 64
 
 
-def _key(fact_id: Any, prompt: str) -> tuple[str, str]:
-    return str(fact_id), prompt
+# What defines a fact's trace: a record is reused only for a fact equal in all of these, so a fact whose subject
+# or target was corrected is traced again. (target_new plays no part in a trace: the answer is the clean top-1 or
+# the target's first token.)
+Key = tuple[str, str, str, str | None]
+# A fact's place among the facts of one key: the k-th such fact reads the k-th such line, so facts that share
+# every field (ids collide: rome-locate's format without `id` gives every fact id "") each have their own line.
+Slot = tuple[Key, int]
+
+
+def fact_key(fact: Fact) -> Key:
+    """The fields of `fact` that its trace depends on, as locate matches records by them."""
+    return str(fact.id), fact.prompt, fact.subject, fact.target
+
+
+def _record_key(obj: dict[str, Any]) -> Key:
+    return str(obj["fact_id"]), obj["prompt"], obj.get("subject"), obj.get("target")
+
+
+def _slots(keys: Sequence[Key]) -> list[Slot]:
+    """Each key with the number of equal keys before it."""
+    seen: dict[Key, int] = {}
+    out = []
+    for key in keys:
+        out.append((key, seen.get(key, 0)))
+        seen[key] = seen.get(key, 0) + 1
+    return out
 
 
 # A locate line is json.dumps of a record, whose first field is the fact id.
@@ -45,8 +69,8 @@ def _not_ours(path: Path, n: int) -> ValueError:
                       f"writes over a file it did not write; pass another --out")
 
 
-def _read_done(path: Path, repair: bool = True) -> dict[tuple[str, str], tuple[int, dict[str, Any]]]:
-    """Records already in the locate output `path`, with their line numbers.
+def _read_done(path: Path, repair: bool = True) -> dict[Slot, tuple[int, dict[str, Any]]]:
+    """Records already in the locate output `path`, with their line numbers, by slot (`_slots` in file order).
 
     Every complete line must be a locate record; otherwise the file is someone
     else's and is refused, untouched. A last line without its newline is an
@@ -62,7 +86,7 @@ def _read_done(path: Path, repair: bool = True) -> dict[tuple[str, str], tuple[i
     except UnicodeDecodeError:
         raise _not_ours(path, 1) from None
     *complete, torn = text.split("\n")
-    done = {}
+    found: list[tuple[int, dict[str, Any]]] = []
     for n, line in enumerate(complete, 1):
         if not line.strip():
             continue
@@ -72,7 +96,8 @@ def _read_done(path: Path, repair: bool = True) -> dict[tuple[str, str], tuple[i
             raise _not_ours(path, n) from None
         if not isinstance(obj, dict) or not _RECORD_KEYS <= set(obj):
             raise _not_ours(path, n)
-        done[_key(obj["fact_id"], obj["prompt"])] = (n, obj)
+        found.append((n, obj))
+    done = dict(zip(_slots([_record_key(obj) for _, obj in found]), found))
     if torn:
         if not torn.startswith(_RECORD_START):
             raise _not_ours(path, len(complete) + 1)
@@ -131,8 +156,9 @@ def record(result: TraceResult, choice: LayerChoice) -> dict[str, Any]:
     return {**result.to_json(), **choice.to_json()}
 
 
-def _plot_stem(plots_dir: Path, result: TraceResult) -> Path:
-    return plots_dir / f"trace_{safe_name(result.fact_id)}_{result.kind}"
+def _plot_stem(plots_dir: Path, result: TraceResult, nth: int = 0) -> Path:
+    # nth: the fact's place among the facts of one id, so facts whose ids collide do not share a heatmap.
+    return plots_dir / (f"trace_{safe_name(result.fact_id)}_{result.kind}" + (f"_{nth}" if nth else ""))
 
 
 def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings = TraceSettings(), *,
@@ -147,9 +173,12 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     the work of the default last-subject-token row) to draw its heatmap, and the
     average-effect plot is drawn at the end. Every record carries the settings
     and the model's fingerprint; a rerun with the same `out` reuses the records
-    already there (matched by id and prompt) only when both match, and refuses
-    otherwise. `out` is written by one run at a time (`out`.lock beside it) and
-    only if rome-locate wrote it. `skip_errors` warns and goes on when a fact
+    already there only when both match, and refuses otherwise. A record serves
+    the fact with its id, prompt, subject and target (`fact_key`): a corrected
+    fact is traced again and its old line is left in place, unused; facts alike
+    in all four get one line each, matched in order. `out` is written by one
+    run at a time (`out`.lock beside it) and only if rome-locate wrote it.
+    `skip_errors` warns and goes on when a fact
     cannot be traced (a ValueError: subject not in the prompt, prompt too long,
     NaN in the model). `dataset`, when `facts` is a shard of it (torchrun), is
     where the noise level and the replacement subjects come from, so that a
@@ -171,17 +200,18 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
         return _locate(model, tok, facts, whole, settings, out_path, plots, progress, arch, skip_errors, batch_facts)
 
 
-def _draw(plots: Path | None, result: TraceResult) -> None:
-    """The fact's heatmap, unless it is drawn already (a resumed run) or there is no table."""
+def _draw(plots: Path | None, result: TraceResult, nth: int, fresh: bool) -> None:
+    """The fact's heatmap, unless there is no table, or the record is reused and its heatmap drawn already."""
     if plots is not None and result.table is not None:
-        stem = _plot_stem(plots, result)
-        if not stem.with_name(stem.name + ".png").exists():
+        stem = _plot_stem(plots, result, nth)
+        # A fresh trace is drawn over what is there: that may be the heatmap of the fact before a correction.
+        if fresh or not stem.with_name(stem.name + ".png").exists():
             heatmap(result, stem)
 
 
-def _resumable(out_path: Path | None, settings: TraceSettings, model_id) -> dict[tuple[str, str], tuple[int, dict]]:
-    """The records already in `out_path` by (id, prompt); an error naming the line when one cannot be reused."""
-    done: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+def _resumable(out_path: Path | None, settings: TraceSettings, model_id) -> dict[Slot, tuple[int, dict]]:
+    """The records already in `out_path` by slot; an error naming the line when one cannot be reused."""
+    done: dict[Slot, tuple[int, dict[str, Any]]] = {}
     if out_path is not None:
         done = _read_done(out_path)
         for n, obj in done.values():
@@ -206,19 +236,21 @@ def _corruption(model: nn.Module, tok, whole: list[Fact], settings: TraceSetting
     return level, None
 
 
-def _windows(facts: list[Fact], seen: set) -> list[list[int]]:
-    """Facts not yet traced, each (id, prompt) once, by window of WINDOW facts: the windows of a fresh run and
-    of a resumed one are the same, so a window traces (and is written) alike either way."""
+def _windows(slots: list[Slot], done: Container[Slot]) -> list[list[int]]:
+    """Positions of the facts not yet traced, by window of WINDOW facts: the windows of a fresh run and of a
+    resumed one are the same, so a window traces (and is written) alike either way."""
     windows: list[list[int]] = []
-    seen = set(seen)
-    for n, fact in enumerate(facts):
+    for n, slot in enumerate(slots):
         if n % WINDOW == 0:
             windows.append([])
-        key = _key(fact.id, fact.prompt)
-        if key not in seen:
-            seen.add(key)
+        if slot not in done:
             windows[-1].append(n)
     return windows
+
+
+def _nth_of_id(facts: list[Fact]) -> list[int]:
+    """Each fact's place among the facts of its id (0 for the first), for the names of their heatmaps."""
+    return [n for _, n in _slots([(str(f.id), "", "", None) for f in facts])]
 
 
 def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], settings: TraceSettings,
@@ -229,8 +261,10 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
     level, replacements = _corruption(model, tok, whole, settings, arch)
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
-    windows = _windows(facts, set(done))
-    fresh: dict[tuple[str, str], tuple[TraceResult, LayerChoice]] = {}
+    slots = _slots([fact_key(f) for f in facts])
+    nth = _nth_of_id(facts)
+    windows = _windows(slots, done)
+    fresh: dict[int, tuple[TraceResult, LayerChoice]] = {}
     fh = out_path.open("a", encoding="utf-8") if out_path is not None else None
     bar = tqdm(total=len(facts), desc=f"locate ({settings.kind})", unit="fact", disable=not progress)
     try:
@@ -257,26 +291,25 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
                     bar.update(1)
                 if fh is not None:
                     fh.write(line + "\n")
-                fresh[_key(fact.id, fact.prompt)] = (result, choice)
+                fresh[n] = (result, choice)
             if fh is not None:
                 fh.flush()
                 os.fsync(fh.fileno())
             for n in part:
-                if _key(facts[n].id, facts[n].prompt) in fresh:
-                    _draw(plots, fresh[_key(facts[n].id, facts[n].prompt)][0])
+                if n in fresh:
+                    _draw(plots, fresh[n][0], nth[n], fresh=True)
     finally:
         bar.close()
         if fh is not None:
             fh.close()
     results: list[tuple[TraceResult, LayerChoice]] = []
-    for fact in facts:
-        key = _key(fact.id, fact.prompt)
-        if key in fresh:
-            result, choice = fresh[key]
-        elif key in done:
-            obj = done[key][1]
+    for n, slot in enumerate(slots):
+        if n in fresh:
+            result, choice = fresh[n]
+        elif slot in done:
+            obj = done[slot][1]
             result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
-            _draw(plots, result)
+            _draw(plots, result, nth[n], fresh=False)
         else:  # skipped (skip_errors)
             continue
         results.append((result, choice))

@@ -23,6 +23,13 @@ the unedited model):
   on the neighbourhood prompts.
 - `success`: 1.0 when the first token of target_new is the top-1 next token
   after the edit prompt (what `rome-locate edit` counts as a successful edit).
+  It is only measured for an edit that could change that token: a fact
+  without a target whose target_new the unedited model already predicts is
+  not an edit (`evaluate.check_changes`: an error naming the fact, skipped
+  with `--skip-errors`), as a fact whose target_new is its target is not
+  (`evaluate.check_editable`). A fact with a target may still have
+  `success_pre` 1.0 (the model was wrong already, or the two answers share a
+  first token); `success_pre` says so beside `success`.
 
 """
 

@@ -99,6 +99,36 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_DEVICES = "cpu, cuda, cuda:N or mps"
+
+
+def check_device(device: str) -> str:
+    """`device` when torch knows it and this torch has it; else a ValueError naming it (before any loading)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device torch knows; use {_DEVICES}") from None
+    kind = parsed.type
+    if kind == "cpu":
+        return device
+    if kind == "meta":
+        raise ValueError(f"--device {device!r} holds no weights (meta tensors have shapes only); use {_DEVICES}")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
+        if parsed.index is not None and parsed.index >= n:
+            raise ValueError(f"--device {device!r}: this torch sees {n} CUDA device(s), cuda:0 to cuda:{n - 1} "
+                             f"(devices: {_DEVICES})")
+        return device
+    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ValueError(f"--device {device!r}: this torch has no {kind} device (use --device cpu; devices: "
+                         f"{_DEVICES})")
+    return device
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _TRUE = {"1", "on", "yes", "true"}
 
@@ -303,9 +333,7 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
         if offload_folder is not None:
             kw["offload_folder"] = str(offload_folder)
     else:
-        device = device or default_device()
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: this torch sees no CUDA device (use --device cpu)")
+        device = check_device(device or default_device())
     text = str(name)
     local = Path(text).expanduser()
     if not local.exists():

@@ -19,7 +19,7 @@ from .arch import Arch, arch_for, check_layer
 from .choose import LayerRule, Placement, layer_rule, place
 from .edit import ensure_stats
 from .editors import Editor, check_editor, make_editor
-from .evaluate import check_editable, evaluate, evaluate_sequential
+from .evaluate import already_predicted, check_editable, evaluate, evaluate_sequential
 from .facts import Fact
 from .hparams import fixed_layer
 from .locate import locate
@@ -29,10 +29,11 @@ from .report import run_settings, write_report, write_results_json
 from .trace import TraceSettings
 
 
-def editable(facts: Sequence[Fact], located: Sequence[Any] | None = None, *,
-             skip_errors: bool = False) -> tuple[list[Fact], list[Any] | None]:
+def editable(facts: Sequence[Fact], located: Sequence[Any] | None = None, *, skip_errors: bool = False,
+             model: Any = None, tok: Any = None) -> tuple[list[Fact], list[Any] | None]:
     """The facts that can be edited (and their layer choices, kept aligned); the others are an error, or skipped
-    with a warning under `skip_errors` (no target_new; target_new equal to the true answer)."""
+    with a warning under `skip_errors` (no target_new; target_new equal to the true answer; with `model`, no
+    target and target_new already the model's prediction)."""
     facts = list(facts)
     if not facts:
         raise ValueError("no facts to edit")
@@ -40,10 +41,13 @@ def editable(facts: Sequence[Fact], located: Sequence[Any] | None = None, *,
         located = list(located)
         if len(located) != len(facts):
             raise ValueError(f"{len(located)} layer choices for {len(facts)} facts (they are matched by position)")
+    predicted = already_predicted(model, tok, facts) if model is not None else [None] * len(facts)
     keep = []
     for i, fact in enumerate(facts):
         try:
             check_editable(fact)
+            if predicted[i] is not None:
+                raise predicted[i]
         except ValueError as exc:
             if not skip_errors:
                 raise
@@ -127,7 +131,7 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     if sequential and sweep:
         raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
     t0 = time.perf_counter() if started is None else started
-    facts, located = editable(facts, located, skip_errors=skip_errors)
+    facts, located = editable(facts, located, skip_errors=skip_errors, model=model, tok=tok)
     arch = arch_for(model, arch)
     rule = resolve_rule(hparams, arch.n_layers, layers, layer_rule, hparams_path)
     sweep_layers = list(range(arch.n_layers)) if sweep is True else [int(x) for x in (sweep or ())]

@@ -38,7 +38,7 @@ from .facts import Fact
 from .hooks import captured, captured_inputs, get_module, patched
 from .hparams import RomeParams
 from .models import input_device, set_weight, weight_value
-from .stats import mom2_for
+from .stats import check_mom2, mom2_for
 from .tokens import continuation, find_subject_range, pad_id, right_pad
 
 # ROME's template prefixes (its context templates start with these words).
@@ -249,6 +249,8 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
     n_layers = count_layers(model, hparams.layer_module_tmp)
     for layer in hparams.layers:
         check_layer(layer, n_layers, what="hyperparameters' layer")
+    if hparams.mom2_adjustment:
+        check_mom2(model, hparams, hparams.layers)  # every layer's, while no layer is edited yet
     templates = context_templates(model, tok, hparams.context_template_length_params, seed=seed)
     originals: dict[str, torch.Tensor] = {}
     try:
@@ -257,7 +259,16 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
             key = compute_key(model, tok, fact, hparams, layer, templates)
             prompt_key = compute_key(model, tok, fact, hparams, layer, ["{}"])
             value, v_info = compute_value(model, tok, fact, hparams, layer, templates)
+            if not bool(torch.isfinite(value).all()):
+                raise EditError(
+                    f"fact {fact.id!r}: v* (the output of {hparams.mlp_module_tmp.format(layer)} that the edit "
+                    f"optimises) became non-finite (NaN or inf): the optimisation diverged; check v_lr "
+                    f"({hparams.v_lr}), clamp_norm_factor, v_weight_decay and kl_factor, and --dtype (float16 "
+                    f"overflows: float32 or bfloat16)")
             delta = rank_one_update(model, hparams, layer, key, value, prompt_key=prompt_key)
+            if not bool(torch.isfinite(delta).all()):
+                raise EditError(f"fact {fact.id!r}: the update of {name} became non-finite (NaN or inf): its key "
+                                f"(C^-1 k*) cannot be solved; check the mom2 statistics and --dtype")
             if name not in originals:
                 originals[name] = weight_value(model, name)
             # The weight's real storage: its device, or accelerate's CPU/disk copy when offloaded.

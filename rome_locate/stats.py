@@ -19,10 +19,14 @@ with `model dir name` = the last path component of `model.config._name_or_path`,
     mom2.count        number of token positions summed
     mom2.mom2         sum over positions of k k^T, shape (d_in, d_in), in `precision`
     sample_size       the requested number of texts; EasyEdit re-computes when it differs
+
+Beside each npz rome-locate writes a JSON record of the model it was computed on (`rome_locate.mom2_owner`), and
+refuses to read or write over statistics whose record names another model.
 """
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 import zlib
@@ -35,10 +39,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Arch, arch_for, check_layer
-from .files import atomic_path, not_utf8
+from .files import atomic_path, not_utf8, write_text
 from .hooks import captured_inputs
 from .hparams import RomeParams
 from .models import context_length, input_device
+from .mom2_owner import Identity, check_readable, check_writable, record_path
 from .tokens import pad_id, right_pad
 
 # EasyEdit's SecondMoment lives in easyeditor.util.runningstats; its state_dict writes this.
@@ -142,12 +147,17 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray], compressed: bool) -> No
 def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | None, layers: Sequence[int],
                  corpus_path: str | Path, stats_dir: str | Path, model_name: str | None = None,
                  mom2_dataset: str = "wikipedia", n_samples: int | None = 100000, dtype: str = "float32",
-                 batch_size: int = 32, compressed: bool = True, progress: bool = False) -> list[Path]:
-    """Write EasyEdit-format mom2 files for the rewrite module of each layer; returns their paths.
+                 batch_size: int = 32, compressed: bool = True, progress: bool = False,
+                 record: dict[str, Any] | None = None) -> list[Path]:
+    """Write EasyEdit-format mom2 files for the rewrite module of each layer, each with its record; returns their
+    paths.
 
     `n_samples` is the number of corpus lines used and also the `_N` in the file
     name; EasyEdit looks for the name with its `mom2_n_samples`, so keep the two
     equal (a corpus shorter than `n_samples` is used whole, as EasyEdit does).
+    The record beside each npz names the model (`mom2_owner`) and holds how the
+    statistics were made (`record`, default: the corpus); files recorded as
+    another model's are refused before any work.
     """
     if not isinstance(arch, Arch) or not arch.n_layers:
         arch = arch_for(model, arch)
@@ -159,20 +169,24 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     check_n_samples(n_samples)
     model_name = model_name or stats_model_name(model)
-    texts = read_corpus(corpus_path, n_samples)
     names = [arch.rewrite_module(layer) for layer in layers]
+    paths = [mom2_path(stats_dir, model_name, name, mom2_dataset, n_samples, dtype) for name in names]
+    check_writable(paths, model)
+    owner = Identity(model).record()  # before the forwards: the model as it is asked about
+    texts = read_corpus(corpus_path, n_samples)
     moments = second_moments(model, tok, names, texts, batch_size=batch_size, progress=progress)
-    paths = []
-    for name in names:
+    made = record if record is not None else {"source": f"corpus {Path(corpus_path).resolve()}"}
+    for name, path in zip(names, paths):
         total, count = moments[name]
-        path = mom2_path(stats_dir, model_name, name, mom2_dataset, n_samples, dtype)
         _save_npz(path, {
             "mom2.constructor": np.array(_CONSTRUCTOR),
             "mom2.count": np.array(count),
             "mom2.mom2": total.numpy().astype(dtype),
             "sample_size": _NULL if n_samples is None else np.array(n_samples),
         }, compressed)
-        paths.append(path)
+        # After the npz: a crash in between leaves statistics without a record, which are checked by shape.
+        write_text(record_path(path), json.dumps({**owner, "mom2_dataset": mom2_dataset, "n_samples": n_samples,
+                                                  "dtype": dtype, **made}, indent=1) + "\n")
     return paths
 
 
@@ -212,26 +226,26 @@ def self_sample_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict 
                      new_tokens: int = SELF_SAMPLE_NEW_TOKENS, progress: bool = False) -> list[Path]:
     """mom2 files (EasyEdit layout, dataset `self_sample`) from `n_samples` texts the model samples itself.
 
-    The sampling settings go into a JSON file beside each npz (same name, `.json`).
+    The sampling settings go into the record beside each npz (same name, `.json`), with the model's identity.
     """
-    import json
     import tempfile
 
+    if not isinstance(arch, Arch) or not arch.n_layers:
+        arch = arch_for(model, arch)
+    name = model_name or stats_model_name(model)
+    check_writable([mom2_path(stats_dir, name, arch.rewrite_module(layer), SELF_SAMPLE_DATASET, n_samples, dtype)
+                    for layer in layers], model)  # before the sampling
     texts = sample_texts(model, tok, n_samples, new_tokens=new_tokens, seed=seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "self_sample.txt"
-        corpus.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n", encoding="utf-8")
-        paths = compute_mom2(model, tok, arch, layers, corpus, stats_dir, model_name=model_name,
-                             mom2_dataset=SELF_SAMPLE_DATASET, n_samples=n_samples, dtype=dtype, progress=progress)
     settings = {"source": "texts sampled from the model itself (rome_locate.stats.sample_texts)",
                 "n_texts": n_samples, "new_tokens": new_tokens, "seed": seed, "start": "bos token",
                 "sampling": "plain (temperature 1, no top-k/top-p)", "mom2_dataset": SELF_SAMPLE_DATASET,
                 "dtype": dtype, "example_texts": texts[:5]}
-    from .files import write_text
-
-    for path in paths:
-        write_text(path.with_suffix(".json"), json.dumps(settings, indent=1) + "\n")
-    return paths
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "self_sample.txt"
+        corpus.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n", encoding="utf-8")
+        return compute_mom2(model, tok, arch, layers, corpus, stats_dir, model_name=model_name,
+                            mom2_dataset=SELF_SAMPLE_DATASET, n_samples=n_samples, dtype=dtype, progress=progress,
+                            record=settings)
 
 
 def missing_mom2_layers(model: nn.Module, hparams: Any, layers: Sequence[int]) -> list[int]:
@@ -255,7 +269,10 @@ def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequen
     """
     import dataclasses
 
-    if not hparams.mom2_adjustment or not missing_mom2_layers(model, hparams, layers):
+    if not hparams.mom2_adjustment:
+        return hparams
+    if not missing_mom2_layers(model, hparams, layers):
+        check_mom2(model, hparams, layers)
         return hparams
     n = int(n_samples or (hparams.mom2_n_samples if hparams.mom2_dataset == SELF_SAMPLE_DATASET else 3000))
     out = dataclasses.replace(hparams, mom2_dataset=SELF_SAMPLE_DATASET, mom2_n_samples=n,
@@ -268,6 +285,7 @@ def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequen
                f"(written to {out.stats_dir})")
         self_sample_mom2(model, tok, arch, todo, out.stats_dir, n_samples=n, model_name=name,
                          dtype=hparams.mom2_dtype)
+    check_mom2(model, out, layers)
     return out
 
 
@@ -310,10 +328,32 @@ def load_mom2(path: str | Path, n_samples: int | None = None) -> torch.Tensor:
     return (total / count).float()
 
 
-def mom2_for(model: nn.Module, hparams: RomeParams, layer: int) -> torch.Tensor:
-    """The mom2 matrix the hyperparameters name for `layer` (stats_dir, dataset, sample size, dtype)."""
+def _hparams_path(model: nn.Module, hparams: Any, layer: int) -> Path:
     # EasyEdit names the folder after config._name_or_path; a model built in memory has none.
     name = stats_model_name(model) or str(hparams.model_name).rstrip("/").rsplit("/")[-1]
-    path = mom2_path(hparams.stats_dir, name, hparams.rewrite_module_tmp.format(layer),
+    return mom2_path(hparams.stats_dir, name, hparams.rewrite_module_tmp.format(layer),
                      hparams.mom2_dataset, hparams.mom2_n_samples, hparams.mom2_dtype)
-    return load_mom2(path, hparams.mom2_n_samples)
+
+
+def check_mom2(model: nn.Module, hparams: Any, layers: Iterable[int]) -> None:
+    """A ValueError when a mom2 file the hyperparameters name for `layers` is another model's (`mom2_owner`);
+    missing files pass. Call it before editing: an edited model has other weights than the one recorded."""
+    identity = None
+    for layer in sorted(set(layers)):
+        path = _hparams_path(model, hparams, layer)
+        if path.is_file():
+            identity = check_readable(path, model, hparams.rewrite_module_tmp.format(layer), identity)
+
+
+def mom2_for(model: nn.Module, hparams: RomeParams, layer: int) -> torch.Tensor:
+    """The mom2 matrix the hyperparameters name for `layer` (stats_dir, dataset, sample size, dtype); statistics
+    recorded as another model's, or of another shape, are refused."""
+    path = _hparams_path(model, hparams, layer)
+    if path.is_file():
+        check_readable(path, model, hparams.rewrite_module_tmp.format(layer))
+    cov = load_mom2(path, hparams.mom2_n_samples)
+    if not bool(torch.isfinite(cov).all()):
+        # An edit through them would make the model non-finite.
+        raise ValueError(f"mom2 statistics {path} hold non-finite numbers (NaN or inf); recompute them "
+                         f"(`rome-locate stats`) or set mom2_adjustment: false")
+    return cov

@@ -179,11 +179,19 @@ def calibrate_threshold(effects: Sequence[Sequence[float]], results: Sequence[di
 
 
 def known_facts(model, tok, facts: Sequence[Fact]) -> list[Fact]:
-    """The facts whose target's first token is the model's top-1 after the prompt."""
+    """The facts whose target's first token is the model's top-1 after the prompt; a ValidationError when the model
+    gives NaN or inf for any of them."""
     from .scoring import score_targets
 
     with_target = [f for f in facts if f.target]
     scores = score_targets(model, tok, [(f.prompt, f.target) for f in with_target])
+    bad = [f for f, s in zip(with_target, scores) if not math.isfinite(s.nll)]
+    if bad:
+        # Otherwise a NaN model would read as one that knows no fact.
+        raise ValidationError(
+            f"the model gives non-finite outputs (NaN or inf) for {len(bad)} of {len(with_target)} facts (e.g. fact "
+            f"{bad[0].id!r}, {bad[0].prompt!r}): check its weights, and --dtype (float16 overflows: load it with "
+            f"--dtype float32 or bfloat16)")
     return [f for f, s in zip(with_target, scores) if s.predicted[0] == s.target_ids[0]]
 
 
