@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .cli_args import build_parser
@@ -417,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Under torchrun: join the ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); nothing happens in one process.
-        with distributed.session(args.command, getattr(args, "device", None),
-                                 argv=sys.argv[1:] if argv is None else argv) as rank:
+        with _sigterm_raises(), distributed.session(args.command, getattr(args, "device", None),
+                                                    argv=sys.argv[1:] if argv is None else argv) as rank:
             if rank is not None:
                 _for_rank(args, rank)
             return int(args.func(args) or 0)
@@ -426,6 +429,35 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one line naming it. Anything else (a bug, CUDA out of memory) keeps its traceback.
         print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"rome-locate {args.command}: error: {exc}: the locks are removed and what finished is kept; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a plain kill, Slurm, torchrun stopping the other ranks), raised in the main thread.
+
+    A KeyboardInterrupt, so that it takes Ctrl-C's way out: every `finally` and
+    context manager runs (locks removed, the report and OUT.incomplete written).
+    """
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("stopped by SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated while the block runs (in the main thread only: Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .choose import LayerChoice, choose_layer
 from .facts import Fact
-from .files import check_output_dir, check_output_file, output_lock, safe_name, write_text
+from .files import check_lock, check_output_dir, check_output_file, output_lock, safe_name, write_text
 from .models import ModelFingerprint, fingerprint
 from .plots import average_effect_plot, heatmap
 from .records import non_finite
@@ -85,10 +85,7 @@ def check_out(out: str | Path) -> Path:
     """Fail before any work when `out` cannot serve as a locate output: not writable, another writer's, or a
     file rome-locate did not write. Reads only."""
     path = check_output_file(out, "--out")
-    lock = path.with_name(path.name + ".lock")
-    if lock.exists():
-        raise FileExistsError(f"--out {path} is being written by another rome-locate run (lock file {lock}); "
-                              f"if no other run is going, the lock is stale: delete {lock} and rerun")
+    check_lock(path, "--out")  # a lock left by a process that is gone is taken over, not refused
     _read_done(path, repair=False)
     return path
 

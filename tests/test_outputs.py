@@ -1,0 +1,139 @@
+"""Outputs of edit/eval/demo/hparams/locate --plots (issue 21): checked before the model loads, never written over
+when rome-locate did not write them, one run at a time, and a run stopped by SIGTERM leaves no lock behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rome_locate import cli, files
+from rome_locate.fact_models import counterfact_path, fact_model_dir, facts_path
+
+M = str(fact_model_dir("gpt2"))
+CF = str(counterfact_path("gpt2"))
+KNOWN = str(facts_path("gpt2"))
+HPARAMS = str(Path(__file__).resolve().parent.parent / "hparams" / "ROME" / "fact-gpt2.yaml")
+HOST = socket.gethostname()
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def _run(argv, capsys):
+    """(exit code, the error lines of stderr, stdout)."""
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, [line for line in err.splitlines() if line.startswith("rome-locate") and "error" in line], out
+
+
+def _pipeline(command, out, limit=2):
+    quiet = ["--quiet"] if command == "edit" else ["--no-progress", "--max-new-tokens", "2"]
+    return [command, "--model", M, "--device", "cpu", "--facts", CF, "--limit", str(limit), "--hparams", HPARAMS,
+            "--out", str(out), *quiet]
+
+
+def _locate(out, limit=2, samples=2):
+    return ["locate", "--model", M, "--facts", KNOWN, "--out", str(out), "--device", "cpu", "--samples",
+            str(samples), "--limit", str(limit), "--quiet"]
+
+
+def _live_lock(lock: Path) -> str:
+    """Plant the lock of a run that is still going (this very process) and return its text."""
+    text = f"pid {os.getpid()} on {HOST}\n"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(text)
+    return text
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the model is loaded: the outputs must be checked first."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the outputs were checked")
+
+    monkeypatch.setattr(cli, "load_model", load)
+
+
+def _wait_for(condition, procs, timeout=300.0) -> None:
+    """Wait until `condition()` holds; fail (naming what the processes printed) if one of them ends first."""
+    end = time.monotonic() + timeout
+    while not condition():
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"the run ended before it was stopped (exit {p.returncode}): {p.stderr.read()[-2000:]}")
+        if time.monotonic() > end:
+            pytest.fail("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+# ---- 8: stale locks and SIGTERM ----------------------------------------------------------------------------
+
+
+def test_output_lock_takes_over_only_the_lock_of_a_process_gone_on_this_host(tmp_path):
+    out = tmp_path / "a.jsonl"
+    lock = tmp_path / "a.jsonl.lock"
+    lock.write_text(f"pid {_dead_pid()} on {HOST}\n")
+    with files.output_lock(out, "--out") as held:
+        assert held == lock and files.lock_holder(lock) == (os.getpid(), HOST)
+        with pytest.raises(FileExistsError, match="still running"):
+            with files.output_lock(out, "--out"):
+                pass
+    assert not lock.exists()
+    for text, words in ((f"pid {_dead_pid()} on elsewhere-node\n", "on host elsewhere-node"),
+                        ("", "is being written by another rome-locate run")):
+        lock.write_text(text)
+        with pytest.raises(FileExistsError, match=words) as caught:
+            with files.output_lock(out, "--out"):
+                pass
+        assert f"delete {lock}" in str(caught.value) and lock.read_text() == text
+    assert not (tmp_path / "a.jsonl.lock.takeover").exists()
+
+
+def test_locate_takes_over_a_lock_whose_process_is_gone(tmp_path, capsys):
+    out = tmp_path / "a.jsonl"
+    lock = tmp_path / "a.jsonl.lock"
+    lock.write_text(f"pid {_dead_pid()} on {HOST}\n")
+    code, errors, _ = _run(_locate(out), capsys)
+    assert code == 0 and not errors and not lock.exists()
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_sigterm_under_torchrun_removes_the_shard_locks_and_marks_out_interrupted(tmp_path):
+    out = tmp_path / "locate.jsonl"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(2):
+        env = {**ENV, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "rome_locate", *_locate(out, limit=600, samples=10)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    locks = [tmp_path / f"locate.jsonl.rank{r}-of-2.lock" for r in range(2)]
+    try:
+        _wait_for(lambda: all(lock.exists() for lock in locks), ranks)
+        for p in ranks:
+            p.send_signal(signal.SIGTERM)
+        errs = [p.communicate(timeout=300)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [128 + signal.SIGTERM] * 2, [e[-3000:] for e in errs]
+    assert not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob("*.takeover"))
+    marker = json.loads((tmp_path / "locate.jsonl.incomplete").read_text())
+    assert marker["status"] == "interrupted" and marker["complete"] is False
+    assert sorted(marker["failed_ranks"]) == ["0", "1"] and "SIGTERM" in marker["failed_ranks"]["0"]
