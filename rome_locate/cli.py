@@ -286,6 +286,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     """`edit` and `eval`: one command path; `edit` is the pipeline without generations, sweep and heatmaps."""
     from .facts import check_limit, load_facts
     from .outcome import EvaluationError
+    from .outdir import check_out_dir
     from .pipeline import run_pipeline
 
     evaluating = args.command == "eval"
@@ -294,6 +295,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     generation = _generation_settings(args) if evaluating else None
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
     arch_file = _arch_file(args)
+    check_out_dir(args.out, "--out")  # before the model loads, as locate, hparams and stats check theirs
     part = _pipeline_part(args, facts)
     records = paths = None
     if not part.finished:  # a rank's shard finished by an earlier run is not edited again

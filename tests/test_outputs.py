@@ -137,3 +137,18 @@ def test_sigterm_under_torchrun_removes_the_shard_locks_and_marks_out_interrupte
     marker = json.loads((tmp_path / "locate.jsonl.incomplete").read_text())
     assert marker["status"] == "interrupted" and marker["complete"] is False
     assert sorted(marker["failed_ranks"]) == ["0", "1"] and "SIGTERM" in marker["failed_ranks"]["0"]
+
+
+# ---- 13: an unwritable --out, up front ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["edit", "eval"])
+def test_unwritable_out_is_one_line_before_the_model_loads(tmp_path, capsys, no_model, command):
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for out, words in ((a_file, "is a file, not a directory"), (a_file / "run", "is a file, not a directory"),
+                       ("/sys/rome-locate-test", "cannot create it")):
+        code, errors, _ = _run(_pipeline(command, out), capsys)
+        assert code == 2 and len(errors) == 1, errors
+        assert errors[0].startswith(f"rome-locate {command}: error: --out") and words in errors[0]
+    assert a_file.read_text() == "x"
