@@ -354,7 +354,7 @@ def part(facts: Sequence[Any], out: str | Path | None, *, directory: bool = Fals
     done = None if shard is None else shard.with_name(shard.name + ".done")
     merged = Path(out) if out is not None and not shards_only else None
     if merged is not None:
-        _check_ours(merged / "results.json" if directory else merged, directory)
+        _check_ours(merged, directory)
     p = Part([facts[i] for i in positions], positions, shard, merged, rank, _facts_digest(facts), len(facts), done,
              key=_JOB.key if _JOB is not None else "")
     if _JOB is not None:
@@ -374,14 +374,9 @@ def _check_ours(path: Path, directory: bool) -> None:
 
         check_out(path)  # a locate output: every line a locate record, no lock beside it
         return
-    if not path.is_file():
-        return
-    try:
-        if isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
-            return
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    raise ValueError(f"{path} exists and is not an output of rome-locate; use another --out or remove it")
+    from .outdir import check_report_files
+
+    check_report_files(path)  # results.json, report.md, report.html: rome-locate's, or absent
 
 
 # ---- merges: one small function per output format ---------------------------------

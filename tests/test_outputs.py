@@ -152,3 +152,47 @@ def test_unwritable_out_is_one_line_before_the_model_loads(tmp_path, capsys, no_
         assert code == 2 and len(errors) == 1, errors
         assert errors[0].startswith(f"rome-locate {command}: error: --out") and words in errors[0]
     assert a_file.read_text() == "x"
+
+
+# ---- 1: report files rome-locate did not write ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, text", [("results.json", '{"my": "numbers"}\n'), ("report.md", "# My report\n"),
+                                        ("report.html", "<html>my page</html>\n")])
+def test_edit_and_eval_never_write_over_report_files_they_did_not_write(tmp_path, capsys, no_model, name, text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).write_text(text)
+    for command in ("edit", "eval"):
+        code, errors, _ = _run(_pipeline(command, out), capsys)
+        assert code == 2 and len(errors) == 1, errors
+        assert str(out / name) in errors[0] and "not written by rome-locate" in errors[0]
+    assert (out / name).read_text() == text and sorted(os.listdir(out)) == [name]
+
+
+def test_a_rerun_writes_over_its_own_reports_and_leaves_no_lock(tmp_path, capsys):
+    from rome_locate.report import REPORT_MARKER
+
+    out = tmp_path / "out"
+    argv = _pipeline("edit", out)
+    assert cli.main(argv) == 0
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert md.splitlines()[0] == REPORT_MARKER and page.splitlines()[:2] == ["<!DOCTYPE html>", REPORT_MARKER]
+    (out / "report.md").write_text(md + "\nan older run's text\n")
+    assert cli.main(argv) == 0  # the same command again: its own files are rewritten
+    assert "an older run's text" not in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["complete"] is True
+    assert not (out / "rome-locate.lock").exists()
+
+
+def test_reports_of_an_earlier_rome_locate_count_as_its_own_only_beside_its_results(tmp_path):
+    from rome_locate.outdir import check_report_files
+
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "report.md").write_text("# rome-locate evaluation\n\n## Settings\n")  # written before the marker
+    with pytest.raises(FileExistsError, match="report.md"):
+        check_report_files(out)
+    (out / "results.json").write_text(json.dumps({"settings": {}, "complete": True, "error": None, "summary": {},
+                                                  "records": []}))
+    assert check_report_files(out) == out
