@@ -1,14 +1,17 @@
-"""The output folder of `edit`, `eval` and the demo: checked before the model loads, and its results.json,
-report.md and report.html written over only when rome-locate wrote them."""
+"""The output folder of `edit`, `eval` and the demo: checked before the model loads, written by one run at a time
+(OUT/rome-locate.lock), and its results.json, report.md and report.html written over only when rome-locate wrote
+them."""
 
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 from pathlib import Path
 
-from .files import check_output_dir
+from .files import check_lock, check_output_dir, output_lock
 from .report import REPORT_MARKER
 
+LOCK_NAME = "rome-locate.lock"
 LOCATE_FILE = "locate.jsonl"
 RESULTS_FILE = "results.json"
 REPORT_FILES = ("report.md", "report.html")
@@ -17,6 +20,16 @@ _RESULTS_KEYS = {"settings", "complete", "summary", "records"}  # what report.wr
 # OUT written by an earlier rome-locate can still be rerun into.
 _UNMARKED = {"report.md": "# rome-locate evaluation\n",
              "report.html": "<!DOCTYPE html><html><head><meta charset='utf-8'><title>rome-locate evaluation</title>"}
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock file of the output folder `out`: `OUT/rome-locate.lock`."""
+    return Path(out) / LOCK_NAME
+
+
+def out_lock(out: str | Path, flag: str = "--out") -> AbstractContextManager[Path]:
+    """Hold the folder's lock for a whole run: a second run on it fails at once (files.output_lock)."""
+    return output_lock(out, flag, lock=lock_path(out))
 
 
 def _results_ours(path: Path) -> bool:
@@ -57,9 +70,10 @@ def check_report_files(out: str | Path, flag: str = "--out") -> Path:
     return out
 
 
-def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
-    """Fail now, before the model loads, when `out` cannot be this run's output folder: not a writable folder, or
-    holding a report file or locate.jsonl that rome-locate did not write."""
+def check_out_dir(out: str | Path, flag: str = "--out", lock: bool = True) -> Path:
+    """Fail now, before the model loads, when `out` cannot be this run's output folder: not a writable folder,
+    being written by another run (unless not `lock`: a torchrun rank whose rank 0 takes it), or holding a report
+    file or locate.jsonl that rome-locate did not write."""
     from .locate import check_out
 
     out = check_output_dir(out, flag)
@@ -67,6 +81,8 @@ def check_out_dir(out: str | Path, flag: str = "--out") -> Path:
         out.mkdir(parents=True, exist_ok=True)  # a place the permission bits allow may still refuse (/sys, quotas)
     except OSError as exc:
         raise PermissionError(f"{flag} {out}: cannot create it ({exc.strerror}); choose another path") from None
+    if lock:
+        check_lock(out, flag, lock=lock_path(out))
     check_report_files(out, flag)
     if (out / LOCATE_FILE).exists():
         check_out(out / LOCATE_FILE)  # a locate output, no `locate` run writing it

@@ -122,9 +122,9 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     statistics missing for a layer are computed from `mom2_corpus` into
     OUT/stats. On a failure the report covers the finished facts, names the
     error, and the `EvaluationError` is raised again. A results.json or report in
-    `out_dir` that rome-locate did not write is an error before any work.
-    `dataset`, when `facts` is a torchrun rank's block, is what the noise level
-    of the traces comes from.
+    `out_dir` that rome-locate did not write is an error before any work (the
+    caller holds the folder's lock, `outdir.out_lock`). `dataset`, when `facts`
+    is a torchrun rank's block, is what the noise level of the traces comes from.
     """
     check_editor(editor)
     if out_dir is not None:

@@ -196,3 +196,66 @@ def test_reports_of_an_earlier_rome_locate_count_as_its_own_only_beside_its_resu
     (out / "results.json").write_text(json.dumps({"settings": {}, "complete": True, "error": None, "summary": {},
                                                   "records": []}))
     assert check_report_files(out) == out
+
+
+# ---- 3: one run at a time on an edit/eval folder and on hparams -o -------------------------------------------
+
+
+def test_edit_eval_and_hparams_refuse_an_output_another_run_holds(tmp_path, capsys, no_model):
+    out = tmp_path / "out"
+    lock = out / "rome-locate.lock"
+    text = _live_lock(lock)
+    for command in ("edit", "eval"):
+        code, errors, _ = _run(_pipeline(command, out), capsys)
+        assert code == 2 and len(errors) == 1, errors
+        assert "is being written by another rome-locate run" in errors[0] and str(lock) in errors[0]
+        assert "still running" in errors[0]
+    assert lock.read_text() == text and sorted(os.listdir(out)) == ["rome-locate.lock"]
+    yaml_out = tmp_path / "h.yaml"
+    yaml_lock = tmp_path / "h.yaml.lock"
+    text = _live_lock(yaml_lock)
+    code, errors, _ = _run(["hparams", "--model", M, "--facts", KNOWN, "-o", str(yaml_out), "--device", "cpu",
+                            "--no-validate", "--layer", "1", "--quiet"], capsys)
+    assert code == 2 and len(errors) == 1 and str(yaml_lock) in errors[0] and "-o" in errors[0], errors
+    assert yaml_lock.read_text() == text and not yaml_out.exists()
+
+
+def test_hparams_holds_its_lock_while_it_runs_and_removes_it(tmp_path, capsys, monkeypatch):
+    from rome_locate import configure
+
+    yaml_out = tmp_path / "h.yaml"
+    seen = []
+    real = configure.write_traced
+
+    def write_traced(job, *args, **kwargs):
+        seen.append(files.lock_holder(tmp_path / "h.yaml.lock"))
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(configure, "write_traced", write_traced)
+    argv = ["hparams", "--model", M, "--facts", KNOWN, "-o", str(yaml_out), "--device", "cpu", "--no-validate",
+            "--layer", "1", "--quiet"]
+    assert _run(argv, capsys)[0] == 0
+    assert seen == [(os.getpid(), HOST)] and yaml_out.is_file() and not (tmp_path / "h.yaml.lock").exists()
+
+
+def test_a_second_edit_fails_at_once_and_sigterm_leaves_no_lock(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = _pipeline("edit", out, limit=12)
+    run = subprocess.Popen([sys.executable, "-m", "rome_locate", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        _wait_for(lambda: (out / "results.json").exists(), [run])  # a fact is finished: mid-run
+        code, errors, _ = _run(argv, capsys)
+        assert code == 2 and len(errors) == 1 and str(out / "rome-locate.lock") in errors[0], errors
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    lines = [line for line in err.splitlines() if line.startswith("rome-locate")]
+    assert run.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("rome-locate edit: error: stopped by SIGTERM")
+    assert not (out / "rome-locate.lock").exists()
+    stopped = json.loads((out / "results.json").read_text())
+    assert stopped["complete"] is False and "SIGTERM" in stopped["error"] and len(stopped["records"]) < 12
+    assert cli.main(argv) == 0  # the same command again
+    assert len(json.loads((out / "results.json").read_text())["records"]) == 12
