@@ -87,3 +87,15 @@ def check_out_dir(out: str | Path, flag: str = "--out", lock: bool = True) -> Pa
     if (out / LOCATE_FILE).exists():
         check_out(out / LOCATE_FILE)  # a locate output, no `locate` run writing it
     return out
+
+
+def remove_own_trace(out: str | Path, flag: str = "--out") -> None:
+    """Remove OUT/locate.jsonl for a fresh trace, only when rome-locate wrote it and no run is writing it."""
+    from .locate import check_out
+
+    located = Path(out) / LOCATE_FILE
+    if not located.exists():
+        return
+    check_out(located)
+    with output_lock(located, flag):
+        located.unlink()

@@ -259,3 +259,65 @@ def test_a_second_edit_fails_at_once_and_sigterm_leaves_no_lock(tmp_path, capsys
     assert stopped["complete"] is False and "SIGTERM" in stopped["error"] and len(stopped["records"]) < 12
     assert cli.main(argv) == 0  # the same command again
     assert len(json.loads((out / "results.json").read_text())["records"]) == 12
+
+
+# ---- 2: the demo's folder -------------------------------------------------------------------------------------
+
+
+def _demo(out):
+    from rome_locate.demo import run_demo
+
+    return run_demo(out, n_facts=1, progress=False, quiet=True, model_and_tok=(None, None))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def demo_stops_at_locate(monkeypatch):
+    """The demo's locate: records whether locate.jsonl was still there, then stops the demo."""
+    from rome_locate import locate as locate_mod
+
+    seen = []
+
+    def locate(model, tok, facts, settings, out=None, **kwargs):
+        seen.append(Path(out).exists())
+        raise _Stop()
+
+    monkeypatch.setattr(locate_mod, "locate", locate)
+    return seen
+
+
+def test_demo_removes_only_its_own_trace_and_respects_locks(tmp_path, demo_stops_at_locate):
+    out = tmp_path / "demo"
+    out.mkdir()
+    mine = out / "locate.jsonl"
+    mine.write_text("my own notes\n")
+    with pytest.raises(ValueError, match="not a locate output"):
+        _demo(out)
+    assert mine.read_text() == "my own notes\n"
+    ours = '{"fact_id": "0", "prompt": "p", "scores": [], "low_score": 0.0, "layer": 0}\n'
+    mine.write_text(ours)
+    text = _live_lock(out / "locate.jsonl.lock")  # a `locate --out demo/locate.jsonl` under way
+    with pytest.raises(FileExistsError, match="being written by another rome-locate run"):
+        _demo(out)
+    assert mine.read_text() == ours and (out / "locate.jsonl.lock").read_text() == text
+    (out / "locate.jsonl.lock").unlink()
+    _live_lock(out / "rome-locate.lock")  # another demo in this folder
+    with pytest.raises(FileExistsError, match="rome-locate.lock"):
+        _demo(out)
+    (out / "rome-locate.lock").unlink()
+    assert demo_stops_at_locate == []
+    with pytest.raises(_Stop):
+        _demo(out)
+    assert demo_stops_at_locate == [False] and not (out / "rome-locate.lock").exists()  # its own trace: removed
+
+
+def test_demo_never_writes_over_a_report_it_did_not_write(tmp_path, demo_stops_at_locate):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("# Notes\n")
+    with pytest.raises(FileExistsError, match="report.md"):
+        _demo(out)
+    assert (out / "report.md").read_text() == "# Notes\n" and demo_stops_at_locate == []
