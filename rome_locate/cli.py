@@ -140,8 +140,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     from . import distributed
     from .choose import choose_dataset_layer
     from .facts import check_limit, load_facts
-    from .files import check_output_dir
     from .locate import check_out, locate, record, record_line
+    from .plots import check_plots_dir
 
     settings = _trace_settings(args)
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
@@ -151,7 +151,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     if args.out:
         check_out(args.out)
     if args.plots:
-        check_output_dir(args.plots, "--plots")
+        check_plots_dir(args.plots, "--plots")
     arch = _arch_file(args)
     part = distributed.part(facts, args.out)  # under torchrun: this rank's block of the facts and its shard file
     lm = load_model(args, arch)

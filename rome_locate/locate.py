@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .choose import LayerChoice, choose_layer
 from .facts import Fact
-from .files import check_lock, check_output_dir, check_output_file, output_lock, safe_name, write_text
+from .files import check_lock, check_output_file, output_lock, safe_name, write_text
 from .models import ModelFingerprint, fingerprint
-from .plots import average_effect_plot, heatmap
+from .plots import HeatmapRecord, average_effect_plot, check_plots_dir, heatmap
 from .records import non_finite
 from .atp import trace_each_by_method
 from .trace import TraceResult, TraceSettings, noise_level
@@ -156,7 +156,7 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     fill a forward; 1 traces each fact alone).
     """
     out_path = check_out(out) if out is not None else None
-    plots = check_output_dir(plots_dir, "--plots") if plots_dir is not None else None
+    plots = check_plots_dir(plots_dir, "--plots") if plots_dir is not None else None
     facts = list(facts)
     whole = list(dataset) if dataset is not None else facts
     arch = arch_for(model, arch)
@@ -168,12 +168,21 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
         return _locate(model, tok, facts, whole, settings, out_path, plots, progress, arch, skip_errors, batch_facts)
 
 
-def _draw(plots: Path | None, result: TraceResult) -> None:
-    """The fact's heatmap, unless it is drawn already (a resumed run) or there is no table."""
-    if plots is not None and result.table is not None:
-        stem = _plot_stem(plots, result)
-        if not stem.with_name(stem.name + ".png").exists():
-            heatmap(result, stem)
+def _draw(drawn: HeatmapRecord | None, result: TraceResult) -> Path | None:
+    """The fact's heatmap in the plots folder (its stem), unless there is no table or it is drawn already with these
+    settings on this model (a resumed run); a heatmap drawn with other settings or on another model is redrawn."""
+    if drawn is None or result.table is None:
+        return None
+    stem = _plot_stem(drawn.folder, result)
+    if drawn.current(stem):
+        return None
+    heatmap(result, stem)
+    return stem
+
+
+def _note(drawn: HeatmapRecord | None, stems: list[Path | None]) -> None:
+    if drawn is not None:
+        drawn.add([s for s in stems if s is not None])
 
 
 def _resumable(out_path: Path | None, settings: TraceSettings, model_id) -> dict[tuple[str, str], tuple[int, dict]]:
@@ -224,8 +233,10 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
     model_id = fingerprint(model)
     done = _resumable(out_path, settings, model_id)
     level, replacements = _corruption(model, tok, whole, settings, arch)
+    drawn = None
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
+        drawn = HeatmapRecord(plots, settings.kind, settings, model_id)
     windows = _windows(facts, set(done))
     fresh: dict[tuple[str, str], tuple[TraceResult, LayerChoice]] = {}
     fh = out_path.open("a", encoding="utf-8") if out_path is not None else None
@@ -258,14 +269,14 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
             if fh is not None:
                 fh.flush()
                 os.fsync(fh.fileno())
-            for n in part:
-                if _key(facts[n].id, facts[n].prompt) in fresh:
-                    _draw(plots, fresh[_key(facts[n].id, facts[n].prompt)][0])
+            keys = [_key(facts[n].id, facts[n].prompt) for n in part]
+            _note(drawn, [_draw(drawn, fresh[k][0]) for k in keys if k in fresh])
     finally:
         bar.close()
         if fh is not None:
             fh.close()
     results: list[tuple[TraceResult, LayerChoice]] = []
+    redrawn = []
     for fact in facts:
         key = _key(fact.id, fact.prompt)
         if key in fresh:
@@ -273,10 +284,11 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
         elif key in done:
             obj = done[key][1]
             result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
-            _draw(plots, result)
+            redrawn.append(_draw(drawn, result))
         else:  # skipped (skip_errors)
             continue
         results.append((result, choice))
+    _note(drawn, redrawn)
     if plots is not None and results:
         average_effect_plot([r for r, _ in results], plots / f"average_effect_{settings.kind}")
     return results

@@ -321,3 +321,43 @@ def test_demo_never_writes_over_a_report_it_did_not_write(tmp_path, demo_stops_a
     with pytest.raises(FileExistsError, match="report.md"):
         _demo(out)
     assert (out / "report.md").read_text() == "# Notes\n" and demo_stops_at_locate == []
+
+
+# ---- 14: locate --plots reused with other settings ------------------------------------------------------------
+
+
+def test_plots_drawn_with_other_settings_or_another_model_are_redrawn(tiny_tokenizer, tmp_path, capsys):
+    from conftest import build_tiny_model
+    from rome_locate.facts import Fact
+    from rome_locate.locate import locate
+    from rome_locate.plots import PLOTS_RECORD
+    from rome_locate.trace import TraceSettings
+
+    facts = [Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", id="0"),
+             Fact(prompt="Alma Berridge speaks the language of", subject="Alma Berridge", target="French", id="1")]
+    model, tok = build_tiny_model("gpt2", len(tiny_tokenizer)), tiny_tokenizer
+    plots = tmp_path / "plots"
+    heatmaps = [plots / "trace_0_mlp.png", plots / "trace_1_mlp.png"]
+
+    def run(model, samples):
+        for png in heatmaps:
+            if png.exists():
+                png.write_bytes(b"drawn by the run before")
+        locate(model, tok, facts, TraceSettings(samples=samples), plots_dir=plots, progress=False)
+        return [png.read_bytes()[:4] == b"\x89PNG" for png in heatmaps]  # True: drawn by this run
+
+    assert run(model, 2) == [True, True]
+    assert run(model, 2) == [False, False]  # the same settings and model: kept
+    assert run(model, 3) == [True, True]  # other settings: every heatmap redrawn
+    record = json.loads((plots / PLOTS_RECORD).read_text())["heatmaps"]["mlp"]
+    assert record["settings"]["samples"] == 3 and record["drawn"] == ["trace_0_mlp", "trace_1_mlp"]
+    assert run(build_tiny_model("gpt2", len(tiny_tokenizer), seed=1), 3) == [True, True]  # another model
+    # A record file rome-locate did not write is refused before any tracing, and left as it was.
+    (plots / PLOTS_RECORD).write_text("{}\n")
+    model_dir = tmp_path / "m"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    code, errors, _ = _run(["locate", "--model", str(model_dir), "--facts", KNOWN, "--limit", "1", "--device", "cpu",
+                            "--plots", str(plots), "--quiet"], capsys)
+    assert code == 2 and len(errors) == 1 and PLOTS_RECORD in errors[0] and "--plots" in errors[0], errors
+    assert (plots / PLOTS_RECORD).read_text() == "{}\n"
