@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .cli_args import build_parser
@@ -137,8 +140,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     from . import distributed
     from .choose import choose_dataset_layer
     from .facts import check_limit, load_facts
-    from .files import check_output_dir
     from .locate import check_out, locate, record, record_line
+    from .plots import check_plots_dir
 
     settings = _trace_settings(args)
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
@@ -148,7 +151,7 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     if args.out:
         check_out(args.out)
     if args.plots:
-        check_output_dir(args.plots, "--plots")
+        check_plots_dir(args.plots, "--plots")
     arch = _arch_file(args)
     part = distributed.part(facts, args.out)  # under torchrun: this rank's block of the facts and its shard file
     lm = load_model(args, arch)
@@ -208,24 +211,29 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     from . import distributed
     from .configure import check_job, write_traced, write_validated
     from .facts import check_limit, load_facts
+    from .files import output_lock
     from .locate import locate
 
     job = _hparams_job(args)
     settings = _trace_settings(args)
-    check_job(job, torchrun=distributed.current() is not None)  # every input and output, before any work
+    rank = distributed.current()
+    check_job(job, torchrun=rank is not None)  # every input and output, before any work
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
     arch_file = _arch_file(args)
-    # Under torchrun each rank traces its block into a shard beside -o (to resume from); rank 0 writes the YAML.
-    part = distributed.part(facts, args.output + ".traces", shards_only=True)
-    lm = load_model(args, arch_file)
-    if job.validate:
-        write_validated(job, lm, facts, settings)
-        return 0
-    pairs = [] if args.layer is not None else locate(lm.model, lm.tok, part.facts, settings, out=part.out,
-                                                     progress=not args.quiet, arch=lm.arch, dataset=facts)
-    pairs = _merged_pairs(part, pairs)
-    if pairs is not None:  # under torchrun, rank 0 writes the YAML from every rank's traces
-        write_traced(job, lm, pairs, settings)
+    # One run at a time writes -o and its validation files: the process that writes them holds -o.lock throughout.
+    writer = rank is None or rank.rank == 0
+    with output_lock(job.output, "-o") if writer else contextlib.nullcontext():
+        # Under torchrun each rank traces its block into a shard beside -o (to resume from); rank 0 writes the YAML.
+        part = distributed.part(facts, args.output + ".traces", shards_only=True)
+        lm = load_model(args, arch_file)
+        if job.validate:
+            write_validated(job, lm, facts, settings)
+            return 0
+        pairs = [] if args.layer is not None else locate(lm.model, lm.tok, part.facts, settings, out=part.out,
+                                                         progress=not args.quiet, arch=lm.arch, dataset=facts)
+        pairs = _merged_pairs(part, pairs)
+        if pairs is not None:  # under torchrun, rank 0 writes the YAML from every rank's traces
+            write_traced(job, lm, pairs, settings)
     return 0
 
 
@@ -281,9 +289,11 @@ def _pipeline_inputs(args: argparse.Namespace, lm, corpus: str | None):
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     """`edit` and `eval`: one command path; `edit` is the pipeline without generations, sweep and heatmaps."""
+    from . import distributed
     from .editors import check_editor
     from .facts import check_limit, load_facts
     from .outcome import EvaluationError
+    from .outdir import check_out_dir
     from .pipeline import run_pipeline
 
     evaluating = args.command == "eval"
@@ -293,29 +303,31 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
     arch_file = _arch_file(args)
     check_editor(args.editor)  # EasyEdit importable: said now, not after the model has loaded
-    part = _pipeline_part(args, facts)
-    records = paths = None
-    if not part.finished:  # a rank's shard finished by an earlier run is not edited again
-        lm = load_model(args, arch_file)
-        corpus = getattr(args, "corpus", None)
-        hparams, rule = _pipeline_inputs(args, lm, corpus)
-        try:
-            records, paths = run_pipeline(
-                lm.model, lm.tok, part.facts, hparams, part.out, model_name=args.model, layer_rule=rule,
-                layers=rule.mode, sweep=evaluating and args.sweep, generation=generation,
-                trace_settings=_trace_settings(args, full=evaluating and not args.no_heatmaps), editor=args.editor,
-                seed=args.seed, mom2_corpus=corpus, arch=lm.arch, facts_path=args.facts,
-                max_neighborhood=getattr(args, "max_neighborhood", None), skip_errors=args.skip_errors,
-                sequential=args.sequential, progress=not _quiet(args), dataset=facts)
-        except EvaluationError as exc:
-            from . import distributed
-
-            distributed.record_failure(exc)  # under torchrun: named in OUT.incomplete
-            print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
-            print(f"rome-locate {args.command}: the results and report of the {len(exc.records)} finished "
-                  f"fact(s) are in {part.out}", file=sys.stderr)
-            return 2
-    records, paths = _merged_records(part, records, paths)
+    # Before the model loads: writable, no other run in it (rank 0 takes the lock for torchrun), nothing foreign.
+    rank = distributed.current()
+    check_out_dir(args.out, "--out", lock=rank is None or rank.rank == 0)
+    with contextlib.ExitStack() as locks:  # held for the whole run
+        part = _pipeline_part(args, facts, locks)
+        records = paths = None
+        if not part.finished:  # a rank's shard finished by an earlier run is not edited again
+            lm = load_model(args, arch_file)
+            corpus = getattr(args, "corpus", None)
+            hparams, rule = _pipeline_inputs(args, lm, corpus)
+            try:
+                records, paths = run_pipeline(
+                    lm.model, lm.tok, part.facts, hparams, part.out, model_name=args.model, layer_rule=rule,
+                    layers=rule.mode, sweep=evaluating and args.sweep, generation=generation,
+                    trace_settings=_trace_settings(args, full=evaluating and not args.no_heatmaps),
+                    editor=args.editor, seed=args.seed, mom2_corpus=corpus, arch=lm.arch, facts_path=args.facts,
+                    max_neighborhood=getattr(args, "max_neighborhood", None), skip_errors=args.skip_errors,
+                    sequential=args.sequential, progress=not _quiet(args), dataset=facts)
+            except EvaluationError as exc:
+                distributed.record_failure(exc)  # under torchrun: named in OUT.incomplete
+                print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
+                print(f"rome-locate {args.command}: the results and report of the {len(exc.records)} finished "
+                      f"fact(s) are in {part.out}", file=sys.stderr)
+                return 2
+        records, paths = _merged_records(part, records, paths)
     if records is None:
         return 0
     _print_pipeline_summary(args, records, paths)
@@ -341,13 +353,20 @@ def _print_pipeline_summary(args: argparse.Namespace, records, paths) -> None:
         print(f"wrote {paths['json']}")
 
 
-def _pipeline_part(args: argparse.Namespace, facts):
-    """This process's part of `edit`/`eval`: under torchrun its block of the facts and OUT/shards/rankR-of-N."""
+def _pipeline_part(args: argparse.Namespace, facts, locks: contextlib.ExitStack):
+    """This process's part of `edit`/`eval`: under torchrun its block of the facts and OUT/shards/rankR-of-N;
+    the locks of what it writes (--out in one process and on rank 0, a rank's shard) are entered in `locks`."""
     from . import distributed
+    from .outdir import out_lock
 
-    part = distributed.part(facts, args.out, directory=True)
-    if part.rank is not None and args.sequential:
+    rank = distributed.current()
+    if rank is not None and args.sequential:
         raise ValueError("--sequential keeps every edit in one model: run it in one process, not under torchrun")
+    if rank is None or rank.rank == 0:
+        locks.enter_context(out_lock(args.out, "--out"))  # before part() marks --out as running under torchrun
+    part = distributed.part(facts, args.out, directory=True)
+    if part.rank is not None:
+        locks.enter_context(out_lock(part.out, "--out"))
     return part
 
 
@@ -419,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Under torchrun: join the ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); nothing happens in one process.
-        with distributed.session(args.command, getattr(args, "device", None),
-                                 argv=sys.argv[1:] if argv is None else argv) as rank:
+        with _sigterm_raises(), distributed.session(args.command, getattr(args, "device", None),
+                                                    argv=sys.argv[1:] if argv is None else argv) as rank:
             if rank is not None:
                 _for_rank(args, rank)
             return int(args.func(args) or 0)
@@ -428,6 +447,35 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one line naming it. Anything else (a bug, CUDA out of memory) keeps its traceback.
         print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(f"rome-locate {args.command}: error: {exc}: the locks are removed and what finished is kept; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a plain kill, Slurm, torchrun stopping the other ranks), raised in the main thread.
+
+    A KeyboardInterrupt, so that it takes Ctrl-C's way out: every `finally` and
+    context manager runs (locks removed, the report and OUT.incomplete written).
+    """
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated("stopped by SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated while the block runs (in the main thread only: Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

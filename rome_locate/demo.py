@@ -8,6 +8,7 @@ from typing import Any
 
 from .outcome import GenerationSettings
 from .facts import load_facts
+from .outdir import check_out_dir, out_lock, remove_own_trace
 from .pipeline import run_pipeline
 from .report import print_summary
 from .trace import TraceSettings
@@ -73,42 +74,45 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
         raise ValueError(f"n_facts must be >= 1, got {n_facts}")
     t0 = time.perf_counter()
     hparams, hp_path = _validated_hparams(family)  # before any work: a missing file stops the demo at once
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _print(f"[1/5] loading the shipped {family} fact model from {fact_model_dir(family)}", quiet)
-    model, tok = model_and_tok if model_and_tok is not None else load_fact_model(family)
-    facts_file = counterfact_path(family)
-    every = load_facts(facts_file)
-    # Spread over the file, which is grouped by relation, so the demo shows every relation.
-    facts = every[:: max(1, len(every) // n_facts)][:n_facts]
-    _print(f"[2/5] locating {len(facts)} fact(s) from {facts_file.name} (causal tracing, {DEMO_TRACE.samples} "
-           f"noise samples)", quiet)
-    # A fresh trace every run: a locate.jsonl left by an earlier run may come from another model.
-    (out_dir / "locate.jsonl").unlink(missing_ok=True)
-    # Full tables for the report's heatmaps (the report draws them; locate need not).
-    located = locate(model, tok, facts, DEMO_TRACE, out=out_dir / "locate.jsonl", progress=progress)
-    for result, choice in located:
-        _print(f"  fact {choice.fact_id}: {result.prompt!r} -> top-1 {result.top1!r} "
-               f"({'known' if result.known else 'not known'}), traced layer {choice.layer} "
-               f"(margin {choice.margin:.3f})", quiet)
-    dataset = choose_dataset_layer([r for r, _ in located])
-    source = _source_text(hp_path)
-    _print(f"[3/5] hyperparameters: {source}; every fact is edited at its layer {hparams.layers[0]} (lr "
-           f"{hparams.v_lr:g}, {hparams.v_num_grad_steps} steps, clamp {hparams.clamp_norm_factor:g}, weight decay "
-           f"{hparams.v_weight_decay:g}, mom2 {hparams.mom2_dataset}), chosen by trial edits and measured on "
-           f"held-out facts; these {len(facts)} fact(s) trace to dataset layer {dataset.layer} (shown, not used"
-           + ("; the sweep compares both)" if sweep else ")"), quiet)
-    _print("[4/5] editing and evaluating" + (" with a sweep over every layer" if sweep else ""), quiet)
-    try:
-        records, paths = run_pipeline(
-            model, tok, facts, hparams, out_dir, model_name=str(fact_model_dir(family)), layers="fixed",
-            sweep=sweep, trace_settings=DEMO_TRACE, located=located, generation=generation, editor=editor,
-            hparams_path=hp_path, facts_path=str(facts_file), progress=progress,
-            extra_settings={"demo": {"family": family, "n_facts": n_facts, "dataset_layer": dataset.layer,
-                                     "hparams_source": source}},
-            started=t0)
-    finally:
-        _print(f"      ({time.perf_counter() - t0:.1f} s so far)", quiet)
+    # Before any work too: the folder is writable, no other run is in it, and it holds nothing foreign.
+    out_dir = check_out_dir(out_dir, "--out")
+    with out_lock(out_dir, "--out"):
+        _print(f"[1/5] loading the shipped {family} fact model from {fact_model_dir(family)}", quiet)
+        model, tok = model_and_tok if model_and_tok is not None else load_fact_model(family)
+        facts_file = counterfact_path(family)
+        every = load_facts(facts_file)
+        # Spread over the file, which is grouped by relation, so the demo shows every relation.
+        facts = every[:: max(1, len(every) // n_facts)][:n_facts]
+        _print(f"[2/5] locating {len(facts)} fact(s) from {facts_file.name} (causal tracing, {DEMO_TRACE.samples} "
+               f"noise samples)", quiet)
+        # A fresh trace every run (a locate.jsonl left by an earlier run may come from another model), but only
+        # of a locate.jsonl rome-locate wrote and no `locate` run is writing.
+        remove_own_trace(out_dir, "--out")
+        # Full tables for the report's heatmaps (the report draws them; locate need not).
+        located = locate(model, tok, facts, DEMO_TRACE, out=out_dir / "locate.jsonl", progress=progress)
+        for result, choice in located:
+            _print(f"  fact {choice.fact_id}: {result.prompt!r} -> top-1 {result.top1!r} "
+                   f"({'known' if result.known else 'not known'}), traced layer {choice.layer} "
+                   f"(margin {choice.margin:.3f})", quiet)
+        dataset = choose_dataset_layer([r for r, _ in located])
+        source = _source_text(hp_path)
+        _print(f"[3/5] hyperparameters: {source}; every fact is edited at its layer {hparams.layers[0]} (lr "
+               f"{hparams.v_lr:g}, {hparams.v_num_grad_steps} steps, clamp {hparams.clamp_norm_factor:g}, weight "
+               f"decay {hparams.v_weight_decay:g}, mom2 {hparams.mom2_dataset}), chosen by trial edits and measured "
+               f"on held-out facts; these {len(facts)} fact(s) trace to dataset layer {dataset.layer} (shown, not "
+               "used" + ("; the sweep compares both)" if sweep else ")"), quiet)
+        _print("[4/5] editing and evaluating" + (" with a sweep over every layer" if sweep else ""), quiet)
+        try:
+            records, paths = run_pipeline(
+                model, tok, facts, hparams, out_dir, model_name=str(fact_model_dir(family)), layers="fixed",
+                sweep=sweep, trace_settings=DEMO_TRACE, located=located, generation=generation, editor=editor,
+                hparams_path=hp_path, facts_path=str(facts_file), progress=progress,
+                extra_settings={"demo": {"family": family, "n_facts": n_facts, "dataset_layer": dataset.layer,
+                                         "hparams_source": source}},
+                started=t0)
+        finally:
+            _print(f"      ({time.perf_counter() - t0:.1f} s so far)", quiet)
     print_summary(records, quiet)
-    _print(f"[5/5] wrote {paths['html']}, {paths['md']} and {paths['json']} in {time.perf_counter() - t0:.1f} s", quiet)
+    _print(f"[5/5] wrote {paths['html']}, {paths['md']} and {paths['json']} in {time.perf_counter() - t0:.1f} s",
+           quiet)
     return paths

@@ -37,6 +37,7 @@ from .records import Record
 TIMEOUT_ENV = "ROME_LOCATE_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 SHARDED_COMMANDS = ("locate", "edit", "eval", "hparams")
+RERUN = "run the same command again to resume"
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,8 @@ class _Job:
     error: str | None = None
     part: "Part | None" = None  # the command's part, once it has one
     key: str = ""  # command_key of the command line this job runs
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM, not failed
+    merged: bool = False  # rank 0 wrote --out and its final marker (none when complete)
 
 
 _JOB: _Job | None = None
@@ -202,20 +205,43 @@ def session(command: str, device: str | None = None, argv: Sequence[str] = ()) -
         yield rank
     except BaseException as exc:
         _JOB.error = _JOB.error or f"{type(exc).__name__}: {exc}"
+        _JOB.interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (cli.Terminated)
         raise
     finally:
         try:
-            if not _JOB.exchanged:
-                received = _exchange({"ok": False, "rank": rank.rank,
-                                      "error": _JOB.error or f"rank {rank.rank} stopped before its shard finished"})
-                merged_out = _JOB.part.merged_out if _JOB.part is not None else None
-                if received is not None and merged_out is not None:  # rank 0 itself failed: nothing is merged
-                    write_json(incomplete_marker(merged_out), {
-                        "complete": False, "failed_ranks": {s["rank"]: s["error"] for s in received if not s["ok"]},
-                        "world": rank.world, "rerun": "run the same command again to resume"})
+            _leave(rank)
         finally:
             _JOB = None
             dist.destroy_process_group()
+
+
+def _leave(rank: Rank) -> None:
+    """A rank's way out of the job: the failure exchange (unless its shard was gathered) and, on rank 0, the
+    incomplete marker; an interrupted rank 0 marks --out before the exchange, which killed ranks never join."""
+    assert _JOB is not None
+    merged_out = _JOB.part.merged_out if _JOB.part is not None else None
+    marker = incomplete_marker(merged_out) if merged_out is not None and rank.rank == 0 else None
+    if marker is not None and _JOB.interrupted and not _JOB.merged:
+        write_json(marker, {"complete": False, "status": "interrupted", "failed_ranks": {rank.rank: _JOB.error},
+                            "world": rank.world, "rerun": RERUN})
+    if _JOB.exchanged:
+        return
+    try:
+        received = _exchange({"ok": False, "rank": rank.rank, "interrupted": _JOB.interrupted,
+                              "error": _JOB.error or f"rank {rank.rank} stopped before its shard finished"})
+    except Exception:
+        if _JOB.interrupted:  # the other ranks are being stopped too: the marker already says so
+            return
+        raise
+    if received is not None and marker is not None:  # rank 0 itself failed: nothing is merged
+        write_json(marker, {"complete": False, "status": _status(received),
+                            "failed_ranks": {s["rank"]: s["error"] for s in received if not s["ok"]},
+                            "world": rank.world, "rerun": RERUN})
+
+
+def _status(received: list[dict[str, Any]]) -> str:
+    """OUT.incomplete's status: "interrupted" when a rank was stopped (Ctrl-C, SIGTERM), else "failed"."""
+    return "interrupted" if any(s.get("interrupted") for s in received) else "failed"
 
 
 def record_failure(exc: BaseException) -> None:
@@ -295,10 +321,13 @@ class Part:
             if failed:
                 missing = {r: [block(self.n_all, r, self.rank.world).start, block(self.n_all, r, self.rank.world).stop]
                            for r in failed}
-                write_json(marker, {"complete": False, "failed_ranks": failed, "missing_positions": missing,  # [start, stop) per rank
-                                    "world": self.rank.world, "rerun": "run the same command again to resume"})
+                write_json(marker, {"complete": False, "status": _status(received), "failed_ranks": failed,
+                                    "missing_positions": missing,  # [start, stop) per rank
+                                    "world": self.rank.world, "rerun": RERUN})
             else:
                 marker.unlink(missing_ok=True)
+            if _JOB is not None:
+                _JOB.merged = True
         if failed:
             where = f"; {self.merged_out} holds the other ranks' facts" if self.merged_out is not None else ""
             raise RankFailure(f"rank(s) {sorted(failed)} failed: " + "; ".join(f"rank {r}: {e}" for r, e in
@@ -325,7 +354,7 @@ def part(facts: Sequence[Any], out: str | Path | None, *, directory: bool = Fals
     done = None if shard is None else shard.with_name(shard.name + ".done")
     merged = Path(out) if out is not None and not shards_only else None
     if merged is not None:
-        _check_ours(merged / "results.json" if directory else merged, directory)
+        _check_ours(merged, directory)
     p = Part([facts[i] for i in positions], positions, shard, merged, rank, _facts_digest(facts), len(facts), done,
              key=_JOB.key if _JOB is not None else "")
     if _JOB is not None:
@@ -345,14 +374,9 @@ def _check_ours(path: Path, directory: bool) -> None:
 
         check_out(path)  # a locate output: every line a locate record, no lock beside it
         return
-    if not path.is_file():
-        return
-    try:
-        if isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
-            return
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    raise ValueError(f"{path} exists and is not an output of rome-locate; use another --out or remove it")
+    from .outdir import check_report_files
+
+    check_report_files(path)  # results.json, report.md, report.html: rome-locate's, or absent
 
 
 # ---- merges: one small function per output format ---------------------------------

@@ -139,28 +139,114 @@ def check_output_dir(path: str | Path, flag: str, of: Path | None = None) -> Pat
     return path
 
 
+LOCK_FORMAT = "pid {pid} on {host}\n"  # what a lock file holds: how a later run tells a stale lock
+
+
+def lock_holder(lock: str | Path) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file, or None when it cannot be read (being written, or not ours)."""
+    try:
+        text = Path(lock).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    m = re.fullmatch(r"pid (\d+) on (\S+)\s*", text)
+    return None if m is None else (int(m.group(1)), m.group(2))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # never a process rome-locate wrote: not ours to call dead
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def lock_is_stale(lock: str | Path) -> bool:
+    """Whether `lock` was left by a process that is gone: written on this host, by a PID no longer alive.
+
+    A lock from another host is never judged stale (its PID means nothing here),
+    nor is one that cannot be read (it may be half-written by a starting run).
+    """
+    holder = lock_holder(lock)
+    return holder is not None and holder[1] == socket.gethostname() and not _pid_alive(holder[0])
+
+
+def _lock_busy(path: Path, lock: Path, flag: str) -> FileExistsError:
+    holder, here = lock_holder(lock), socket.gethostname()
+    if holder is None:
+        held = ""
+    elif holder[1] == here:
+        held = f", held by pid {holder[0]} on this host, still running"
+    else:
+        held = f", held by pid {holder[0]} on host {holder[1]}; this is {here}, which cannot tell whether it still runs"
+    return FileExistsError(f"{flag} {path} is being written by another rome-locate run (lock file {lock}{held}); "
+                           f"if no other run is going, the lock is stale: delete {lock} and rerun")
+
+
+def check_lock(path: str | Path, flag: str, lock: str | Path | None = None) -> None:
+    """Fail now when `path` is being written by a live rome-locate run (its lock held); a stale lock passes,
+    `output_lock` takes it over."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock") if lock is None else Path(lock)
+    if lock.exists() and not lock_is_stale(lock):
+        raise _lock_busy(path, lock, flag)
+
+
+def _take_over(lock: Path) -> bool:
+    """Remove `lock` when it is stale; True when removed. A guard file makes one run at a time do it, so that
+    two runs finding the same stale lock cannot remove the lock the first of them has just taken."""
+    guard = lock.with_name(lock.name + ".takeover")
+    try:
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except OSError:
+        return False
+    try:
+        if not lock_is_stale(lock):
+            return False
+        lock.unlink(missing_ok=True)
+        return True
+    finally:
+        guard.unlink(missing_ok=True)
+
+
+def _create_lock(path: Path, lock: Path, flag: str) -> int:
+    """The lock's file descriptor, created atomically; a stale lock is taken over (once)."""
+    excl = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(lock, excl, 0o644)
+        except FileExistsError:
+            if not _take_over(lock):
+                raise
+            return os.open(lock, excl, 0o644)
+    except FileExistsError:
+        raise _lock_busy(path, lock, flag) from None
+    except OSError as exc:
+        raise PermissionError(f"{flag} {path}: cannot write in {lock.parent} ({exc.strerror}); "
+                              f"choose another path") from None
+
+
 @contextmanager
-def output_lock(path: str | Path, flag: str) -> Iterator[Path]:
-    """Hold `path`.lock while writing `path`: a second writer gets a clear error instead of interleaved records.
+def output_lock(path: str | Path, flag: str, lock: str | Path | None = None) -> Iterator[Path]:
+    """Hold `path`.lock (or `lock`) while writing `path`: a second writer gets a clear error instead of
+    interleaved records.
 
     The lock is created atomically (O_EXCL), so this is also the first real
-    write in the output's directory; it is removed when the block ends.
+    write in the output's directory; it is removed when the block ends. It
+    holds the PID and host: a lock whose process is gone (same host, PID not
+    alive: a run killed outright) is taken over; one from another host is not.
     """
     path = Path(path)
-    lock = path.with_name(path.name + ".lock")
-    check_output_dir(path.parent, flag, of=path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        raise FileExistsError(f"{flag} {path} is being written by another rome-locate run (lock file {lock}); "
-                              f"if no other run is going, the lock is stale: delete {lock} and rerun") from None
-    except OSError as exc:
-        raise PermissionError(f"{flag} {path}: cannot write in {path.parent} ({exc.strerror}); "
-                              f"choose another path") from None
+    lock = path.with_name(path.name + ".lock") if lock is None else Path(lock)
+    check_output_dir(lock.parent, flag, of=path)
+    fd = _create_lock(path, lock, flag)
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            fh.write(LOCK_FORMAT.format(pid=os.getpid(), host=socket.gethostname()))
         yield lock
     finally:
         lock.unlink(missing_ok=True)

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 from .arch import Arch, arch_for
 from .choose import LayerChoice, choose_layer
 from .facts import Fact
-from .files import check_output_dir, check_output_file, output_lock, safe_name, write_text
+from .files import check_lock, check_output_file, output_lock, safe_name, write_text
 from .models import ModelFingerprint, fingerprint
-from .plots import average_effect_plot, heatmap
+from .plots import HeatmapRecord, average_effect_plot, check_plots_dir, heatmap
 from .records import non_finite
 from .atp import trace_each_by_method
 from .trace import TraceResult, TraceSettings, noise_level
@@ -110,10 +110,7 @@ def check_out(out: str | Path) -> Path:
     """Fail before any work when `out` cannot serve as a locate output: not writable, another writer's, or a
     file rome-locate did not write. Reads only."""
     path = check_output_file(out, "--out")
-    lock = path.with_name(path.name + ".lock")
-    if lock.exists():
-        raise FileExistsError(f"--out {path} is being written by another rome-locate run (lock file {lock}); "
-                              f"if no other run is going, the lock is stale: delete {lock} and rerun")
+    check_lock(path, "--out")  # a lock left by a process that is gone is taken over, not refused
     _read_done(path, repair=False)
     return path
 
@@ -188,7 +185,7 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
     fill a forward; 1 traces each fact alone).
     """
     out_path = check_out(out) if out is not None else None
-    plots = check_output_dir(plots_dir, "--plots") if plots_dir is not None else None
+    plots = check_plots_dir(plots_dir, "--plots") if plots_dir is not None else None
     facts = list(facts)
     whole = list(dataset) if dataset is not None else facts
     arch = arch_for(model, arch)
@@ -200,13 +197,21 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
         return _locate(model, tok, facts, whole, settings, out_path, plots, progress, arch, skip_errors, batch_facts)
 
 
-def _draw(plots: Path | None, result: TraceResult, nth: int, fresh: bool) -> None:
-    """The fact's heatmap, unless there is no table, or the record is reused and its heatmap drawn already."""
-    if plots is not None and result.table is not None:
-        stem = _plot_stem(plots, result, nth)
-        # A fresh trace is drawn over what is there: that may be the heatmap of the fact before a correction.
-        if fresh or not stem.with_name(stem.name + ".png").exists():
-            heatmap(result, stem)
+def _draw(drawn: HeatmapRecord | None, result: TraceResult, nth: int, fresh: bool) -> Path | None:
+    """The fact's heatmap in the plots folder (its stem), unless there is no table, or the trace is reused and its
+    heatmap was drawn with these settings on this model; a fresh trace (maybe of a corrected fact) is drawn over."""
+    if drawn is None or result.table is None:
+        return None
+    stem = _plot_stem(drawn.folder, result, nth)
+    if not fresh and drawn.current(stem):
+        return None
+    heatmap(result, stem)
+    return stem
+
+
+def _note(drawn: HeatmapRecord | None, stems: list[Path | None]) -> None:
+    if drawn is not None:
+        drawn.add([s for s in stems if s is not None])
 
 
 def _resumable(out_path: Path | None, settings: TraceSettings, model_id) -> dict[Slot, tuple[int, dict]]:
@@ -259,8 +264,10 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
     model_id = fingerprint(model)
     done = _resumable(out_path, settings, model_id)
     level, replacements = _corruption(model, tok, whole, settings, arch)
+    drawn = None
     if plots is not None:
         plots.mkdir(parents=True, exist_ok=True)
+        drawn = HeatmapRecord(plots, settings.kind, settings, model_id)
     slots = _slots([fact_key(f) for f in facts])
     nth = _nth_of_id(facts)
     windows = _windows(slots, done)
@@ -295,24 +302,24 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
             if fh is not None:
                 fh.flush()
                 os.fsync(fh.fileno())
-            for n in part:
-                if n in fresh:
-                    _draw(plots, fresh[n][0], nth[n], fresh=True)
+            _note(drawn, [_draw(drawn, fresh[n][0], nth[n], fresh=True) for n in part if n in fresh])
     finally:
         bar.close()
         if fh is not None:
             fh.close()
     results: list[tuple[TraceResult, LayerChoice]] = []
+    redrawn = []
     for n, slot in enumerate(slots):
         if n in fresh:
             result, choice = fresh[n]
         elif slot in done:
             obj = done[slot][1]
             result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
-            _draw(plots, result, nth[n], fresh=False)
+            redrawn.append(_draw(drawn, result, nth[n], fresh=False))
         else:  # skipped (skip_errors)
             continue
         results.append((result, choice))
+    _note(drawn, redrawn)
     if plots is not None and results:
         average_effect_plot([r for r, _ in results], plots / f"average_effect_{settings.kind}")
     return results

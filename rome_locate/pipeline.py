@@ -25,6 +25,7 @@ from .hparams import fixed_layer
 from .locate import locate
 from .models import fingerprint
 from .outcome import EvalRecord, EvaluationError, GenerationSettings
+from .outdir import check_report_files
 from .report import run_settings, write_report, write_results_json
 from .trace import TraceSettings
 
@@ -124,10 +125,14 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     accumulate and the summary reports retention. With mom2_adjustment on,
     statistics missing for a layer are computed from `mom2_corpus` into
     OUT/stats. On a failure the report covers the finished facts, names the
-    error, and the `EvaluationError` is raised again. `dataset`, when `facts` is
-    a torchrun rank's block, is what the noise level of the traces comes from.
+    error, and the `EvaluationError` is raised again. A results.json or report in
+    `out_dir` that rome-locate did not write is an error before any work (the
+    caller holds the folder's lock, `outdir.out_lock`). `dataset`, when `facts`
+    is a torchrun rank's block, is what the noise level of the traces comes from.
     """
     check_editor(editor)
+    if out_dir is not None:
+        check_report_files(out_dir)  # before any work: a report file someone else wrote is never written over
     if sequential and sweep:
         raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
     t0 = time.perf_counter() if started is None else started

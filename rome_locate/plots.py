@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 # Figure objects, not pyplot: no global backend switch and no figure registry in the caller's process.
 from matplotlib.figure import Figure
 
-from .files import atomic_path
+from .files import atomic_path, check_output_dir, write_json
 from .trace import TraceResult
 
 CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -95,3 +96,77 @@ def average_effect_plot(results: Sequence[TraceResult], path_stem: str | Path) -
                  fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path_stem)
+
+
+# ---- which per-fact heatmaps are current --------------------------------------------------------------------
+
+PLOTS_RECORD = "rome-locate-plots.json"  # beside the heatmaps: the settings and model they were drawn with
+_WRITTEN_BY = "rome-locate locate --plots"
+
+
+def _read_record(folder: Path) -> dict[str, Any] | None:
+    """The folder's record, {} when there is none, None when the file is not one rome-locate wrote."""
+    path = folder / PLOTS_RECORD
+    if not path.exists():
+        return {}
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ours = isinstance(obj, dict) and obj.get("written_by") == _WRITTEN_BY and isinstance(obj.get("heatmaps"), dict)
+    return obj if ours else None
+
+
+def _own_record(folder: Path, flag: str = "--plots") -> dict[str, Any]:
+    obj = _read_record(folder)
+    if obj is None:
+        raise FileExistsError(f"{flag} {folder}: {folder / PLOTS_RECORD} exists and was not written by rome-locate; "
+                              f"rome-locate never writes over a file it did not write: pass another {flag}")
+    return obj
+
+
+def check_plots_dir(folder: str | Path, flag: str = "--plots") -> Path:
+    """Fail now when `folder` cannot hold the plots: not writable, or its record file is not rome-locate's."""
+    folder = check_output_dir(folder, flag)
+    _own_record(folder, flag)
+    return folder
+
+
+class HeatmapRecord:
+    """Which per-fact heatmaps of a plots folder were drawn with this run's trace settings and model.
+
+    `PLOTS_RECORD` keeps, per kind, the settings and model fingerprint and the
+    heatmaps drawn with them. A heatmap is reused only when it is listed under
+    the same settings and model; after a change of either, every heatmap of the
+    kind is redrawn (the record is reset first, so that a run stopped halfway
+    leaves the rest marked as not current).
+    """
+
+    def __init__(self, folder: str | Path, kind: str, settings: Any, model: Any):
+        self.folder, self.kind = Path(folder), kind
+        self.key = {"settings": settings.to_json(), "model": model.to_json()}
+        self.drawn: set[str] = set()
+        entry = _own_record(self.folder).get("heatmaps", {}).get(kind)
+        if isinstance(entry, dict) and {k: entry.get(k) for k in self.key} == self.key:
+            self.drawn = set(entry.get("drawn") or ())
+        else:
+            self._write()
+
+    def current(self, stem: Path) -> bool:
+        """Whether the heatmap at `stem` (without its suffix) was drawn with these settings on this model."""
+        return stem.name in self.drawn and stem.with_name(stem.name + ".png").exists()
+
+    def add(self, stems: Sequence[Path]) -> None:
+        """Note heatmaps just drawn with these settings."""
+        if stems:
+            self.drawn |= {s.name for s in stems}
+            self._write()
+
+    def _write(self) -> None:
+        obj = _own_record(self.folder)
+        entries = dict(obj.get("heatmaps") or {})
+        old = entries.get(self.kind)
+        if isinstance(old, dict) and {k: old.get(k) for k in self.key} == self.key:
+            self.drawn |= set(old.get("drawn") or ())  # another torchrun rank's heatmaps, drawn alike
+        entries[self.kind] = {**self.key, "drawn": sorted(self.drawn)}
+        write_json(self.folder / PLOTS_RECORD, {"written_by": _WRITTEN_BY, "heatmaps": entries})

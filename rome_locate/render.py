@@ -119,9 +119,9 @@ def _md_section(section: Section, out_dir: Path) -> list[str]:
     return lines
 
 
-def to_markdown(title: str, sections: Sequence[Section], out_dir: Path) -> str:
-    """The report as Markdown; images are linked relative to `out_dir`."""
-    lines = [f"# {title}", ""]
+def to_markdown(title: str, sections: Sequence[Section], out_dir: Path, marker: str = "") -> str:
+    """The report as Markdown, after the `marker` line when given; images are linked relative to `out_dir`."""
+    lines = ([marker] if marker else []) + [f"# {title}", ""]
     for section in sections:
         lines += _md_section(section, out_dir)
     return "\n".join(lines)
@@ -186,10 +186,12 @@ def _html_section(section: Section) -> list[str]:
     return out + (["</div>"] if section.card else [])
 
 
-def to_html(title: str, sections: Sequence[Section]) -> str:
-    """The report as one self-contained HTML page: images inline, every shown text escaped."""
+def to_html(title: str, sections: Sequence[Section], marker: str = "") -> str:
+    """The report as one self-contained HTML page (the `marker` line after the doctype): images inline, every
+    shown text escaped."""
     e = html.escape
-    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style></head>"
+    doctype = f"<!DOCTYPE html>\n{marker}\n" if marker else "<!DOCTYPE html>"
+    out = [f"{doctype}<html><head><meta charset='utf-8'><title>{e(title)}</title><style>{CSS}</style></head>"
            f"<body>", f"<h1>{e(title)}</h1>"]
     for section in sections:
         out += _html_section(section)

@@ -24,6 +24,8 @@ from .summary import STRATEGY_FIELDS, summarize
 IMAGES = "images"
 SWEEP_PLOT = "layer_effect_vs_success"
 SEQUENTIAL_PLOT = "sequential_edits"
+# The line report.md opens with and report.html carries after its doctype: how a rerun knows the file is its own.
+REPORT_MARKER = "<!-- written by rome-locate (edit, eval, demo): a rerun of the command rewrites this file -->"
 
 # Metrics shown on each card: (label, key); the "_pre" twin, when there is one, is the "before" column.
 CARD_METRICS = (
@@ -377,8 +379,8 @@ def write_report(records: Sequence[EvalRecord], out_dir: str | Path, settings: M
     sections = build_sections(records, settings, view, draw_pictures(records, traces, view, out_dir), error)
     return {"json": write_results_json(records, out_dir, settings, error=error, complete=error is None,
                                        summary=summary),
-            "md": write_text(out_dir / "report.md", to_markdown(title, sections, out_dir)),
-            "html": write_text(out_dir / "report.html", to_html(title, sections))}
+            "md": write_text(out_dir / "report.md", to_markdown(title, sections, out_dir, REPORT_MARKER)),
+            "html": write_text(out_dir / "report.html", to_html(title, sections, REPORT_MARKER))}
 
 
 # ---- reading back and the terminal ------------------------------------------------

@@ -236,7 +236,7 @@ def test_markdown_and_html_hold_the_same_sections_and_numbers(evaluated, sequent
 def test_verdict_comes_first(sequential_records, tmp_path):
     paths = write_report(sequential_records, tmp_path, {"model": "m"})
     md = paths["md"].read_text()
-    first = [line for line in md.splitlines()[1:] if line.strip()][0]
+    first = [line for line in md.splitlines()[2:] if line.strip()][0]  # after the marker line and the title
     assert first.startswith("**Verdict:** best layer choice by ROME score")
     assert md.index("Verdict:") < md.index("## Settings")
     page = paths["html"].read_text()
