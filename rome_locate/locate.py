@@ -197,19 +197,20 @@ def locate(model: nn.Module, tok, facts: Sequence[Fact], settings: TraceSettings
         return _locate(model, tok, facts, whole, settings, out_path, plots, progress, arch, skip_errors, batch_facts)
 
 
-def _draw(drawn: HeatmapRecord | None, result: TraceResult, nth: int, fresh: bool) -> Path | None:
-    """The fact's heatmap in the plots folder (its stem), unless there is no table, or the trace is reused and its
-    heatmap was drawn with these settings on this model; a fresh trace (maybe of a corrected fact) is drawn over."""
+def _draw(drawn: HeatmapRecord | None, result: TraceResult, nth: int) -> tuple[Path, str] | None:
+    """The fact's heatmap in the plots folder ((its stem, the fact it shows)), unless there is no table or that
+    fact's heatmap was drawn already with these settings on this model; a corrected fact is drawn again."""
     if drawn is None or result.table is None:
         return None
     stem = _plot_stem(drawn.folder, result, nth)
-    if not fresh and drawn.current(stem):
+    shown = json.dumps([result.prompt, result.subject, result.target])
+    if drawn.current(stem, shown):
         return None
     heatmap(result, stem)
-    return stem
+    return stem, shown
 
 
-def _note(drawn: HeatmapRecord | None, stems: list[Path | None]) -> None:
+def _note(drawn: HeatmapRecord | None, stems: list[tuple[Path, str] | None]) -> None:
     if drawn is not None:
         drawn.add([s for s in stems if s is not None])
 
@@ -302,7 +303,7 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
             if fh is not None:
                 fh.flush()
                 os.fsync(fh.fileno())
-            _note(drawn, [_draw(drawn, fresh[n][0], nth[n], fresh=True) for n in part if n in fresh])
+            _note(drawn, [_draw(drawn, fresh[n][0], nth[n]) for n in part if n in fresh])
     finally:
         bar.close()
         if fh is not None:
@@ -315,7 +316,7 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
         elif slot in done:
             obj = done[slot][1]
             result, choice = TraceResult.from_json(obj), LayerChoice.from_json(obj)
-            redrawn.append(_draw(drawn, result, nth[n], fresh=False))
+            redrawn.append(_draw(drawn, result, nth[n]))
         else:  # skipped (skip_errors)
             continue
         results.append((result, choice))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 # Figure objects, not pyplot: no global backend switch and no figure registry in the caller's process.
@@ -132,6 +132,11 @@ def check_plots_dir(folder: str | Path, flag: str = "--plots") -> Path:
     return folder
 
 
+def _drawn(entry: Mapping[str, Any]) -> dict[str, str]:
+    drawn = entry.get("drawn")
+    return {str(k): str(v) for k, v in drawn.items()} if isinstance(drawn, Mapping) else {}
+
+
 class HeatmapRecord:
     """Which per-fact heatmaps of a plots folder were drawn with this run's trace settings and model.
 
@@ -145,21 +150,22 @@ class HeatmapRecord:
     def __init__(self, folder: str | Path, kind: str, settings: Any, model: Any):
         self.folder, self.kind = Path(folder), kind
         self.key = {"settings": settings.to_json(), "model": model.to_json()}
-        self.drawn: set[str] = set()
+        self.drawn: dict[str, str] = {}  # heatmap stem name -> the fact it shows
         entry = _own_record(self.folder).get("heatmaps", {}).get(kind)
         if isinstance(entry, dict) and {k: entry.get(k) for k in self.key} == self.key:
-            self.drawn = set(entry.get("drawn") or ())
+            self.drawn = _drawn(entry)
         else:
             self._write()
 
-    def current(self, stem: Path) -> bool:
-        """Whether the heatmap at `stem` (without its suffix) was drawn with these settings on this model."""
-        return stem.name in self.drawn and stem.with_name(stem.name + ".png").exists()
+    def current(self, stem: Path, fact: str) -> bool:
+        """Whether the heatmap at `stem` (without its suffix) shows `fact` (a fact's text key), drawn with these
+        settings on this model: a corrected fact under the same name is drawn again."""
+        return self.drawn.get(stem.name) == fact and stem.with_name(stem.name + ".png").exists()
 
-    def add(self, stems: Sequence[Path]) -> None:
-        """Note heatmaps just drawn with these settings."""
-        if stems:
-            self.drawn |= {s.name for s in stems}
+    def add(self, drawn: Sequence[tuple[Path, str]]) -> None:
+        """Note heatmaps just drawn with these settings: (stem, the fact it shows)."""
+        if drawn:
+            self.drawn.update({stem.name: fact for stem, fact in drawn})
             self._write()
 
     def _write(self) -> None:
@@ -167,6 +173,6 @@ class HeatmapRecord:
         entries = dict(obj.get("heatmaps") or {})
         old = entries.get(self.kind)
         if isinstance(old, dict) and {k: old.get(k) for k in self.key} == self.key:
-            self.drawn |= set(old.get("drawn") or ())  # another torchrun rank's heatmaps, drawn alike
-        entries[self.kind] = {**self.key, "drawn": sorted(self.drawn)}
+            self.drawn = {**_drawn(old), **self.drawn}  # another torchrun rank's heatmaps, drawn alike
+        entries[self.kind] = {**self.key, "drawn": dict(sorted(self.drawn.items()))}
         write_json(self.folder / PLOTS_RECORD, {"written_by": _WRITTEN_BY, "heatmaps": entries})
