@@ -19,7 +19,8 @@ def load_model(args: argparse.Namespace, arch=None):
     from .prompts import check_chat_template
 
     lm = load(args.model, arch=arch, device=args.device, dtype=args.dtype, device_map=args.device_map,
-              max_memory=args.max_memory, offload_folder=args.offload_folder)
+              max_memory=args.max_memory, offload_folder=args.offload_folder,
+              trust_remote_code=args.trust_remote_code)
     if args.chat_template:
         check_chat_template(lm.tok)  # before any work, not at the first prompt
     return lm

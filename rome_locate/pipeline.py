@@ -172,7 +172,7 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                             trace_settings=trace_settings, seed=seed, generation=generation, layers=rule.mode,
                             sweep=bool(sweep_layers), sequential=sequential, editor=editor_obj.name,
                             facts=facts_path, wall_time_s=time.perf_counter() - t0, layer_rule=rule,
-                            chat_template=chat_template,
+                            chat_template=chat_template, trust_remote_code=model_id.remote_code,
                             **(extra_settings or {}))
 
     try:

@@ -1,17 +1,22 @@
-"""Chat models: prompts read through the tokenizer's chat template (`--chat-template`).
+"""Chat models: prompts read through the tokenizer's chat template (`--chat-template`), and models whose code lives
+in their own directory (`--trust-remote-code`).
 
-The chat model is a tiny GPT-2 whose tokenizer carries a small Jinja chat template set here.
+The chat model is a tiny GPT-2 whose tokenizer carries a small Jinja chat template set here; the remote-code
+model is a tiny GPT-2 subclass with its own config class and model_type, written as a Python file into its
+model directory with `auto_map` pointing at it (no network: the code is local).
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import SENTENCES, build_tiny_model
+from rome_locate.arch import ARCH
 from rome_locate.cli import main
 from rome_locate.facts import Fact
 from rome_locate.prompts import model_input
@@ -229,7 +234,7 @@ def test_locate_edit_eval_run_end_to_end_with_the_chat_template(chat_dir, chat_m
     for run in ("e", "v"):
         data = json.loads((tmp_path / run / "results.json").read_text())
         assert data["settings"]["chat_template"] is True and data["settings"]["trace"]["chat_template"] is True
-        assert data["complete"] is True
+        assert data["settings"]["trust_remote_code"] is False and data["complete"] is True
         assert [r["fact_id"] for r in data["records"]] == ["needle", "miles"]
     located = [json.loads(line) for line in (tmp_path / "v" / "locate.jsonl").read_text().splitlines()]
     assert all(r["tokens"][0] == "<|user|>" for r in located)
@@ -259,3 +264,85 @@ def test_the_pipeline_refuses_traces_or_editors_that_read_prompts_otherwise(chat
                    progress=False)
     with pytest.raises(ValueError, match="editor 'builtin' has chat_template=False, the run chat_template=True"):
         edit_facts(model, tok, FACTS, hp, editor=BuiltinRome(), chat_template=True, progress=False)
+
+
+# ---- models whose code is in their own directory -----------------------------------------------
+
+MODELING = """
+from transformers import GPT2Config, GPT2LMHeadModel
+
+
+class TinyRemoteConfig(GPT2Config):
+    model_type = "tiny_remote"
+
+
+class TinyRemoteLM(GPT2LMHeadModel):
+    config_class = TinyRemoteConfig
+"""
+
+
+@pytest.fixture(scope="module")
+def remote_dir(tmp_path_factory, tiny_tokenizer):
+    """(model dir, arch file, facts file): a GPT-2 subclass defined by a Python file in its own model directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("remote")
+    mdir = root / "tiny-remote"
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_layer=3, n_embd=32, n_head=4,
+                                       n_positions=64, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(mdir)
+    tiny_tokenizer.save_pretrained(mdir)
+    (mdir / "modeling_tiny_remote.py").write_text(textwrap.dedent(MODELING))
+    config = json.loads((mdir / "config.json").read_text())
+    config.update(model_type="tiny_remote", architectures=["TinyRemoteLM"],
+                  auto_map={"AutoConfig": "modeling_tiny_remote.TinyRemoteConfig",
+                            "AutoModelForCausalLM": "modeling_tiny_remote.TinyRemoteLM"})
+    (mdir / "config.json").write_text(json.dumps(config))
+    names = ARCH["gpt2"].to_json()
+    del names["n_layers"]
+    arch = root / "arch.json"
+    arch.write_text(json.dumps(names))
+    facts = root / "facts.json"
+    facts.write_text(json.dumps([FACTS[0].to_json()]))
+    return mdir, arch, facts
+
+
+def test_remote_code_is_refused_unless_asked(remote_dir, capsys):
+    from rome_locate.models import fingerprint, load, load_model
+
+    mdir, arch, _ = remote_dir
+    with pytest.raises(ValueError) as info:
+        load_model(mdir, device="cpu")
+    assert "pass --trust-remote-code" in str(info.value) and "\n" not in str(info.value)
+    argv = ["trace", "--model", str(mdir), "--prompt", PROMPT, "--subject", SUBJECT, "--samples", "2",
+            "--kinds", "mlp", *CPU]
+    assert main(argv + ["--arch", str(arch)]) == 2
+    err = _error(capsys.readouterr().err)
+    assert "needs Python code from its own directory" in err and "--trust-remote-code" in err
+    # Loaded with its own code, the family is unknown to the ARCH table: --arch names its modules.
+    assert main(argv + ["--trust-remote-code"]) == 2
+    assert "unknown model_type 'tiny_remote'" in _error(capsys.readouterr().err)
+    assert main(argv + ["--trust-remote-code", "--arch", str(arch)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("--trust-remote-code: running Python code from the model directory") == 1
+    assert "TinyRemoteLM" in err
+    lm = load(mdir, arch=str(arch), device="cpu", trust_remote_code=True)
+    assert type(lm.model).__name__ == "TinyRemoteLM" and lm.arch.n_layers == 3
+    assert fingerprint(lm.model).remote_code and not fingerprint(build_tiny_model("gpt2", 300)).remote_code
+
+
+def test_remote_code_is_recorded_in_the_run_settings(remote_dir, tmp_path, capsys):
+    mdir, arch, facts = remote_dir
+    model = ["--model", str(mdir), "--arch", str(arch), "--trust-remote-code", *CPU]
+    out = tmp_path / "loc.jsonl"
+    assert main(["locate", *model, "--facts", str(facts), "--out", str(out), "--samples", "2", "--quiet"]) == 0
+    assert json.loads(out.read_text())["model"]["remote_code"] is True
+    hp = tmp_path / "h.yaml"
+    assert main(["hparams", *model, "--facts", str(facts), "-o", str(hp), "--layer", "1", "--quiet",
+                 "--set", "v_num_grad_steps=2", "context_template_length_params=[]"]) == 0
+    assert main(["edit", *model, "--facts", str(facts), "--hparams", str(hp), "--out", str(tmp_path / "e"),
+                 "--quiet"]) == 0
+    settings = json.loads((tmp_path / "e" / "results.json").read_text())["settings"]
+    assert settings["trust_remote_code"] is True and settings["model_fingerprint"]["remote_code"] is True
+    assert settings["chat_template"] is False
