@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Fact": "facts", "load_facts": "facts",
     "ModelFingerprint": "models", "fingerprint": "models", "load_model": "models", "LoadedModel": "models",
+    "model_input": "prompts",
     "Arch": "arch", "arch_for": "arch",
     "TraceSettings": "trace", "TraceResult": "trace", "trace_fact": "trace",
     "LayerChoice": "choose", "DatasetChoice": "choose", "choose_layer": "choose", "choose_dataset_layer": "choose",

@@ -19,9 +19,14 @@ def load_model(args: argparse.Namespace, arch=None):
     """The LoadedModel of `--model` on `--device` in `--dtype`, or spread by `--device-map`, its architecture
     resolved once (`arch`: the --arch record read before loading)."""
     from .models import load
+    from .prompts import check_chat_template
 
-    return load(args.model, arch=arch, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                max_memory=args.max_memory, offload_folder=args.offload_folder)
+    lm = load(args.model, arch=arch, device=args.device, dtype=args.dtype, device_map=args.device_map,
+              max_memory=args.max_memory, offload_folder=args.offload_folder,
+              trust_remote_code=args.trust_remote_code)
+    if args.chat_template:
+        check_chat_template(lm.tok)  # before any work, not at the first prompt
+    return lm
 
 
 def _trace_settings(args: argparse.Namespace, full: bool = False):
@@ -30,7 +35,7 @@ def _trace_settings(args: argparse.Namespace, full: bool = False):
 
     return TraceSettings(kind=args.kind, samples=args.samples, window=args.window, noise=args.noise,
                          noise_draws=args.noise_draws, answer=args.answer, seed=args.seed, full=full,
-                         method=args.method, verify_top=args.verify_top)
+                         method=args.method, verify_top=args.verify_top, chat_template=args.chat_template)
 
 
 def _cmd_fact_model(args: argparse.Namespace) -> int:
@@ -253,12 +258,16 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     check_output_dir(args.stats_dir, "--stats-dir")
     if args.corpus is not None and not Path(args.corpus).is_file():
         raise FileNotFoundError(f"--corpus {args.corpus}: no such file")
+    if args.corpus is not None and args.chat_template:
+        raise ValueError("--chat-template applies to --self-sample (texts the model samples itself); a --corpus is "
+                         "read as plain text: leave --chat-template out")
     lm = load_model(args, _arch_file(args))
     model, tok, arch = lm.model, lm.tok, lm.arch
     layers = args.layers if args.layers is not None else list(range(arch.n_layers))
     if args.self_sample is not None:
         paths = self_sample_mom2(model, tok, arch, layers, args.stats_dir, n_samples=args.self_sample,
-                                 model_name=model_name, dtype=args.mom2_dtype, progress=True)
+                                 model_name=model_name, dtype=args.mom2_dtype, progress=True,
+                                 chat_template=args.chat_template)
     else:
         paths = compute_mom2(model, tok, arch, layers, args.corpus, args.stats_dir, model_name=model_name,
                              mom2_dataset=args.mom2_dataset, n_samples=args.n_samples, dtype=args.mom2_dtype,
@@ -283,7 +292,7 @@ def _pipeline_inputs(args: argparse.Namespace, lm, corpus: str | None):
         every = rule.mode != "fixed" or getattr(args, "sweep", False)
         layers = list(range(lm.arch.n_layers)) if every else [rule.fallback]
         hparams = ensure_self_sampled(lm.model, lm.tok, hparams, layers, arch=lm.arch,
-                                      notice=lambda m: print(m, file=sys.stderr))
+                                      notice=lambda m: print(m, file=sys.stderr), chat_template=args.chat_template)
     return hparams, rule
 
 
@@ -296,13 +305,13 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     from .outdir import check_out_dir
     from .pipeline import run_pipeline
 
+    check_editor(args.editor, args.chat_template)  # EasyEdit importable: said now, not after the model has loaded
     evaluating = args.command == "eval"
     if evaluating and args.max_neighborhood is not None and args.max_neighborhood < 0:
         raise ValueError(f"--max-neighborhood must be >= 0 prompts, got {args.max_neighborhood}")
     generation = _generation_settings(args) if evaluating else None
     facts = load_facts(args.facts, limit=check_limit(args.limit, "--limit"))
     arch_file = _arch_file(args)
-    check_editor(args.editor)  # EasyEdit importable: said now, not after the model has loaded
     # Before the model loads: writable, no other run in it (rank 0 takes the lock for torchrun), nothing foreign.
     rank = distributed.current()
     check_out_dir(args.out, "--out", lock=rank is None or rank.rank == 0)
@@ -320,7 +329,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                     trace_settings=_trace_settings(args, full=evaluating and not args.no_heatmaps),
                     editor=args.editor, seed=args.seed, mom2_corpus=corpus, arch=lm.arch, facts_path=args.facts,
                     max_neighborhood=getattr(args, "max_neighborhood", None), skip_errors=args.skip_errors,
-                    sequential=args.sequential, progress=not _quiet(args), dataset=facts)
+                    sequential=args.sequential, progress=not _quiet(args), dataset=facts,
+                    chat_template=args.chat_template)
             except EvaluationError as exc:
                 distributed.record_failure(exc)  # under torchrun: named in OUT.incomplete
                 print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)

@@ -14,6 +14,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     p.add_argument("--arch", default=None, help="JSON file of module names, for a family the map does not know")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run the Python code the model directory's config names (auto_map); never "
+                        "on by default: give it only for a model whose code you trust")
+    p.add_argument("--chat-template", action="store_true",
+                   help="read every prompt as a user turn of the tokenizer's chat template, answers after its "
+                        "generation prompt (chat models): tracing, edits, scores, generations, self-sampled mom2 texts")
     g = p.add_argument_group("models larger than one device (accelerate)")
     g.add_argument("--device-map", default=None,
                    help="auto|balanced|sequential, or a JSON file {module name: GPU index|cpu|disk} (instead of --device)")

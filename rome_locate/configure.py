@@ -115,7 +115,8 @@ def write_traced(job: HParamsJob, lm, pairs: Sequence[Any], settings) -> Path:
         layer = dataset_edit_layer(d.mean_effects)  # never the last layer, where ROME edits nothing
         shown = dict(kind=settings.kind, samples=settings.samples, window=pairs[0][0].window, noise=settings.noise,
                      noise_level=f"{pairs[0][0].noise:.4g}", noise_draws=settings.noise_draws,
-                     answer=settings.answer, seed=settings.seed)
+                     answer=settings.answer, seed=settings.seed,
+                     **({"chat_template": True} if settings.chat_template else {}))
         header = dataset_header(job.facts_file, d.n_facts, shown, d.mean_effects, d.histogram, layer, d.kind)
         print("layer  facts  mean_IE")
         for i, (n, m) in enumerate(zip(d.histogram, d.mean_effects)):
@@ -129,14 +130,15 @@ def write_traced(job: HParamsJob, lm, pairs: Sequence[Any], settings) -> Path:
     return path
 
 
-def _validation_base(job: HParamsJob, lm) -> Any:
-    """The hyperparameters the search starts from, with mom2 statistics for every layer (computed if missing)."""
+def _validation_base(job: HParamsJob, lm, chat_template: bool = False) -> Any:
+    """The hyperparameters the search starts from, with mom2 statistics for every layer (computed if missing;
+    self-sampled ones through the chat template with `chat_template`, a corpus as plain text)."""
     from .hparams import DEFAULTS, bind_model, generate_hparams
-    from .stats import compute_mom2, ensure_self_sampled, missing_mom2_layers, stats_model_name
+    from .stats import compute_mom2, ensure_self_sampled, missing_mom2_layers, self_sample_dataset, stats_model_name
 
     model, tok, arch = lm.model, lm.tok, lm.arch
     mom2 = (dict(mom2_dataset="corpus", mom2_n_samples=DEFAULTS["mom2_n_samples"]) if job.corpus else
-            dict(mom2_dataset="self_sample", mom2_n_samples=job.self_sample))
+            dict(mom2_dataset=self_sample_dataset(chat_template), mom2_n_samples=job.self_sample))
     base = generate_hparams(model, arch, 0, job.model_name or job.model_path, device=job.device_field,
                             **{"mom2_adjustment": True, "stats_dir": job.stats_dir, **mom2, **job.overrides})
     if job.model_name is None:
@@ -154,7 +156,7 @@ def _validation_base(job: HParamsJob, lm) -> Any:
                          n_samples=DEFAULTS["mom2_n_samples"], dtype=base.mom2_dtype, progress=not job.quiet)
         return base
     return ensure_self_sampled(model, tok, base, layers, n_samples=job.self_sample,
-                               notice=lambda m: print(m, file=sys.stderr), arch=arch)
+                               notice=lambda m: print(m, file=sys.stderr), arch=arch, chat_template=chat_template)
 
 
 def write_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path:
@@ -163,8 +165,9 @@ def write_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path
     from .validate import run_validation, usable_facts
     from .validation_records import GRIDS
 
-    usable_facts(lm.model, lm.tok, facts, job.test_fraction, job.seed, job.facts_file)  # before any statistics
-    base = _validation_base(job, lm)
+    usable_facts(lm.model, lm.tok, facts, job.test_fraction, job.seed, job.facts_file,  # before any statistics
+                 settings.chat_template)
+    base = _validation_base(job, lm, settings.chat_template)
     v = run_validation(lm.model, lm.tok, facts, base, facts_file=job.facts_file, model_name=job.model_path,
                        test_fraction=job.test_fraction, budget=job.budget, n_calibration=job.n_calibration,
                        n_test=job.n_test, seed=job.seed, trace_settings=settings, grid=GRIDS[job.grid](),

@@ -21,12 +21,12 @@ from .stats import check_mom2, compute_mom2, mom2_path, stats_model_name
 
 @contextmanager
 def edited(model: nn.Module, tok: Any, fact: Fact, hparams: Any, seed: int = 0,
-           info: dict | None = None) -> Iterator[nn.Module]:
+           info: dict | None = None, chat_template: bool = False) -> Iterator[nn.Module]:
     """Apply the built-in ROME at `hparams.layers` for `fact.target_new`, yield the model, restore bit-identically
     (always). The editors (`rome_locate.editors`) wrap it."""
     originals: dict[str, torch.Tensor] = {}
     try:
-        originals = apply_rome(model, tok, fact, hparams, seed=seed, info=info)
+        originals = apply_rome(model, tok, fact, hparams, seed=seed, info=info, chat_template=chat_template)
         yield model
     finally:
         restore(model, originals)

@@ -4,7 +4,8 @@
 of it (a mapping, or None), and restores the weights bit-identically when the
 block ends, also on an exception. `close()` frees what the editor holds (EasyEdit's
 scratch folder). Every entrance gets its editor from `make_editor`; a test double
-is any object with `name` and `edited`.
+is any object with `name` and `edited`. An editor reads the prompts as the run does:
+its `chat_template` (absent: False) must be the run's.
 """
 
 from __future__ import annotations
@@ -34,16 +35,17 @@ class BuiltinRome:
 
     name = "builtin"
 
-    def __init__(self, seed: int = 0, info: dict | None = None):
+    def __init__(self, seed: int = 0, info: dict | None = None, chat_template: bool = False):
         self.seed = seed
         self.info = info  # filled with the optimisation's figures per layer (benchmarks read the steps)
+        self.chat_template = chat_template  # prompts read as user turns of the tokenizer's chat template
 
     @contextmanager
     def edited(self, model: nn.Module, tok: Any, fact: Fact, hparams: Any) -> Iterator[None]:
         """Apply ROME, yield None, restore bit-identically (always)."""
         from .edit import edited
 
-        with edited(model, tok, fact, hparams, seed=self.seed, info=self.info):
+        with edited(model, tok, fact, hparams, seed=self.seed, info=self.info, chat_template=self.chat_template):
             yield None
 
     def close(self) -> None:
@@ -80,23 +82,36 @@ class EasyEditRome:
             self._scratch = None
 
 
-def _builtin(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int) -> Editor:
-    return BuiltinRome(seed=seed)
+def _builtin(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int, chat_template: bool) -> Editor:
+    return BuiltinRome(seed=seed, chat_template=chat_template)
 
 
-def _easyedit(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int) -> Editor:
+def _easyedit(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int,
+              chat_template: bool) -> Editor:
     return EasyEditRome(model, tok, hparams, model_name, workdir)
 
 
 EDITORS: dict[str, Callable[..., Editor]] = {"builtin": _builtin, "easyedit": _easyedit}
 
 
-def check_editor(name: Any) -> None:
-    """A ValueError listing the editors when `name` is neither a registered name nor an editor object."""
+# The editors that can read prompts through the tokenizer's chat template (EasyEdit tokenizes the raw prompts).
+CHAT_EDITORS = ("builtin",)
+
+
+def check_editor(name: Any, chat_template: bool = False) -> None:
+    """A ValueError listing the editors when `name` is neither a registered name nor an editor object, or naming
+    --chat-template when the editor would read the prompts otherwise than the run does."""
     if isinstance(name, str) and name not in EDITORS:
         raise ValueError(f"editor must be one of {tuple(EDITORS)}, got {name!r}")
     if not isinstance(name, str) and not callable(getattr(name, "edited", None)):
         raise ValueError(f"an editor is one of {tuple(EDITORS)} or an object with edited(), got {name!r}")
+    if isinstance(name, str) and chat_template and name not in CHAT_EDITORS:
+        raise ValueError(f"--chat-template: --editor {name} tokenizes the raw prompts, not the chat template's "
+                         f"user turns; use --editor {' or '.join(CHAT_EDITORS)} with --chat-template")
+    if not isinstance(name, str) and bool(getattr(name, "chat_template", False)) != chat_template:
+        raise ValueError(f"editor {getattr(name, 'name', name)!r} has chat_template="
+                         f"{bool(getattr(name, 'chat_template', False))}, the run chat_template={chat_template}: "
+                         f"it would edit other prompts than the run measures")
     if name == "easyedit":
         check_easyedit()
 
@@ -118,10 +133,11 @@ def check_easyedit() -> None:
 
 
 def make_editor(editor: str | Editor, model: nn.Module, tok: Any, hparams: Any, *, model_name: str = "model",
-                workdir: str | Path | None = None, seed: int = 0) -> Editor:
-    """The editor of that name over this model (an editor object is returned as it is)."""
-    check_editor(editor)
+                workdir: str | Path | None = None, seed: int = 0, chat_template: bool = False) -> Editor:
+    """The editor of that name over this model, reading prompts as `chat_template` says (an editor object is
+    returned as it is)."""
+    check_editor(editor, chat_template)
     if not isinstance(editor, str):
         return editor
     return EDITORS[editor](model, tok, hparams, model_name=model_name,
-                           workdir=None if workdir is None else Path(workdir), seed=seed)
+                           workdir=None if workdir is None else Path(workdir), seed=seed, chat_template=chat_template)

@@ -5,7 +5,9 @@ are tokenized together and the log-probabilities of the target tokens summed.
 Comparisons (`P(new) > P(true)`) use the mean per-token negative log-likelihood,
 as ROME's CounterFact evaluation does. The metrics are `rome_locate.metrics`, the
 records `rome_locate.outcome`, the layers the placements of `rome_locate.choose`,
-the editor an object of `rome_locate.editors`.
+the editor an object of `rome_locate.editors`. With `chat_template` every prompt scored
+or generated from is a user turn of the tokenizer's chat template (`prompts.model_input`),
+and the editor must read the prompts so too.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .models import input_device
 from .outcome import SEQUENTIAL_FIELDS, EvalRecord, EvaluationError, Generation, GenerationSettings, LayerScore
 from .scoring import PairScore, score_targets
 from .stats import check_mom2
-from .tokens import pad_id
+from .tokens import pad_id, prompt_ids
 
 
 # ---- scoring a model state -------------------------------------------------------
@@ -44,7 +46,8 @@ def _locality_answer(fact: Fact, i: int) -> str | None:
     return fact.target
 
 
-def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[str, PairScore]]]:
+def _state_scores(model, tok, fact: Fact, *, full: bool,
+                  chat_template: bool = False) -> dict[str, list[dict[str, PairScore]]]:
     """Scores of target_new / target_true (and, if `full`, the locality answers) on every prompt group."""
     pairs: list[tuple[str, str | None]] = []
     slots: list[tuple[str, int, str]] = []
@@ -55,7 +58,7 @@ def _state_scores(model, tok, fact: Fact, *, full: bool) -> dict[str, list[dict[
                 pairs.append((prompt, fact.target)); slots.append((group, i, "true"))
             if full and group == "neighborhood":
                 pairs.append((prompt, _locality_answer(fact, i))); slots.append((group, i, "answer"))
-    scores = score_targets(model, tok, pairs, keep_next=full)
+    scores = score_targets(model, tok, pairs, keep_next=full, chat_template=chat_template)
     out: dict[str, list[dict[str, PairScore]]] = {g: [{} for _ in p] for g, p in _groups(fact).items()}
     for (group, i, key), s in zip(slots, scores):
         out[group][i][key] = s
@@ -102,7 +105,8 @@ def check_finite(model, fact: Fact, state: dict[str, list[dict[str, PairScore]]]
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings()) -> list[str]:
+def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings = GenerationSettings(),
+             chat_template: bool = False) -> list[str]:
     """The continuation the model generates after each prompt (one prompt at a time: no padding to get wrong)."""
     device = input_device(model)
     kwargs: dict[str, Any] = dict(max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id(tok))
@@ -115,8 +119,8 @@ def generate(model, tok, prompts: Sequence[str], settings: GenerationSettings = 
     devices = [device] if device.type == "cuda" else []
     texts = []
     for prompt in prompts:
-        enc = tok(prompt, return_tensors="pt")
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        ids = torch.tensor([prompt_ids(tok, prompt, chat_template)], device=device)
+        mask = torch.ones_like(ids)
         # A private RNG stream per prompt: the same seed before and after the edit, global state untouched.
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(settings.seed)
@@ -134,7 +138,8 @@ def _generation_prompts(fact: Fact, max_neighborhood: int | None) -> list[tuple[
 def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | None = None,
                   sweep: bool | Sequence[int] = False, generation: GenerationSettings | None = GenerationSettings(),
                   editor: Editor | None = None, max_neighborhood: int | None = None, n_layers: int | None = None,
-                  sweep_progress: Callable[[int], None] | None = None, keep: ExitStack | None = None) -> EvalRecord:
+                  sweep_progress: Callable[[int], None] | None = None, keep: ExitStack | None = None,
+                  chat_template: bool = False) -> EvalRecord:
     """Edit one fact at its placement's layer, measure before and after, restore; optionally generate and sweep.
 
     `placement` defaults to the hyperparameters' own layer; `generation=None`
@@ -145,7 +150,8 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
     if keep is not None and sweep:
         raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
     check_editable(fact)
-    editor = editor if editor is not None else BuiltinRome()
+    editor = editor if editor is not None else BuiltinRome(chat_template=chat_template)
+    chat = chat_template
     t0 = time.perf_counter()
     fixed = fixed_layer(hparams)
     placement = placement or Placement(LayerDecision(fixed, "fixed", "the hyperparameters' layer"), fallback=fixed)
@@ -154,22 +160,23 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
 
     gen_prompts = _generation_prompts(fact, max_neighborhood) if generation is not None else []
     texts = [p for _, p in gen_prompts]
-    before = _state_scores(model, tok, fact, full=True)
+    before = _state_scores(model, tok, fact, full=True, chat_template=chat)
     check_finite(model, fact, before, None)
     check_changes(fact, before["edit"][0]["new"])
-    gens_before = generate(model, tok, texts, generation) if texts else []
+    gens_before = generate(model, tok, texts, generation, chat) if texts else []
     context = editor.edited(model, tok, fact, with_layer(hparams, layer))
     with context if keep is None else nullcontext() as handle:
         if keep is not None:
             handle = keep.enter_context(context)
-        after = _state_scores(model, tok, fact, full=True)
+        after = _state_scores(model, tok, fact, full=True, chat_template=chat)
         check_finite(model, fact, after, f"the edit at layer {layer} ({editor.name})")
-        gens_after = generate(model, tok, texts, generation) if texts else []
+        gens_after = generate(model, tok, texts, generation, chat) if texts else []
     metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
                               [t + g for t, g in zip(texts, gens_after)])
     if sweep:
         layers = list(range(_n_layers(model, n_layers))) if sweep is True else [int(x) for x in sweep]
-        scores = _sweep(model, tok, fact, hparams, editor, layers, layer, before, after, effects, sweep_progress)
+        scores = _sweep(model, tok, fact, hparams, editor, layers, layer, before, after, effects, sweep_progress,
+                        chat)
     else:
         scores = []
     traced = placement.traced
@@ -197,7 +204,7 @@ def _n_layers(model, n_layers: int | None) -> int:
 
 def _sweep(model, tok, fact: Fact, hparams, editor: Editor, layers: Sequence[int], main_layer: int, before: dict,
            after: dict, effects: tuple[float, ...] | None,
-           progress: Callable[[int], None] | None) -> list[LayerScore]:
+           progress: Callable[[int], None] | None, chat_template: bool) -> list[LayerScore]:
     """Edit the fact at every sweep layer (the main edit's scores reused at its own layer) and score each."""
     scores = []
     for sweep_layer in layers:
@@ -205,7 +212,7 @@ def _sweep(model, tok, fact: Fact, hparams, editor: Editor, layers: Sequence[int
             state = after  # the main edit is this step's edit: no need to make it twice
         else:
             with editor.edited(model, tok, fact, with_layer(hparams, sweep_layer)):
-                state = _state_scores(model, tok, fact, full=False)
+                state = _state_scores(model, tok, fact, full=False, chat_template=chat_template)
                 check_finite(model, fact, state, f"the sweep's edit at layer {sweep_layer} ({editor.name})")
         scores.append(LayerScore(
             layer=sweep_layer,
@@ -261,7 +268,7 @@ def evaluate(model, tok, facts: Sequence[Fact], hparams, placements: Sequence[Pl
              sweep: bool | Sequence[int] = False, generation: GenerationSettings | None = GenerationSettings(),
              editor: Editor | None = None, max_neighborhood: int | None = None, n_layers: int | None = None,
              on_record: Callable[[list[EvalRecord]], None] | None = None,
-             progress: bool = True) -> list[EvalRecord]:
+             progress: bool = True, chat_template: bool = False) -> list[EvalRecord]:
     """Edit and measure every fact at its placement (`choose.place`), one at a time, weights restored in between.
 
     `on_record` is called with the records so far after each fact. A failure
@@ -271,7 +278,7 @@ def evaluate(model, tok, facts: Sequence[Fact], hparams, placements: Sequence[Pl
         raise ValueError(f"{len(placements)} placements for {len(facts)} facts")
     from tqdm.auto import tqdm
 
-    editor = editor if editor is not None else BuiltinRome()
+    editor = editor if editor is not None else BuiltinRome(chat_template=chat_template)
     records: list[EvalRecord] = []
     bar = tqdm(total=len(facts), desc=f"edit ({editor.name})", unit="fact", disable=not progress)
     try:
@@ -279,7 +286,7 @@ def evaluate(model, tok, facts: Sequence[Fact], hparams, placements: Sequence[Pl
             try:
                 rec = evaluate_fact(model, tok, fact, hparams, placement=placement, sweep=sweep,
                                     generation=generation, editor=editor, max_neighborhood=max_neighborhood,
-                                    n_layers=n_layers)
+                                    n_layers=n_layers, chat_template=chat_template)
             except Exception as exc:
                 raise EvaluationError(fact.id, exc, list(records)) from exc
             records.append(rec)
@@ -304,7 +311,7 @@ def evaluate_sequential(model, tok, facts: Sequence[Fact], hparams, placements: 
                         generation: GenerationSettings | None = None, editor: Editor | None = None,
                         max_neighborhood: int | None = None,
                         on_record: Callable[[list[EvalRecord]], None] | None = None,
-                        progress: bool = True) -> list[EvalRecord]:
+                        progress: bool = True, chat_template: bool = False) -> list[EvalRecord]:
     """Edit the facts one after another, keeping every edit; the model is restored when all are measured.
 
     Each record holds its own edit's metrics (before/after that edit), at the
@@ -314,13 +321,13 @@ def evaluate_sequential(model, tok, facts: Sequence[Fact], hparams, placements: 
     """
     from tqdm.auto import tqdm
 
-    editor = editor if editor is not None else BuiltinRome()
+    editor = editor if editor is not None else BuiltinRome(chat_template=chat_template)
     if getattr(hparams, "mom2_adjustment", False):
         # Every fact's statistics, while the model is unedited: once edits accumulate its weights are not the ones
         # the statistics' records name.
         check_mom2(model, hparams, {p.layer for p in placements})
     marks = set(checkpoints(len(facts)))
-    unedited = [_state_scores(model, tok, f, full=True) for f in facts]
+    unedited = [_state_scores(model, tok, f, full=True, chat_template=chat_template) for f in facts]
     records: list[EvalRecord] = []
     bar = tqdm(total=len(facts), desc=f"sequential edit ({editor.name})", unit="fact", disable=not progress)
     try:
@@ -329,10 +336,11 @@ def evaluate_sequential(model, tok, facts: Sequence[Fact], hparams, placements: 
                 try:
                     rec = evaluate_fact(model, tok, fact, hparams, placement=placement, generation=generation,
                                         editor=editor, max_neighborhood=max_neighborhood,
-                                        keep=kept)
+                                        keep=kept, chat_template=chat_template)
                     now: list[dict[str, float | None]] = []
                     if i + 1 in marks:
-                        now = [metrics_between(b, _state_scores(model, tok, f, full=True))
+                        now = [metrics_between(b, _state_scores(model, tok, f, full=True,
+                                                                chat_template=chat_template))
                                for b, f in zip(unedited, facts[:i + 1])]
                         rec = replace(rec, after_n_edits={"n_edits": float(i + 1), **{
                             k: mean_of(m.get(k) for m in now) for k in SEQUENTIAL_FIELDS}})

@@ -58,10 +58,18 @@ class ModelFingerprint(Record):
     n_params: int
     dtype: str
     digest: str  # sha256 over the config, parameter names, shapes and dtypes, and sampled values
+    remote_code: bool = False  # built from Python code in the model's directory (loaded with trust_remote_code)
 
     def short(self) -> str:
         """One line for reports: family, size, dtype and the first digits of the digest."""
-        return f"{self.model_type} {self.n_params:,} params {self.dtype} #{self.digest[:12]}"
+        code = " (remote code)" if self.remote_code else ""
+        return f"{self.model_type}{code} {self.n_params:,} params {self.dtype} #{self.digest[:12]}"
+
+
+def runs_remote_code(obj: object) -> bool:
+    """Whether the class of a model (or tokenizer) comes from code in its model directory (trust_remote_code)."""
+    # transformers imports a model directory's own modules under this package name (dynamic_module_utils).
+    return type(obj).__module__.split(".")[0] == "transformers_modules"
 
 
 @torch.no_grad()
@@ -81,7 +89,7 @@ def fingerprint(model: nn.Module) -> ModelFingerprint:
             h.update(flat[::step][:_FINGERPRINT_VALUES].to("cpu", torch.float64).numpy().tobytes())
     model_type = str(getattr(config, "model_type", None) or type(model).__name__)
     return ModelFingerprint(model_type=model_type, n_params=n, dtype=str(model_dtype(model)).replace("torch.", ""),
-                            digest=h.hexdigest())
+                            digest=h.hexdigest(), remote_code=runs_remote_code(model))
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -300,14 +308,31 @@ def _weights_problem(exc: BaseException, local: Path | None, name: str) -> str |
     return f"--model {name!r}: its {kind} weights cannot be read ({_cause(exc)})"
 
 
+def _remote_code_needed(text: str) -> ValueError:
+    return ValueError(f"--model {text!r} needs Python code from its own directory to load (its config names it in "
+                      f"auto_map), and rome-locate runs such code only when asked: pass --trust-remote-code "
+                      f"(trust_remote_code=True) if you trust the code in that directory")
+
+
+def _remote_code_notice(text: str, model: nn.Module, tok: object) -> str:
+    """The one stderr line of a load with trust_remote_code: whose code runs, if any."""
+    ran = [f"{type(o).__module__}.{type(o).__name__}" for o in (model, tok) if runs_remote_code(o)]
+    if not ran:
+        return f"notice: --trust-remote-code: {text} needed no code of its own (transformers' classes were used)"
+    return f"notice: --trust-remote-code: running Python code from the model directory of {text}: {', '.join(ran)}"
+
+
 def load_model(name: str | Path, *, device: str | None = None, dtype: str = "float32",
                device_map: str | dict | None = None, max_memory: str | dict | None = None,
-               offload_folder: str | Path | None = None):
+               offload_folder: str | Path | None = None, trust_remote_code: bool = False):
     """(model in eval mode, tokenizer) from a local directory or hub name: on `device` (default: default_device()),
     or spread by `device_map`.
 
     With a device map (accelerate), blocks may sit on several GPUs, on the CPU or
     on disk (`offload_folder`); `max_memory` bounds what each device holds.
+    `trust_remote_code` (never on by default) lets transformers run the Python code the model's config names
+    in its auto_map; a notice on stderr says whose code ran. Without it such a model is a one-line ValueError
+    naming --trust-remote-code.
     """
     why = hide_unloadable("torchvision")
     if why:
@@ -322,7 +347,9 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    kw: dict = {"dtype": torch_dtype}
+    trust_remote_code = bool(trust_remote_code)
+    # Passed even when False: left None, transformers asks on the terminal whether to run the code.
+    kw: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device_map is not None:
         try:
             import accelerate  # noqa: F401  (from_pretrained needs it for a device map)
@@ -344,9 +371,12 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
             raise FileNotFoundError(f"--model {text!r} is not a local directory, and {why}; pass the directory of a "
                                     f"downloaded model (save_pretrained output)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else text)
+        tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else text,
+                                            trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else text, **kw)
     except (OSError, ValueError) as exc:
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            raise _remote_code_needed(text) from None
         where = "local directory" if local.exists() else "local directory or reachable hub model"
         raise FileNotFoundError(f"--model {text!r} is not a loadable {where}: {_one_line(exc)}") from None
     except Exception as exc:
@@ -358,6 +388,8 @@ def load_model(name: str | Path, *, device: str | None = None, dtype: str = "flo
         raise WeightsFileError(why) from None
     if device_map is None:
         model = model.to(device)
+    if trust_remote_code:
+        print(_remote_code_notice(text, model, tok), file=sys.stderr)
     return model.eval(), tok
 
 

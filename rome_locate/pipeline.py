@@ -79,8 +79,19 @@ def _needs_trace(rule: LayerRule, sweep_layers: Sequence[int], located: Sequence
     return rule.mode != "fixed" or bool(sweep_layers)
 
 
+def _check_prompts(chat_template: bool, trace_settings: TraceSettings | None, located: Sequence[Any] | None) -> None:
+    """A ValueError when the given trace settings or traces read the prompts otherwise than the run does."""
+    given = [("trace_settings", trace_settings)] + [
+        (f"the trace of fact {entry[0].fact_id!r}", entry[0].settings) for entry in located or ()
+        if isinstance(entry, tuple) and isinstance(getattr(entry[0], "settings", None), TraceSettings)]
+    for what, settings in given:
+        if settings is not None and settings.chat_template != chat_template:
+            raise ValueError(f"{what} has chat_template={settings.chat_template}, the run chat_template="
+                             f"{chat_template}: traces and edits must read the prompts alike")
+
+
 def _trace(model, tok, facts: list[Fact], settings: TraceSettings | None, arch: Arch, out: Path | None,
-           dataset: Sequence[Fact] | None, progress: bool) -> list[Any]:
+           dataset: Sequence[Fact] | None, progress: bool, chat_template: bool) -> list[Any]:
     """locate() of the facts, resumable in OUT/locate.jsonl; the noise level from `dataset` (a torchrun rank's
     whole facts) when given."""
     if out is not None:
@@ -89,8 +100,8 @@ def _trace(model, tok, facts: list[Fact], settings: TraceSettings | None, arch: 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dataset = editable(dataset, skip_errors=True)[0]
-    return locate(model, tok, facts, settings or TraceSettings(), arch=arch, progress=progress,
-                  out=None if out is None else out / "locate.jsonl", dataset=dataset)
+    return locate(model, tok, facts, settings or TraceSettings(chat_template=chat_template), arch=arch,
+                  progress=progress, out=None if out is None else out / "locate.jsonl", dataset=dataset)
 
 
 def _stats_layers(rule: LayerRule, located: Sequence[Any] | None, facts: Sequence[Fact],
@@ -112,7 +123,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                  model_name: str | None = None, facts_path: str | None = None, max_neighborhood: int | None = None,
                  skip_errors: bool = False, sequential: bool = False, progress: bool = True,
                  extra_settings: dict[str, Any] | None = None, started: float | None = None,
-                 dataset: Sequence[Fact] | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
+                 dataset: Sequence[Fact] | None = None,
+                 chat_template: bool = False) -> tuple[list[EvalRecord], dict[str, Path]]:
     """Edit and evaluate every fact; with `out_dir`, results.json after every fact and the report at the end.
 
     Layers: the run's `choose.LayerRule` (`resolve_rule`: `layer_rule`, or the
@@ -129,8 +141,11 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     `out_dir` that rome-locate did not write is an error before any work (the
     caller holds the folder's lock, `outdir.out_lock`). `dataset`, when `facts`
     is a torchrun rank's block, is what the noise level of the traces comes from.
+    `chat_template` reads every prompt (traced, edited, scored, generated from) as a user turn of the
+    tokenizer's chat template; `trace_settings`, `located` traces and an editor object must agree with it.
     """
-    check_editor(editor)
+    check_editor(editor, chat_template)
+    _check_prompts(chat_template, trace_settings, located)
     if out_dir is not None:
         check_report_files(out_dir)  # before any work: a report file someone else wrote is never written over
     if sequential and sweep:
@@ -149,15 +164,16 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                 check_layer(entry, arch.n_layers, f"the layer given for fact {fact.id!r}:")
     out = Path(out_dir) if out_dir is not None else None
     if _needs_trace(rule, sweep_layers, located):
-        located = _trace(model, tok, facts, trace_settings, arch, out, dataset, progress)
+        located = _trace(model, tok, facts, trace_settings, arch, out, dataset, progress, chat_template)
     if trace_settings is None and located and isinstance(located[0], tuple):
         trace_settings = getattr(located[0][0], "settings", None)
     hparams = ensure_stats(model, tok, hparams, _stats_layers(rule, located, facts, sweep_layers), mom2_corpus,
                            None if out is None else out / "stats", arch=arch)
     run = _Run(model, tok, facts, hparams, rule, located, out, sweep_layers, generation, max_neighborhood,
-               sequential, progress, arch.n_layers)
+               sequential, progress, arch.n_layers, chat_template)
     editor_obj = make_editor(editor, model, tok, hparams, model_name=str(model_name or getattr(hparams, "model_name",
-                             "model")), workdir=None if out is None else out / "easyedit", seed=seed)
+                             "model")), workdir=None if out is None else out / "easyedit", seed=seed,
+                             chat_template=chat_template)
     model_id = fingerprint(model)
 
     def settings() -> dict[str, Any]:
@@ -165,6 +181,7 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                             trace_settings=trace_settings, seed=seed, generation=generation, layers=rule.mode,
                             sweep=bool(sweep_layers), sequential=sequential, editor=editor_obj.name,
                             facts=facts_path, wall_time_s=time.perf_counter() - t0, layer_rule=rule,
+                            chat_template=chat_template, trust_remote_code=model_id.remote_code,
                             **(extra_settings or {}))
 
     try:
@@ -192,6 +209,7 @@ class _Run:
     sequential: bool
     progress: bool
     n_layers: int
+    chat_template: bool = False
     records: list[EvalRecord] = field(default_factory=list)
 
     def placements(self, editor: Editor) -> list[Placement]:
@@ -202,7 +220,7 @@ class _Run:
 
             traces = [p.trace for p in place(self.facts, replace(self.rule, mode="traced"), self.located)]
             picks = validated_layers(self.model, self.tok, self.facts, self.hparams, traces, self.rule,
-                                     editor=editor, progress=self.progress)
+                                     editor=editor, progress=self.progress, chat_template=self.chat_template)
         return place(self.facts, self.rule, self.located, picks=picks)
 
     def execute(self, editor: Editor, settings: Callable[[], dict[str, Any]]) -> tuple[list[EvalRecord],
@@ -219,7 +237,7 @@ class _Run:
         try:
             placements = self.placements(editor)
             common = dict(generation=self.generation, editor=editor, max_neighborhood=self.max_neighborhood,
-                          progress=self.progress, on_record=finished)
+                          progress=self.progress, on_record=finished, chat_template=self.chat_template)
             if self.sequential:
                 evaluate_sequential(self.model, self.tok, self.facts, self.hparams, placements, **common)
             else:

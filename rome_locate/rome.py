@@ -39,7 +39,7 @@ from .hooks import captured, captured_inputs, get_module, patched
 from .hparams import RomeParams
 from .models import input_device, set_weight, weight_value
 from .stats import check_mom2, mom2_for
-from .tokens import continuation, find_subject_range, pad_id, right_pad
+from .tokens import continuation, find_subject_range, pad_id, prompt_ids, right_pad
 
 # ROME's template prefixes (its context templates start with these words).
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -53,23 +53,25 @@ class EditError(ValueError):
     """A fact or hyperparameters the editor cannot use; the message names it."""
 
 
-def lookup_index(tok: Any, text: str, subject: str, fact_token: str, search_from: int = 0) -> int:
-    """Token index where ROME reads the key: the subject's last/first token, or the text's last token."""
+def lookup_index(tok: Any, text: str, subject: str, fact_token: str, search_from: int = 0,
+                 chat_template: bool = False) -> int:
+    """Token index where ROME reads the key: the subject's last/first token, or the text's last token (of the text's
+    model input: with `chat_template`, the templated text's)."""
     if fact_token == "last":
-        return len(tok(text)["input_ids"]) - 1
+        return len(prompt_ids(tok, text, chat_template)) - 1
     if fact_token not in ("subject_last", "subject_first"):
         raise EditError(f"fact_token must be subject_last, subject_first or last, got {fact_token!r}")
     try:
-        (b, e), _, _ = find_subject_range(tok, text, subject, search_from=search_from)
+        (b, e), _, _ = find_subject_range(tok, text, subject, search_from=search_from, chat_template=chat_template)
     except ValueError as exc:
         raise EditError(str(exc)) from None
     return e - 1 if fact_token == "subject_last" else b
 
 
-def target_tokens(tok: Any, prompt: str, target: str) -> tuple[list[int], list[int]]:
-    """(ids of `prompt + " " + target`, positions of the target's tokens in it)."""
+def target_tokens(tok: Any, prompt: str, target: str, chat_template: bool = False) -> tuple[list[int], list[int]]:
+    """(ids of `prompt + " " + target`, positions of the target's tokens in it); `tokens.continuation`."""
     try:
-        return continuation(tok, prompt, target)
+        return continuation(tok, prompt, target, chat_template)
     except ValueError as exc:
         raise EditError(str(exc)) from None
 
@@ -122,13 +124,13 @@ def _check_fact(fact: Fact) -> None:
 
 
 def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, layer: int,
-                templates: Sequence[str]) -> torch.Tensor:
+                templates: Sequence[str], chat_template: bool = False) -> torch.Tensor:
     """k*: the rewrite module's input at the fact token, averaged over the templated prompts."""
     name = hparams.rewrite_module_tmp.format(layer)
     texts = [t.format(fact.prompt) for t in templates]
-    rows = [tok(t)["input_ids"] for t in texts]
-    idxs = [lookup_index(tok, t, fact.subject, hparams.fact_token, search_from=len(t) - len(fact.prompt))
-            for t in texts]
+    rows = [prompt_ids(tok, t, chat_template) for t in texts]
+    idxs = [lookup_index(tok, t, fact.subject, hparams.fact_token, search_from=len(t) - len(fact.prompt),
+                         chat_template=chat_template) for t in texts]
     ids, mask = right_pad(rows, pad_id(tok), input_device(model))
     # stop: the key is the rewrite module's input; the layers above it and the head need not run.
     with torch.no_grad(), captured_inputs(model, [name], tokens=tuple(ids.shape), stop=True) as cache:
@@ -138,23 +140,23 @@ def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, lay
 
 
 def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, layer: int,
-                  templates: Sequence[str]) -> tuple[torch.Tensor, dict[str, float]]:
+                  templates: Sequence[str], chat_template: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """v*: the MLP output at the subject's last token that makes the model predict target_new."""
     device = input_device(model)
     mlp_name = hparams.mlp_module_tmp.format(layer)
     rows, lookups, target_pos, target_ids = [], [], [], []
     for template in templates:
         prompt = template.format(fact.prompt)
-        ids, positions = target_tokens(tok, prompt, fact.target_new)
+        ids, positions = target_tokens(tok, prompt, fact.target_new, chat_template)
         # Feed the target's tokens except the last: each position predicts the next one.
         rows.append(ids[:positions[-1]])
         target_pos.append(positions)
         target_ids.extend(ids[p] for p in positions)
         lookups.append(lookup_index(tok, prompt, fact.subject, hparams.fact_token,
-                                    search_from=len(prompt) - len(fact.prompt)))
+                                    search_from=len(prompt) - len(fact.prompt), chat_template=chat_template))
     kl_text = KL_PROMPT.format(fact.subject)
-    rows.append(tok(kl_text)["input_ids"])
-    lookups.append(lookup_index(tok, kl_text, fact.subject, hparams.fact_token))
+    rows.append(prompt_ids(tok, kl_text, chat_template))
+    lookups.append(lookup_index(tok, kl_text, fact.subject, hparams.fact_token, chat_template=chat_template))
     n_rewrite = len(templates)
     ids, mask = right_pad(rows, pad_id(tok), device)
 
@@ -241,8 +243,12 @@ def rank_one_update(model: nn.Module, hparams: RomeParams, layer: int, key: torc
 
 
 def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed: int = 0,
-               info: dict | None = None) -> dict[str, torch.Tensor]:
-    """Write `fact.target_new` into the model at each of `hparams.layers`; returns the original weights."""
+               info: dict | None = None, chat_template: bool = False) -> dict[str, torch.Tensor]:
+    """Write `fact.target_new` into the model at each of `hparams.layers`; returns the original weights.
+
+    With `chat_template` every prompt the edit reads (each context template + the fact's prompt, and the KL prompt)
+    is a user turn of the tokenizer's chat template; the context templates themselves are sampled as plain text.
+    """
     _check_fact(fact)
     if hparams.alg_name != "ROME":
         raise EditError(f"hyperparameters are for {hparams.alg_name!r}, not ROME")
@@ -256,9 +262,9 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
     try:
         for layer in sorted(hparams.layers):
             name = f"{hparams.rewrite_module_tmp.format(layer)}.weight"
-            key = compute_key(model, tok, fact, hparams, layer, templates)
-            prompt_key = compute_key(model, tok, fact, hparams, layer, ["{}"])
-            value, v_info = compute_value(model, tok, fact, hparams, layer, templates)
+            key = compute_key(model, tok, fact, hparams, layer, templates, chat_template)
+            prompt_key = compute_key(model, tok, fact, hparams, layer, ["{}"], chat_template)
+            value, v_info = compute_value(model, tok, fact, hparams, layer, templates, chat_template)
             if not bool(torch.isfinite(value).all()):
                 raise EditError(
                     f"fact {fact.id!r}: v* (the output of {hparams.mlp_module_tmp.format(layer)} that the edit "

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .models import input_device
-from .tokens import continuation, pad_id, right_pad
+from .tokens import continuation, pad_id, prompt_ids, right_pad
 
 
 def token_accuracy(predicted: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> float | None:
@@ -46,23 +46,24 @@ class PairScore:
         return math.exp(-self.nll)
 
 
-def _encode_pair(tok, prompt: str, target: str | None) -> tuple[list[int], int]:
+def _encode_pair(tok, prompt: str, target: str | None, chat_template: bool) -> tuple[list[int], int]:
     """Token ids of the prompt followed by the target and the prompt's length; target None: the prompt only."""
     if not target:
-        p_ids = list(tok(prompt)["input_ids"])
+        p_ids = prompt_ids(tok, prompt, chat_template)
         if not p_ids:
             raise ValueError(f"prompt {prompt!r} tokenizes to nothing")
         return p_ids, len(p_ids)
-    ids, positions = continuation(tok, prompt, target)
+    ids, positions = continuation(tok, prompt, target, chat_template)
     return ids, positions[0]
 
 
 @torch.no_grad()
 def score_targets(model, tok, pairs: Sequence[tuple[str, str | None]], *, batch_size: int = 32,
-                  keep_next: bool = False) -> list[PairScore]:
-    """Teacher-forced scores of `(prompt, target)` pairs, batched with right padding (positions stay exact)."""
+                  keep_next: bool = False, chat_template: bool = False) -> list[PairScore]:
+    """Teacher-forced scores of `(prompt, target)` pairs, batched with right padding (positions stay exact); with
+    `chat_template` each prompt is a user turn of the chat template and the target the assistant's answer."""
     device = input_device(model)
-    encoded = [_encode_pair(tok, p, t) for p, t in pairs]
+    encoded = [_encode_pair(tok, p, t, chat_template) for p, t in pairs]
     pad = pad_id(tok)
     out: list[PairScore] = []
     for start in range(0, len(encoded), batch_size):

@@ -44,7 +44,7 @@ from .hooks import captured_inputs
 from .hparams import RomeParams
 from .models import context_length, input_device
 from .mom2_owner import Identity, check_readable, check_writable, record_path
-from .tokens import pad_id, right_pad
+from .tokens import pad_id, prompt_ids, right_pad
 
 # EasyEdit's SecondMoment lives in easyeditor.util.runningstats; its state_dict writes this.
 _CONSTRUCTOR = "easyeditor.util.runningstats.SecondMoment()"
@@ -110,8 +110,10 @@ def read_corpus(path: str | Path, n_samples: int | None = None) -> list[str]:
 
 @torch.no_grad()
 def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts: Iterable[str],
-                   batch_size: int = 32, progress: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
-    """Sum of k k^T (float64) and the number of token positions, per named module's input."""
+                   batch_size: int = 32, progress: bool = False,
+                   chat_template: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
+    """Sum of k k^T (float64) and the number of token positions, per named module's input (each text read as a
+    user turn of the chat template with `chat_template`)."""
     device = input_device(model)
     max_len = context_length(model) or 512
     texts = list(texts)
@@ -120,7 +122,7 @@ def second_moments(model: nn.Module, tok: Any, layer_names: Sequence[str], texts
     count = 0
     batches = range(0, len(texts), batch_size)
     for start in tqdm(batches, desc="mom2", disable=not progress):
-        ids = [tok(t, truncation=True, max_length=max_len)["input_ids"] for t in texts[start:start + batch_size]]
+        ids = [prompt_ids(tok, t, chat_template, max_length=max_len) for t in texts[start:start + batch_size]]
         ids = [x for x in ids if x]
         if not ids:
             continue
@@ -148,7 +150,8 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
                  corpus_path: str | Path, stats_dir: str | Path, model_name: str | None = None,
                  mom2_dataset: str = "wikipedia", n_samples: int | None = 100000, dtype: str = "float32",
                  batch_size: int = 32, compressed: bool = True, progress: bool = False,
-                 record: dict[str, Any] | None = None) -> list[Path]:
+                 record: dict[str, Any] | None = None,
+                 chat_template: bool = False) -> list[Path]:
     """Write EasyEdit-format mom2 files for the rewrite module of each layer, each with its record; returns their
     paths.
 
@@ -158,6 +161,8 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
     The record beside each npz names the model (`mom2_owner`) and holds how the
     statistics were made (`record`, default: the corpus); files recorded as
     another model's are refused before any work.
+        `chat_template` reads each line as a user turn of the tokenizer's chat template (self-sampled texts of a
+    chat model; a corpus is plain text, and the command line reads it so).
     """
     if not isinstance(arch, Arch) or not arch.n_layers:
         arch = arch_for(model, arch)
@@ -174,7 +179,8 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
     check_writable(paths, model)
     owner = Identity(model).record()  # before the forwards: the model as it is asked about
     texts = read_corpus(corpus_path, n_samples)
-    moments = second_moments(model, tok, names, texts, batch_size=batch_size, progress=progress)
+    moments = second_moments(model, tok, names, texts, batch_size=batch_size, progress=progress,
+                             chat_template=chat_template)
     made = record if record is not None else {"source": f"corpus {Path(corpus_path).resolve()}"}
     for name, path in zip(names, paths):
         total, count = moments[name]
@@ -193,39 +199,53 @@ def compute_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | No
 # ---- statistics without a corpus: texts sampled from the model itself ---------
 
 SELF_SAMPLE_DATASET = "self_sample"  # the mom2_dataset name self-sampled statistics are filed under
+SELF_SAMPLE_CHAT_DATASET = "self_sample_chat"  # ... and those sampled and read through the chat template
 SELF_SAMPLE_NEW_TOKENS = 24
 SELF_SAMPLE_SEED = 0
 
 
+def self_sample_dataset(chat_template: bool = False) -> str:
+    """The mom2_dataset name of self-sampled statistics (chat-templated keys are filed apart from plain ones)."""
+    return SELF_SAMPLE_CHAT_DATASET if chat_template else SELF_SAMPLE_DATASET
+
+
 @torch.no_grad()
 def sample_texts(model: nn.Module, tok: Any, n: int, new_tokens: int = SELF_SAMPLE_NEW_TOKENS,
-                 seed: int = SELF_SAMPLE_SEED, batch_size: int = 500) -> list[str]:
-    """`n` texts sampled from the model from its BOS token: plain sampling (temperature 1, no top-k), seeded."""
+                 seed: int = SELF_SAMPLE_SEED, batch_size: int = 500, chat_template: bool = False) -> list[str]:
+    """`n` texts sampled from the model from its BOS token, or with `chat_template` as the answer to an empty
+    user turn: plain sampling (temperature 1, no top-k), seeded."""
     if n < 1:
         raise ValueError(f"the number of self-sampled texts must be >= 1, got {n}")
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if start is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    if chat_template:
+        prefix = prompt_ids(tok, "", chat_template=True)
+    else:
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if bos is None:
+            raise ValueError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+        prefix = [bos]
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     texts: list[str] = []
     for lo in range(0, n, batch_size):
-        ids = torch.full((min(batch_size, n - lo), 1), start, dtype=torch.long, device=device)
+        ids = torch.tensor([prefix] * min(batch_size, n - lo), dtype=torch.long, device=device)
         for _ in range(new_tokens):
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].float()
             nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=gen).to(device)
             ids = torch.cat([ids, nxt], dim=1)
-        texts += [tok.decode(row[1:], skip_special_tokens=True).strip() for row in ids.tolist()]
-    # An empty decode (all special tokens) still has the start token's keys; keep one placeholder.
-    return [t if t else tok.decode([start]) for t in texts]
+        texts += [tok.decode(row[len(prefix):], skip_special_tokens=True).strip() for row in ids.tolist()]
+    # An empty decode (all special tokens) still has the start's keys; keep one placeholder.
+    return [t if t else tok.decode(prefix[-1:]) for t in texts]
 
 
 def self_sample_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict | None, layers: Sequence[int],
                      stats_dir: str | Path, n_samples: int = 3000, model_name: str | None = None,
                      dtype: str = "float32", seed: int = SELF_SAMPLE_SEED,
-                     new_tokens: int = SELF_SAMPLE_NEW_TOKENS, progress: bool = False) -> list[Path]:
+                     new_tokens: int = SELF_SAMPLE_NEW_TOKENS, progress: bool = False,
+                     chat_template: bool = False) -> list[Path]:
     """mom2 files (EasyEdit layout, dataset `self_sample`) from `n_samples` texts the model samples itself.
 
+    With `chat_template` the texts are sampled as answers to an empty user turn and read back as user turns
+    (dataset `self_sample_chat`): the keys an edit of a chat-templated prompt reads.
     The sampling settings go into the record beside each npz (same name, `.json`), with the model's identity.
     """
     import tempfile
@@ -233,19 +253,22 @@ def self_sample_mom2(model: nn.Module, tok: Any, arch: Arch | str | Path | dict 
     if not isinstance(arch, Arch) or not arch.n_layers:
         arch = arch_for(model, arch)
     name = model_name or stats_model_name(model)
-    check_writable([mom2_path(stats_dir, name, arch.rewrite_module(layer), SELF_SAMPLE_DATASET, n_samples, dtype)
+    dataset = self_sample_dataset(chat_template)
+    check_writable([mom2_path(stats_dir, name, arch.rewrite_module(layer), dataset, n_samples, dtype)
                     for layer in layers], model)  # before the sampling
-    texts = sample_texts(model, tok, n_samples, new_tokens=new_tokens, seed=seed)
+    texts = sample_texts(model, tok, n_samples, new_tokens=new_tokens, seed=seed, chat_template=chat_template)
     settings = {"source": "texts sampled from the model itself (rome_locate.stats.sample_texts)",
-                "n_texts": n_samples, "new_tokens": new_tokens, "seed": seed, "start": "bos token",
-                "sampling": "plain (temperature 1, no top-k/top-p)", "mom2_dataset": SELF_SAMPLE_DATASET,
+                "n_texts": n_samples, "new_tokens": new_tokens, "seed": seed,
+                "start": "an empty user turn of the chat template" if chat_template else "bos token",
+                "chat_template": chat_template,
+                "sampling": "plain (temperature 1, no top-k/top-p)", "mom2_dataset": dataset,
                 "dtype": dtype, "example_texts": texts[:5]}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "self_sample.txt"
         corpus.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n", encoding="utf-8")
         return compute_mom2(model, tok, arch, layers, corpus, stats_dir, model_name=model_name,
-                            mom2_dataset=SELF_SAMPLE_DATASET, n_samples=n_samples, dtype=dtype, progress=progress,
-                            record=settings)
+                            mom2_dataset=dataset, n_samples=n_samples, dtype=dtype, progress=progress,
+                            record=settings, chat_template=chat_template)
 
 
 def missing_mom2_layers(model: nn.Module, hparams: Any, layers: Sequence[int]) -> list[int]:
@@ -258,14 +281,15 @@ def missing_mom2_layers(model: nn.Module, hparams: Any, layers: Sequence[int]) -
 
 def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequence[int],
                         stats_dir: str | Path | None = None, n_samples: int | None = None,
-                        notice: Any = print, arch: Arch | None = None) -> Any:
+                        notice: Any = print, arch: Arch | None = None, chat_template: bool = False) -> Any:
     """Hyperparameters whose mom2 files exist for `layers`: when some are missing, self-sampled ones are used.
 
     Without a corpus this is the fallback of `hparams`, `edit` and `eval`: the
     statistics come from texts the model samples itself (`self_sample_mom2`),
     written under `stats_dir` (default: the hyperparameters' own), and a notice
     is printed. Hyperparameters without mom2_adjustment are returned as they are. `arch` is the model's
-    resolved architecture (a family known only through --arch has no other).
+    resolved architecture (a family known only through --arch has no other). With `chat_template` the texts
+    are sampled and read through the chat template (`self_sample_mom2`).
     """
     import dataclasses
 
@@ -274,8 +298,9 @@ def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequen
     if not missing_mom2_layers(model, hparams, layers):
         check_mom2(model, hparams, layers)
         return hparams
-    n = int(n_samples or (hparams.mom2_n_samples if hparams.mom2_dataset == SELF_SAMPLE_DATASET else 3000))
-    out = dataclasses.replace(hparams, mom2_dataset=SELF_SAMPLE_DATASET, mom2_n_samples=n,
+    dataset = self_sample_dataset(chat_template)
+    n = int(n_samples or (hparams.mom2_n_samples if hparams.mom2_dataset == dataset else 3000))
+    out = dataclasses.replace(hparams, mom2_dataset=dataset, mom2_n_samples=n,
                               stats_dir=str(stats_dir or hparams.stats_dir))
     todo = missing_mom2_layers(model, out, layers)
     if todo:
@@ -284,7 +309,7 @@ def ensure_self_sampled(model: nn.Module, tok: Any, hparams: Any, layers: Sequen
                f"using covariance statistics of {n} texts sampled from the model itself "
                f"(written to {out.stats_dir})")
         self_sample_mom2(model, tok, arch, todo, out.stats_dir, n_samples=n, model_name=name,
-                         dtype=hparams.mom2_dtype)
+                         dtype=hparams.mom2_dtype, chat_template=chat_template)
     check_mom2(model, out, layers)
     return out
 

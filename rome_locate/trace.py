@@ -54,6 +54,8 @@ class TraceSettings(Record):
     `verify_top` K re-checks with exact runs the K largest estimated effects at
     the last subject token, the row the layer choice reads.
     Both change the numbers, so they are recorded and checked on resume like the rest.
+    `chat_template` reads every prompt as a user turn of the tokenizer's chat template (`prompts.model_input`):
+    the tokens, the subject range and the answer are the templated prompt's.
     """
 
     kind: Kind = "mlp"
@@ -66,6 +68,7 @@ class TraceSettings(Record):
     full: bool = False
     method: Method = "exact"
     verify_top: int = 0
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -86,6 +89,8 @@ class TraceSettings(Record):
             raise ValueError(f"window must be >= 1, got {self.window}")
         if self.verify_top < 0:
             raise ValueError(f"verify_top must be >= 0, got {self.verify_top}")
+        if not isinstance(self.chat_template, bool):
+            raise ValueError(f"chat_template must be true or false, got {self.chat_template!r}")
         if self.verify_top and self.method != "atp":
             raise ValueError("verify_top re-checks attribution-patching estimates: it needs method='atp'")
         object.__setattr__(self, "noise", _normalised_noise(self.noise))
@@ -204,7 +209,7 @@ def _noise_corruption(b: int, e: int, hidden: int, samples: int, noise: float, d
 
 def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subject: str, occurrence: int,
                             b: int, e: int, ids: list[int], replacements: Sequence[str] | None,
-                            samples: int, seed: int) -> Corruption:
+                            samples: int, seed: int, chat_template: bool) -> Corruption:
     """Swap the subject's token embeddings for those of other subjects of the same token length."""
     if not replacements:
         raise ValueError(f"noise_draws='replace' needs replacement subjects (e.g. the other facts' subjects) "
@@ -217,7 +222,7 @@ def _replacement_corruption(model: nn.Module, tok, arch: Arch, prompt: str, subj
             continue
         seen.add(rep)
         text = prompt[:cs] + rep + prompt[cs + len(subject):]
-        rids, rng = char_range_tokens(tok, text, cs, cs + len(rep))
+        rids, rng = char_range_tokens(tok, text, cs, cs + len(rep), chat_template)
         # Same length and the same tokens around it: only the subject's embeddings change.
         if rng == (b, e) and len(rids) == len(ids) and rids[:b] == ids[:b] and rids[e:] == ids[e:]:
             fits.append(rids[b:e])
@@ -273,11 +278,12 @@ def _prepare(model: nn.Module, tok, fact: Fact, settings: TraceSettings, arch: A
         warnings.warn(f"prompt {fact.prompt!r} ends with whitespace: byte-level BPE models see it as its own "
                       f"token, which wrecks the next-token prediction", stacklevel=4)
     device, dtype = input_device(model), model_dtype(model)
-    (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence)
+    chat = settings.chat_template
+    (b, e), used, ids = find_subject_range(tok, fact.prompt, fact.subject, occurrence, chat_template=chat)
     _check_context(model, fact, len(ids), "prompt")
     clean_ids, target_positions, target_first, apart = ids, [], None, None
     if fact.target:
-        t_full, t_pos = continuation(tok, fact.prompt, fact.target)
+        t_full, t_pos = continuation(tok, fact.prompt, fact.target, chat)
         _check_context(model, fact, len(t_full), "prompt + target")
         target_first = t_full[t_pos[0]]
         if t_full[:len(ids)] == ids and t_pos[0] >= len(ids):
@@ -288,7 +294,7 @@ def _prepare(model: nn.Module, tok, fact: Fact, settings: TraceSettings, arch: A
         raise ValueError(f"answer='target' but fact {fact.id!r} ({fact.prompt!r}) has no target")
     if settings.noise_draws == "replace":
         corruption = _replacement_corruption(model, tok, arch, fact.prompt, fact.subject, used, b, e, ids,
-                                             replacements, settings.samples, settings.seed)
+                                             replacements, settings.samples, settings.seed, chat)
         level = 0.0
     else:
         level = noise_level if noise_level is not None else settings.fixed_noise

@@ -55,13 +55,15 @@ class ValidationError(ValueError):
 # ---- the one place that edits and measures -------------------------------------------------
 
 
-def trial_edit(model, tok, fact: Fact, hparams, editor: Editor | None = None) -> TrialScores:
+def trial_edit(model, tok, fact: Fact, hparams, editor: Editor | None = None,
+               chat_template: bool = False) -> TrialScores:
     """Edit `fact` at `hparams.layers`, measure CounterFact success on its prompts, restore the model.
 
     The pipeline's own edit-and-measure step (`evaluate.evaluate_fact`, generations and sweep off), so a trial
     edit is the edit `rome-locate edit` makes, with the same editor object.
     """
-    m = evaluate_fact(model, tok, fact, hparams, generation=None, sweep=False, editor=editor).metrics
+    m = evaluate_fact(model, tok, fact, hparams, generation=None, sweep=False, editor=editor,
+                      chat_template=chat_template).metrics
     return TrialScores(m["efficacy_score"], m["paraphrase_score"], m["neighborhood_score"],
                        m["efficacy_magnitude"])
 
@@ -178,13 +180,13 @@ def calibrate_threshold(effects: Sequence[Sequence[float]], results: Sequence[di
 # ---- the search --------------------------------------------------------------------------
 
 
-def known_facts(model, tok, facts: Sequence[Fact]) -> list[Fact]:
+def known_facts(model, tok, facts: Sequence[Fact], chat_template: bool = False) -> list[Fact]:
     """The facts whose target's first token is the model's top-1 after the prompt; a ValidationError when the model
     gives NaN or inf for any of them."""
     from .scoring import score_targets
 
     with_target = [f for f in facts if f.target]
-    scores = score_targets(model, tok, [(f.prompt, f.target) for f in with_target])
+    scores = score_targets(model, tok, [(f.prompt, f.target) for f in with_target], chat_template=chat_template)
     bad = [f for f, s in zip(with_target, scores) if not math.isfinite(s.nll)]
     if bad:
         # Otherwise a NaN model would read as one that knows no fact.
@@ -196,10 +198,10 @@ def known_facts(model, tok, facts: Sequence[Fact]) -> list[Fact]:
 
 
 def usable_facts(model, tok, facts: Sequence[Fact], test_fraction: float, seed: int = 0,
-                 facts_file: str = "") -> list[Fact]:
+                 facts_file: str = "", chat_template: bool = False) -> list[Fact]:
     """The known facts the search works on; a ValidationError when there are none or too few to split (cheap:
     one forward pass per fact, so callers check it before computing statistics)."""
-    known = known_facts(model, tok, facts)
+    known = known_facts(model, tok, facts, chat_template)
     if not known:
         raise ValidationError(f"no fact of {facts_file or 'the facts'} is known by the model ({len(facts)} facts; "
                               f"none has the target's first token as the model's top-1): nothing to validate on")
@@ -224,6 +226,7 @@ class _Trials:
     base: Any
     editor: Editor | None
     bar: Any
+    chat_template: bool = False
     cache: dict = field(default_factory=dict)
     count: int = 0
 
@@ -236,18 +239,20 @@ class _Trials:
         # A fact without its paraphrases shares the key: the scores it is judged on are the same.
         key = (config, fact.id + "\x00" + fact.prompt)
         if key not in self.cache:
-            self.cache[key] = trial_edit(self.model, self.tok, fact, self.hparams(config), self.editor)
+            self.cache[key] = trial_edit(self.model, self.tok, fact, self.hparams(config), self.editor,
+                                         self.chat_template)
             self.count += 1
             self.bar.update(1)
         return self.cache[key]
 
 
 def _prepare(model, tok, facts: list[Fact], test_fraction: float, seed: int, facts_file: str, n_calibration: int,
-             n_test: int, log: Callable[[str], None]) -> tuple[list[Fact], list[Fact], list[Fact], bool]:
+             n_test: int, log: Callable[[str], None],
+             chat_template: bool) -> tuple[list[Fact], list[Fact], list[Fact], bool]:
     """(known, calibration, test, requests built): the known facts, as edit requests, split by subject."""
     from .requests import counterfactual_requests, needs_requests
 
-    known = usable_facts(model, tok, facts, test_fraction, seed, facts_file)
+    known = usable_facts(model, tok, facts, test_fraction, seed, facts_file, chat_template)
     built = needs_requests(known)
     if built:
         # Requests are built from every known fact, so neighbours and targets come from the whole set.
@@ -309,7 +314,8 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     """The validated search (module docstring); `base_hparams` supplies every field the search does not set.
 
     `editor` is the pipeline's editor object (built-in ROME by default); `arch`
-    is the model's resolved `Arch` (or what `arch.arch_for` takes).
+    is the model's resolved `Arch` (or what `arch.arch_for` takes). Every prompt is read as
+    `trace_settings.chat_template` says: traced, trial-edited and scored alike.
     """
     from tqdm.auto import tqdm
 
@@ -322,8 +328,13 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     grid = list(grid or default_grid())
     arch = arch_for(model, arch)
     facts = list(facts)
+    chat = trace_settings.chat_template
+    if editor is not None:
+        from .editors import check_editor
+
+        check_editor(editor, chat)
     known, calib, test, built = _prepare(model, tok, facts, test_fraction, seed, facts_file, n_calibration, n_test,
-                                         log)
+                                         log, chat)
     located = locate(model, tok, calib, trace_settings, progress=progress, arch=arch)
     if not located:
         raise ValidationError("no calibration fact could be traced")
@@ -334,7 +345,7 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     rounds = schedule(len(configs), len(calib), budget)
     planned = sum(k * (n - p) for (k, n), p in zip(rounds, [0] + [n for _, n in rounds[:-1]]))
     bar = tqdm(total=planned, desc="validate", unit="trial", disable=not progress)
-    trials = _Trials(model, tok, base_hparams, editor, bar)
+    trials = _Trials(model, tok, base_hparams, editor, bar, chat)
     try:
         chosen, round_log = _search(trials, configs, calib, rounds, dataset_layer)
         search_trials = trials.count
@@ -367,7 +378,8 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
 
 
 def validated_layers(model, tok, facts: Sequence[Fact], hparams, traces: Sequence[Any], rule: LayerRule, *,
-                     editor: Editor | None = None, progress: bool = False) -> list[LayerDecision]:
+                     editor: Editor | None = None, progress: bool = False,
+                     chat_template: bool = False) -> list[LayerDecision]:
     """The `--layers validated` decision of every fact (aligned with `facts` by position, as `traces`): trial edits
     at `rule.tries` of its traced effects, the best on the edit prompt and neighbourhood kept (`rule.pick`)."""
     from tqdm.auto import tqdm
@@ -382,6 +394,6 @@ def validated_layers(model, tok, facts: Sequence[Fact], hparams, traces: Sequenc
             raise ValueError(f"fact {f.id!r} ({f.prompt!r}) has no trace")
         # Paraphrases are held apart: the pick sees the edit prompt and the neighbourhood only.
         edit_only = replace(f, rephrase_prompts=())
-        out.append(rule.pick({l: trial_edit(model, tok, edit_only, with_layer(hparams, l), editor)
+        out.append(rule.pick({l: trial_edit(model, tok, edit_only, with_layer(hparams, l), editor, chat_template)
                               for l in rule.tries(trace.effects)}))
     return out
