@@ -143,9 +143,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     import time
 
     from . import distributed
-    from .choose import choose_dataset_layer
     from .facts import check_limit, load_facts
-    from .locate import check_out, locate, record, record_line
+    from .locate import check_out, locate, record, record_line, summary_lines
     from .plots import check_plots_dir
 
     settings = _trace_settings(args)
@@ -162,7 +161,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     lm = load_model(args, arch)
     start = time.perf_counter()
     pairs = locate(lm.model, lm.tok, part.facts, settings, out=part.out, plots_dir=args.plots,
-                   progress=not args.quiet, arch=lm.arch, skip_errors=args.skip_errors, dataset=facts, batch_facts=args.batch_facts)
+                   progress=not args.quiet, arch=lm.arch, skip_errors=args.skip_errors, dataset=facts,
+                   batch_facts=args.batch_facts)
     wall = time.perf_counter() - start
     pairs = _merged_pairs(part, pairs)  # under torchrun: rank 0 reports on every fact, the others stop
     if pairs is None:
@@ -178,17 +178,8 @@ def _cmd_locate(args: argparse.Namespace) -> int:
     if not pairs:
         print("no fact could be traced", file=summary)
         return 1
-    results = [r for r, _ in pairs]
-    d = choose_dataset_layer(results)
-    known = [r.known for r in results if r.known is not None]
-    print(f"{len(results)} facts traced ({args.kind}) in {wall:.1f} s; noise {results[0].noise:.4g} "
-          f"({results[0].noise_draws}), window {results[0].window}, {results[0].samples} samples", file=summary)
-    if known:
-        print(f"known facts (model top-1 = target's first token): {sum(known)}/{len(known)}", file=summary)
-    print(f"dataset layer: {d.layer} (mean indirect effect {d.mean_effects[d.layer]:.4f})", file=summary)
-    print("layer  facts  mean_IE", file=summary)
-    for layer, (n, m) in enumerate(zip(d.histogram, d.mean_effects)):
-        print(f"{layer:5d}  {n:5d}  {m:+.4f}", file=summary)
+    for line in summary_lines([r for r, _ in pairs], wall):
+        print(line, file=summary)
     if args.out:
         print(f"wrote {args.out}", file=summary)
     if args.plots:

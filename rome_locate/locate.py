@@ -324,3 +324,23 @@ def _locate(model: nn.Module, tok, facts: list[Fact], whole: list[Fact], setting
     if plots is not None and results:
         average_effect_plot([r for r, _ in results], plots / f"average_effect_{settings.kind}")
     return results
+
+
+def summary_lines(results: Sequence[TraceResult], wall: float) -> list[str]:
+    """What `rome-locate locate` prints after tracing: counts, the noise, known facts, the dataset's edit layer (the
+    editable layer of largest mean effect, as `hparams` writes it) and the per-layer table."""
+    from .choose import choose_dataset_layer, dataset_edit_layer
+
+    d = choose_dataset_layer(results)
+    layer = dataset_edit_layer(d.mean_effects)
+    known = [r.known for r in results if r.known is not None]
+    first = results[0]
+    lines = [f"{len(results)} facts traced ({first.kind}) in {wall:.1f} s; noise {first.noise:.4g} "
+             f"({first.noise_draws}), window {first.window}, {first.samples} samples"]
+    if known:
+        lines.append(f"known facts (model top-1 = target's first token): {sum(known)}/{len(known)}")
+    lines.append(f"dataset layer: {layer} (mean indirect effect {d.mean_effects[layer]:.4f}; the last layer, which "
+                 f"ROME cannot edit, is never chosen)")
+    lines.append("layer  facts  mean_IE")
+    lines += [f"{l:5d}  {n:5d}  {m:+.4f}" for l, (n, m) in enumerate(zip(d.histogram, d.mean_effects))]
+    return lines
