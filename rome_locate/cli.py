@@ -39,6 +39,8 @@ def _cmd_fact_model(args: argparse.Namespace) -> int:
         train(args.family)
     if args.counterfact:
         print(fact_models.counterfact_path(args.family))
+    elif args.easyedit:
+        print(fact_models.easyedit_path(args.family))
     elif args.facts:
         print(fact_models.facts_path(args.family))
     elif args.corpus:

@@ -49,6 +49,8 @@ def build_parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
     g.add_argument("--path", action="store_true", help="print the model directory (default)")
     g.add_argument("--facts", action="store_true", help="print the known_1000-format facts file")
     g.add_argument("--counterfact", action="store_true", help="print the CounterFact-format facts file")
+    g.add_argument("--easyedit", action="store_true",
+                   help="print the CounterFact cases in EasyEdit's KnowEdit shape, with portability probes")
     g.add_argument("--corpus", action="store_true", help="print the training corpus file")
     g.add_argument("--accuracy", action="store_true", help="measure top-1 accuracy on its facts")
     p.add_argument("--train", action="store_true", help="retrain the model from its seed (slow)")
