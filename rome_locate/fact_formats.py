@@ -228,6 +228,9 @@ def _from_zsre(rec: dict[str, Any], idx: int) -> Fact:
     # Raw ZsRE (zsre_mend_eval*.json), read as run_zsre_llama2.py reads it: the ground truth is answers[0]
     # (ZsreDataset's), the others are kept as aliases; `pred` (the original model's answer) is not a fact.
     f = _Fields(rec, idx)
+    if "subject" not in rec:
+        raise FactFormatError(f"{f.where}: missing field 'subject': ROME edits at the subject, and a ZsRE record "
+                              f"carries it (zsre_mend_eval*.json does; run_zsre_llama2.py reads it)")
     target, aliases = f.answers(rec.get("answers"), "answers")
     portability: tuple[Probe, ...] = ()
     port = rec.get("portability")

@@ -264,3 +264,8 @@ PROBE_ERRORS = [
 def test_wrong_probe_type_names_the_fact_and_the_field(rec, field, found):
     with pytest.raises(FactFormatError, match=rf"^record 4 \(id 'a'\): {field} must be .*, got {found}"):
         fact_from_record(rec, 4)
+
+
+def test_zsre_without_subject_says_rome_needs_it():
+    with pytest.raises(FactFormatError, match=r"record 0 \(no id\): missing field 'subject': ROME edits at"):
+        fact_from_record({k: v for k, v in ZSRE_RAW.items() if k != "subject"})

@@ -233,3 +233,13 @@ def test_hparams_generation_objective_reports_both(tmp_path, capsys):
     rc, _ = _hparams_cli(tmp_path, FM.facts_path("gpt2"), "--limit", "60", "--budget", "3",
                          "--calibration-facts", "3", "--test-facts", "3")
     assert rc == 0 and json.loads((tmp_path / "h.validation.json").read_text())["objective_name"] == "counterfact"
+
+
+def test_hparams_objective_is_one_of_two(capsys):
+    from rome_locate.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["hparams", "--model", "m", "--facts", "f", "-o", "o.yaml", "--objective", "bleu"])
+    assert exit_.value.code == 2
+    assert "argument --objective: invalid choice: 'bleu' (choose from 'counterfact', 'generation')" in \
+        capsys.readouterr().err
