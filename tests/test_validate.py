@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -207,12 +208,19 @@ def test_generation_objective_reads_the_generation_metrics():
         objective(s, "bleu")
 
 
-def test_shipped_validation_record_still_loads():
-    # Records written before the generation metrics: their modes have no generation figures, the objective is CF's.
+def test_validation_record_written_before_the_generation_metrics_still_loads():
+    # Such a record's modes have no generation figures and it names no objective: CounterFact's was the only one.
+    from rome_locate.configure import markdown
     from rome_locate.validation_records import Validation
 
-    v = Validation.from_json(json.loads((ROOT / "hparams" / "ROME" / "fact-gpt2.validation.json").read_text()))
+    new = json.loads((ROOT / "hparams" / "ROME" / "fact-gpt2.validation.json").read_text())
+    assert new["objective_name"] == "counterfact" and new["test"][0]["gen_score"]["mean"] is not None
+    old = {k: v for k, v in new.items() if k != "objective_name"}
+    old["test"] = [{k: v for k, v in m.items() if not k.startswith("gen_")} for m in new["test"]]
+    v = Validation.from_json(old)
     assert v.objective_name == "counterfact" and v.test[0].gen_efficacy is None and v.test[0].score.mean is not None
+    # JSON's null threshold stands for infinity (every fact at the chosen layer).
+    assert "| n/a | n/a | n/a |" in markdown(dataclasses.replace(v, threshold=math.inf))
 
 
 def test_hparams_generation_objective_reports_both(tmp_path, capsys):
