@@ -189,7 +189,10 @@ def _demo() -> str:
     s = d["summary"]
     return (f"{s['n_facts']} facts, sweep on, one thread: {wall:.0f} s wall on the machine that ran "
             f"`python bench/figures.py demo`; efficacy {s['means'].get('efficacy_score', float('nan')):.2f}, "
-            f"neighbourhood {s['means'].get('neighborhood_score', float('nan')):.2f}.\n")
+            f"neighbourhood {s['means'].get('neighborhood_score', float('nan')):.2f}, generation efficacy "
+            f"{s['means'].get('gen_efficacy', float('nan')):.2f}, generation paraphrase "
+            f"{s['means'].get('gen_paraphrase', float('nan')):.2f}, portability "
+            f"{s['means'].get('portability', float('nan')):.2f}.\n")
 
 
 # ---- the EasyEdit hand-off (integration/README.md) ----------------------------------
@@ -311,6 +314,16 @@ def _tokenizers() -> str:
     run = subprocess.run([sys.executable, str(ROOT / "integration" / "compare_tokenizers.py"), "10"], check=True,
                          cwd=ROOT, env=_env(), capture_output=True, text=True)
     lines = [line for line in run.stdout.splitlines() if ": tokenizer " in line]
+    return "\n".join(f"- {line}" for line in lines) + "\n"
+
+
+@figure("padding")
+def _padding() -> str:
+    import subprocess
+
+    run = subprocess.run([sys.executable, str(ROOT / "integration" / "compare_padding.py"), "10"], check=True,
+                         cwd=ROOT, env=_env(), capture_output=True, text=True)
+    lines = [line for line in run.stdout.splitlines() if ": ROME pads on the" in line or line.startswith("key ")]
     return "\n".join(f"- {line}" for line in lines) + "\n"
 
 

@@ -4,13 +4,15 @@
 EasyEdit's BaseEditor loads GPT2Tokenizer for any model path containing "gpt"; the plugin's loads the model's own
 tokenizer (AutoTokenizer). Same YAML (hparams/ROME/fact-gpt2.yaml), same first N CounterFact facts, one rephrasing
 each, every request at the YAML's layer (given in the request, so the plugin's layer rule does not move it),
-EasyEdit's own post-edit metrics:
+EasyEdit's own post-edit metrics; and the plugin's BaseEditor given EasyEdit's tokenizer in the preloaded (model,
+tokenizer) pair, which is how to get EasyEdit's numbers back:
 
     EASYEDIT_PATH=/path/to/EasyEdit python integration/compare_tokenizers.py [N]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +20,15 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def easyedit_pair(model_dir: Path) -> tuple:
+    """(model, tokenizer) as EasyEdit's BaseEditor loads a path containing "gpt": GPT2Tokenizer, pad = EOS."""
+    from transformers import AutoModelForCausalLM, GPT2Tokenizer
+
+    tok = GPT2Tokenizer.from_pretrained(model_dir)
+    tok.pad_token_id = tok.eos_token_id
+    return AutoModelForCausalLM.from_pretrained(model_dir), tok
 
 
 def main(n: int = 10) -> int:
@@ -42,9 +53,14 @@ def main(n: int = 10) -> int:
         values = [m["post"][key] for m in metrics]
         return sum(sum(v) / len(v) if isinstance(v, list) else float(v) for v in values) / len(values)
 
-    for name, cls, hparams_cls in (("EasyEdit's BaseEditor", EasyEditBaseEditor, ROMEHyperParams),
-                                   ("rome_locate.easyedit.BaseEditor", BaseEditor, LocatedHParams)):
-        editor = cls.from_hparams(hparams_cls.from_hparams(str(path)))
+    for name, cls, hparams_cls, preload in (
+            ("EasyEdit's BaseEditor", EasyEditBaseEditor, ROMEHyperParams, False),
+            ("rome_locate.easyedit.BaseEditor", BaseEditor, LocatedHParams, False),
+            ("rome_locate.easyedit.BaseEditor given EasyEdit's tokenizer", BaseEditor, LocatedHParams, True)):
+        hparams = hparams_cls.from_hparams(str(path))
+        if preload:  # EasyEdit's exact behaviour: its tokenizer, loaded as EasyEdit loads it, in the preloaded pair
+            hparams = dataclasses.replace(hparams, model_name=easyedit_pair(model_dir))
+        editor = cls.from_hparams(hparams)
         metrics, _, _ = editor.edit_requests([dict(r) for r in requests], sequential_edit=False, verbose=False)
         print(f"{name}: tokenizer {type(editor.tok).__name__}, post rewrite_acc {mean(metrics, 'rewrite_acc'):.3f}, "
               f"rephrase_acc {mean(metrics, 'rephrase_acc'):.3f} (n={len(metrics)})")

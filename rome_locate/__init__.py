@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 # modules' names, so they are imported from the modules (`from rome_locate.locate import locate`): importing a
 # submodule rebinds the package attribute of the same name.
 _EXPORTS = {
-    "Fact": "facts", "load_facts": "facts",
+    "Fact": "facts", "Probe": "facts", "load_facts": "facts",
     "ModelFingerprint": "models", "fingerprint": "models", "load_model": "models", "LoadedModel": "models",
     "model_input": "prompts",
     "Arch": "arch", "arch_for": "arch",

@@ -47,6 +47,8 @@ def _cmd_fact_model(args: argparse.Namespace) -> int:
         train(args.family)
     if args.counterfact:
         print(fact_models.counterfact_path(args.family))
+    elif args.easyedit:
+        print(fact_models.easyedit_path(args.family))
     elif args.facts:
         print(fact_models.facts_path(args.family))
     elif args.corpus:
@@ -200,7 +202,7 @@ def _hparams_job(args: argparse.Namespace):
         set_items=tuple(args.set), layer=args.layer, validate=not args.no_validate and args.layer is None,
         test_fraction=args.test_fraction, budget=args.budget, grid=args.grid, n_calibration=args.calibration_facts,
         n_test=args.test_facts, stats_dir=args.stats_dir, corpus=args.corpus, self_sample=args.self_sample,
-        seed=args.seed, quiet=args.quiet)
+        seed=args.seed, quiet=args.quiet, objective=args.objective)
 
 
 def _cmd_hparams(args: argparse.Namespace) -> int:

@@ -55,6 +55,8 @@ def build_parser(commands: Mapping[str, Command]) -> argparse.ArgumentParser:
     g.add_argument("--path", action="store_true", help="print the model directory (default)")
     g.add_argument("--facts", action="store_true", help="print the known_1000-format facts file")
     g.add_argument("--counterfact", action="store_true", help="print the CounterFact-format facts file")
+    g.add_argument("--easyedit", action="store_true",
+                   help="print the CounterFact cases in EasyEdit's KnowEdit shape, with portability probes")
     g.add_argument("--corpus", action="store_true", help="print the training corpus file")
     g.add_argument("--accuracy", action="store_true", help="measure top-1 accuracy on its facts")
     p.add_argument("--train", action="store_true", help="retrain the model from its seed (slow)")
@@ -119,6 +121,10 @@ def _add_edit_parsers(sub, commands: Mapping[str, Command]) -> None:
     v.add_argument("--test-fraction", type=float, default=0.5,
                    help="share of the subjects kept for the test facts (default 0.5)")
     v.add_argument("--budget", type=int, default=300, help="most trial edits of the search (default 300)")
+    v.add_argument("--objective", default="counterfact", choices=["counterfact", "generation"],
+                   help="what the search optimises: CounterFact's score (teacher-forced efficacy, paraphrase and "
+                        "neighbourhood success, the default) or the generation score (greedy continuations that "
+                        "start with target_new in place of efficacy and paraphrase); the report shows both")
     v.add_argument("--grid", default="default", choices=["default", "paper"],
                    help="v* settings searched: 8 around ROME's paper settings, or the paper's alone")
     v.add_argument("--calibration-facts", type=int, default=40, help="most calibration facts (default 40)")

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from .records import Record
 from .choose import VALIDATED_TOP_K
-from .validation_records import Validation
+from .validation_records import OBJECTIVES, Validation
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class HParamsJob(Record):
     self_sample: int = 3000
     seed: int = 0
     quiet: bool = False
+    objective: str = "counterfact"  # what the search optimises (validation_records.OBJECTIVES)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -77,6 +78,9 @@ def check_job(job: HParamsJob, torchrun: bool = False) -> None:
     check_hparams_output(job.output)
     if not job.validate:
         return
+    from .validate import check_objective
+
+    check_objective(job.objective)
     if job.budget < 1:
         raise ValueError(f"--budget must be >= 1 trial edit, got {job.budget}")
     if not 0 < job.test_fraction < 1:
@@ -171,14 +175,16 @@ def write_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path
     v = run_validation(lm.model, lm.tok, facts, base, facts_file=job.facts_file, model_name=job.model_path,
                        test_fraction=job.test_fraction, budget=job.budget, n_calibration=job.n_calibration,
                        n_test=job.n_test, seed=job.seed, trace_settings=settings, grid=GRIDS[job.grid](),
-                       arch=lm.arch, progress=not job.quiet, log=lambda m: print(m, file=sys.stderr))
+                       arch=lm.arch, progress=not job.quiet, log=lambda m: print(m, file=sys.stderr),
+                       objective_name=job.objective)
     h = with_layer(dataclasses.replace(base, **v.chosen.setting.overrides()), v.chosen.layer)
     path = write_hparams(h, job.output, header=header(v) + _footer(job, lm))
     j, m = write_validation(v, path)
     print(f"verdict: {verdict(v)}")
     for mode in v.test:
         print(f"  {mode.name:34s} efficacy {mode.efficacy.text()}  paraphrase {mode.paraphrase.text()}  "
-              f"neighbourhood {mode.neighborhood.text()}")
+              f"neighbourhood {mode.neighborhood.text()}  gen efficacy {_text(mode.gen_efficacy)}  "
+              f"gen paraphrase {_text(mode.gen_paraphrase)}")
     print(f"layer {v.chosen.layer}; wrote {path}, {j} and {m} ({v.trials} trial edits, {v.seconds:.0f} s)")
     return path
 
@@ -187,6 +193,11 @@ def write_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path
 
 TARGETS = {"efficacy": 0.95, "paraphrase": 0.85, "neighborhood": 0.90}
 MD_TITLE = "# Validated ROME hyperparameters"  # validation.md's first line: how rome-locate knows its own file
+
+
+def _text(iv: Any) -> str:
+    # Records written before the generation metrics have none.
+    return "n/a" if iv is None else iv.text()
 
 
 def verdict(v: Validation) -> str:
@@ -215,7 +226,7 @@ def header(v: Validation) -> str:
         + f" (configurations x facts): {v.search_trials} trial edits (budget {v.budget}); "
         f"{v.trials - v.search_trials} more to calibrate the traced rule and measure the test facts; "
         f"{v.seconds:.0f} s in all",
-        "objective: harmonic mean of efficacy, paraphrase and neighbourhood success (ties: cheaper setting)",
+        f"objective ({v.objective_name}): {OBJECTIVES[v.objective_name]}",
         f"chosen: {v.chosen.label()}",
         f"mom2: {v.mom2['mom2_dataset']} ({v.mom2['mom2_n_samples']} texts)",
         "test (95% bootstrap intervals): " + verdict(v),
@@ -229,12 +240,17 @@ def header(v: Validation) -> str:
 def markdown(v: Validation) -> str:
     """validation.md: the verdict first, then the test comparison, the search and the grid."""
     out = [f"{MD_TITLE}: {v.model}", "", f"**Verdict:** {verdict(v)}", "",
+           f"Objective ({v.objective_name}, what the search optimised): {OBJECTIVES[v.objective_name]}.", "",
            f"## Test facts ({v.n_test}, subjects never used in the search; 95% bootstrap intervals)", "",
-           "| layer choice | efficacy | paraphrase | neighbourhood | score | layers (facts) |",
-           "|---|---|---|---|---|---|"]
+           "Both objectives' figures: `score` is CounterFact's (teacher-forced efficacy, paraphrase, "
+           "neighbourhood), `gen score` the generation one (generation efficacy and paraphrase: greedy "
+           "continuations that start with target_new; neighbourhood).", "",
+           "| layer choice | efficacy | paraphrase | neighbourhood | score | gen efficacy | gen paraphrase | "
+           "gen score | layers (facts) |", "|---|---|---|---|---|---|---|---|---|"]
     for m in v.test:
         out.append(f"| {m.name} | {m.efficacy.text()} | {m.paraphrase.text()} | {m.neighborhood.text()} | "
-                   f"{m.score.text()} | {', '.join(f'{k}:{n}' for k, n in sorted(m.layers.items()))} |")
+                   f"{m.score.text()} | {_text(m.gen_efficacy)} | {_text(m.gen_paraphrase)} | {_text(m.gen_score)} | "
+                   f"{', '.join(f'{k}:{n}' for k, n in sorted(m.layers.items()))} |")
     out += ["", "- fixed: every fact at the chosen layer.",
             f"- traced: the fact's traced argmax among the candidates {list(v.candidates)}, or the chosen layer "
             f"when its trace margin is below {v.threshold:.4g} (calibrated on the calibration facts).",
@@ -275,7 +291,8 @@ def check_validation_outputs(yaml_path) -> None:
     ours = True
     if j.exists():
         try:
-            ours = str(json.loads(j.read_text(encoding="utf-8")).get("objective", "")).startswith("CounterFact score")
+            objective = str(json.loads(j.read_text(encoding="utf-8")).get("objective", ""))
+            ours = objective.startswith(tuple(text.partition(":")[0] for text in OBJECTIVES.values()))
         except (ValueError, UnicodeDecodeError, AttributeError):
             ours = False
         if not ours:

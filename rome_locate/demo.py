@@ -61,13 +61,14 @@ def _source_text(path: Path) -> str:
 def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: int = 4, *, sweep: bool = True,
              progress: bool = True, quiet: bool = False, generation: GenerationSettings = GenerationSettings(),
              editor: Any = "builtin", model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Path]:
-    """Run the whole pipeline on the shipped fact model of `family` with its first `n_facts` CounterFact facts.
+    """Run the whole pipeline on the shipped fact model of `family` with `n_facts` of its CounterFact cases, read
+    from their EasyEdit-shaped export (the same prompts, plus portability probes).
 
     `model_and_tok` passes the already loaded fact model (tests check its weights afterwards); `editor` is a
     name of the editor registry or an editor object.
     """
     from .choose import choose_dataset_layer
-    from .fact_models import counterfact_path, fact_model_dir, load_fact_model
+    from .fact_models import easyedit_path, fact_model_dir, load_fact_model
     from .locate import locate
 
     if n_facts < 1:
@@ -79,7 +80,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
     with out_lock(out_dir, "--out"):
         _print(f"[1/5] loading the shipped {family} fact model from {fact_model_dir(family)}", quiet)
         model, tok = model_and_tok if model_and_tok is not None else load_fact_model(family)
-        facts_file = counterfact_path(family)
+        facts_file = easyedit_path(family)
         every = load_facts(facts_file)
         # Spread over the file, which is grouped by relation, so the demo shows every relation.
         facts = every[:: max(1, len(every) // n_facts)][:n_facts]

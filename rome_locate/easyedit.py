@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .choose import LayerDecision, LayerRule
+from .easyedit_requests import LAYER_KEY, easyedit_metrics, easyedit_request  # noqa: F401 (API)
 from .facts import Fact
 from .models import hidden_modules, hide_unloadable  # noqa: F401  (part of this module's API: EasyEdit users)
 from .trace import TraceSettings
@@ -197,25 +198,11 @@ def stubbed_modules() -> list[str]:
     return list(_STUBBED)
 
 
-def easyedit_request(fact: Fact) -> dict[str, Any]:
-    """The request dict EasyEdit's BaseEditor.edit_requests takes for one fact (targets without a leading space)."""
-    request: dict[str, Any] = {"prompt": fact.prompt, "subject": fact.subject, "target_new": fact.target_new,
-                               "ground_truth": fact.target or "<|unknown|>", "portability": {}, "locality": {}}
-    if fact.rephrase_prompts:
-        # EasyEdit's datasets carry one rephrasing a request (a list is scored against one target and fails).
-        request["rephrase_prompt"] = fact.rephrase_prompts[0]
-    pairs = [(p, a) for p, a in zip(fact.locality_prompts, fact.locality_answers) if a]
-    if pairs:
-        request["locality"] = {"neighborhood": {"prompt": [p for p, _ in pairs], "ground_truth": [a for _, a in pairs]}}
-    return request
-
-
 # ---- EasyEdit's BaseEditor, with the layer rule applied to every request ------------------------------
 
 # A request's edit layer and the rule's decision (LayerDecision JSON), written into the editor's own copy of each
 # request (so EasyEdit's "requested_rewrite" and logs/results.json show them) and each metrics entry, never into
 # the caller's dicts. A request that comes with a "layer" is edited there (source "given").
-LAYER_KEY = "layer"
 DECISION_KEY = "layer_decision"
 # The names a user's EasyEdit script imports, served lazily (importing EasyEdit has side effects).
 _EXPORTS = {"BaseEditor": "_editor_class", "ROMEHyperParams": "_located_class"}
@@ -438,34 +425,6 @@ def easyedit_device(model: nn.Module) -> int | str:
 
     device = input_device(model)
     return device.index or 0 if device.type == "cuda" else device.type
-
-
-def _flat(v: Any) -> list[float]:
-    if isinstance(v, (list, tuple)):
-        return [x for item in v for x in _flat(item)]
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return [float(v)]
-    return [float(v.item())] if hasattr(v, "item") else []
-
-
-def _mean(values: Any) -> float | None:
-    flat = _flat(values)
-    return sum(flat) / len(flat) if flat else None
-
-
-def easyedit_metrics(metric: dict[str, Any]) -> dict[str, Any]:
-    """EasyEdit's returned metrics of one request, reduced to plain numbers: pre/post rewrite_acc, rephrase_acc and
-    locality (mean of its `*_acc` lists), and the layer EasyEdit edited at."""
-    layer = metric.get(LAYER_KEY, (metric.get("requested_rewrite") or {}).get(LAYER_KEY))
-    out: dict[str, Any] = {"layer": layer}
-    for stage in ("pre", "post"):
-        m = metric.get(stage) or {}
-        row = {key: _mean(m.get(key)) for key in ("rewrite_acc", "rephrase_acc") if key in m}
-        loc = [v for k, v in (m.get("locality") or {}).items() if k.endswith("_acc")]
-        if loc:
-            row["locality"] = _mean([_mean(v) for v in loc])
-        out[stage] = row
-    return out
 
 
 class EasyEditSession:

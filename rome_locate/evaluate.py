@@ -24,31 +24,32 @@ from .choose import LayerDecision, Placement
 from .editors import BuiltinRome, Editor
 from .facts import Fact
 from .hparams import fixed_layer, with_layer
-from .metrics import cf_metrics, mean_of, metrics_between, rewrite_score
+from .metrics import GEN_EXTRA_TOKENS, cf_metrics, generation_metrics, mean_of, metrics_between, rewrite_score
 from .models import input_device
 from .outcome import SEQUENTIAL_FIELDS, EvalRecord, EvaluationError, Generation, GenerationSettings, LayerScore
-from .scoring import PairScore, score_targets
+from .scoring import PairScore, greedy_continuations, score_targets
 from .stats import check_mom2
-from .tokens import pad_id, prompt_ids
+from .tokens import continuation, pad_id, prompt_ids
 
 
 # ---- scoring a model state -------------------------------------------------------
 
 
 def _groups(fact: Fact) -> dict[str, tuple[str, ...]]:
+    # Every locality probe, whatever its key, is a CounterFact neighbourhood prompt as well.
     return {"edit": (fact.prompt,), "paraphrase": tuple(fact.rephrase_prompts),
-            "neighborhood": tuple(fact.locality_prompts)}
+            "neighborhood": fact.locality_prompts}
 
 
-def _locality_answer(fact: Fact, i: int) -> str | None:
-    if i < len(fact.locality_answers) and fact.locality_answers[i]:
-        return fact.locality_answers[i]
-    return fact.target
+def probe_keys(fact: Fact) -> dict[str, tuple[str, ...]]:
+    """The key of every "neighborhood" and "portability" row of `_state_scores` (`metrics_between`'s `keys`)."""
+    return {"neighborhood": tuple(p.key for p in fact.locality), "portability": tuple(p.key for p in fact.portability)}
 
 
 def _state_scores(model, tok, fact: Fact, *, full: bool,
                   chat_template: bool = False) -> dict[str, list[dict[str, PairScore]]]:
-    """Scores of target_new / target_true (and, if `full`, the locality answers) on every prompt group."""
+    """Scores of target_new / target_true on every prompt group and, if `full`, of each locality probe's answer
+    (the fact's true answer where the probe has none) and each portability probe's answer (group "portability")."""
     pairs: list[tuple[str, str | None]] = []
     slots: list[tuple[str, int, str]] = []
     for group, prompts in _groups(fact).items():
@@ -57,12 +58,27 @@ def _state_scores(model, tok, fact: Fact, *, full: bool,
             if fact.target:
                 pairs.append((prompt, fact.target)); slots.append((group, i, "true"))
             if full and group == "neighborhood":
-                pairs.append((prompt, _locality_answer(fact, i))); slots.append((group, i, "answer"))
+                pairs.append((prompt, fact.locality[i].answer or fact.target)); slots.append((group, i, "answer"))
+    if full:
+        for i, probe in enumerate(fact.portability):
+            if probe.answer:  # a probe without an answer has nothing to score
+                pairs.append((probe.prompt, probe.answer)); slots.append(("portability", i, "answer"))
     scores = score_targets(model, tok, pairs, keep_next=full, chat_template=chat_template)
     out: dict[str, list[dict[str, PairScore]]] = {g: [{} for _ in p] for g, p in _groups(fact).items()}
+    if full:
+        out["portability"] = [{} for _ in fact.portability]
     for (group, i, key), s in zip(slots, scores):
         out[group][i][key] = s
     return out
+
+
+def continuations(model, tok, fact: Fact, chat_template: bool = False) -> dict[str, list[str]]:
+    """The greedy continuations the generation metrics read: of the edit prompt ("edit") and of each rephrasing
+    ("paraphrase"), each at most target_new's token count after it + GEN_EXTRA_TOKENS new tokens."""
+    prompts = [fact.prompt, *fact.rephrase_prompts]
+    lengths = [len(continuation(tok, p, fact.target_new, chat_template)[1]) + GEN_EXTRA_TOKENS for p in prompts]
+    texts = greedy_continuations(model, tok, prompts, lengths, chat_template=chat_template)
+    return {"edit": texts[:1], "paraphrase": texts[1:]}
 
 
 
@@ -161,6 +177,7 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
     gen_prompts = _generation_prompts(fact, max_neighborhood) if generation is not None else []
     texts = [p for _, p in gen_prompts]
     before = _state_scores(model, tok, fact, full=True, chat_template=chat)
+    cont_before = continuations(model, tok, fact, chat)
     check_finite(model, fact, before, None)
     check_changes(fact, before["edit"][0]["new"])
     gens_before = generate(model, tok, texts, generation, chat) if texts else []
@@ -169,10 +186,12 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
         if keep is not None:
             handle = keep.enter_context(context)
         after = _state_scores(model, tok, fact, full=True, chat_template=chat)
+        cont_after = continuations(model, tok, fact, chat)
         check_finite(model, fact, after, f"the edit at layer {layer} ({editor.name})")
         gens_after = generate(model, tok, texts, generation, chat) if texts else []
     metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
-                              [t + g for t, g in zip(texts, gens_after)])
+                              [t + g for t, g in zip(texts, gens_after)], keys=probe_keys(fact))
+    metrics.update(generation_metrics(cont_before, cont_after, fact.target_new))
     if sweep:
         layers = list(range(_n_layers(model, n_layers))) if sweep is True else [int(x) for x in sweep]
         scores = _sweep(model, tok, fact, hparams, editor, layers, layer, before, after, effects, sweep_progress,
@@ -340,7 +359,7 @@ def evaluate_sequential(model, tok, facts: Sequence[Fact], hparams, placements: 
                     now: list[dict[str, float | None]] = []
                     if i + 1 in marks:
                         now = [metrics_between(b, _state_scores(model, tok, f, full=True,
-                                                                chat_template=chat_template))
+                                                                chat_template=chat_template), keys=probe_keys(f))
                                for b, f in zip(unedited, facts[:i + 1])]
                         rec = replace(rec, after_n_edits={"n_edits": float(i + 1), **{
                             k: mean_of(m.get(k) for m in now) for k in SEQUENTIAL_FIELDS}})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
@@ -13,11 +12,39 @@ from .records import Record
 
 
 @dataclass(frozen=True)
+class Probe(Record):
+    """One portability or locality question of a fact: its group (`key`, as EasyEdit's dicts name it), prompt and
+    answer.
+
+    `answer` is the answer EasyEdit scores: the first one a dataset gives. `aliases` keeps the others (KnowEdit's
+    alias lists and alternative answers), so nothing a file holds is lost; None is an unknown answer.
+    """
+
+    key: str
+    prompt: str
+    answer: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aliases", tuple(self.aliases or ()))
+
+
+# CounterFact's neighbourhood prompts and ZsRE's `loc` question: the key EasyEdit's own scripts give them.
+NEIGHBORHOOD = "neighborhood"
+
+
+def _probe(value: Any) -> Probe:
+    return value if isinstance(value, Probe) else Probe.from_json(value)
+
+
+@dataclass(frozen=True)
 class Fact(Record):
     """One fact to trace or edit.
 
     `prompt` ends where the answer starts (no `{}`); targets are stored without
-    a leading space, as CounterFact and EasyEdit store them.
+    a leading space, as CounterFact and EasyEdit store them. `locality` and
+    `portability` hold every probe of the fact, each under its key (CounterFact's
+    neighbourhood prompts under "neighborhood", KnowEdit's under its own keys).
     """
 
     prompt: str
@@ -25,199 +52,51 @@ class Fact(Record):
     target: str | None = None  # the true object ("ground truth"), if known
     target_new: str | None = None  # the object an edit should write
     rephrase_prompts: tuple[str, ...] = ()
-    locality_prompts: tuple[str, ...] = ()  # other subjects, same relation
-    locality_answers: tuple[str, ...] = ()  # their true objects, when known
+    locality: tuple[Probe, ...] = ()  # what the edit should leave alone, by key
+    portability: tuple[Probe, ...] = ()  # what should follow from the edit, by key
     relation_id: str | None = None
     id: str = ""
+    target_aliases: tuple[str, ...] = ()  # other accepted true answers (ZsRE's answers[1:], KnowEdit's aliases)
 
     def __post_init__(self) -> None:
-        # JSON gives lists (or null) where the record keeps tuples.
-        for name in ("rephrase_prompts", "locality_prompts", "locality_answers"):
+        # JSON gives lists (or null) where the record keeps tuples, and dicts where it keeps probes.
+        for name in ("rephrase_prompts", "target_aliases"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
+        for name in ("locality", "portability"):
+            object.__setattr__(self, name, tuple(_probe(p) for p in getattr(self, name) or ()))
+
+    @property
+    def locality_prompts(self) -> tuple[str, ...]:
+        """The prompts of every locality probe, in order (all keys)."""
+        return tuple(p.prompt for p in self.locality)
+
+    @property
+    def locality_answers(self) -> tuple[str | None, ...]:
+        """The answers of every locality probe, aligned with `locality_prompts` (None where unknown)."""
+        return tuple(p.answer for p in self.locality)
+
+    def keys(self, group: str) -> tuple[str, ...]:
+        """The keys of `group` ("locality" or "portability"), in the order they first appear."""
+        return tuple(dict.fromkeys(p.key for p in getattr(self, group)))
+
+
+def neighbours(prompts: Iterable[str], answers: Iterable[str | None] = (), key: str = NEIGHBORHOOD
+               ) -> tuple[Probe, ...]:
+    """Locality probes of `key` from prompts and their answers (missing answers are None)."""
+    answers = list(answers)
+    return tuple(Probe(key, p, answers[i] if i < len(answers) else None) for i, p in enumerate(prompts))
 
 
 class FactFormatError(ValueError):
     """A facts file or record that no supported format matches."""
 
 
-def _found(value: Any) -> str:
-    """`value`'s JSON type (and a short form of it) for a message."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
-    kind = {int: "number", float: "number", str: "string", list: "array", tuple: "array", dict: "object"}.get(
-        type(value), type(value).__name__)
-    text = json.dumps(value) if kind in ("array", "object") else repr(value)
-    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-class _Fields:
-    """Typed reads of one record's fields: a wrong JSON type is a FactFormatError naming the record (position and
-    id), the field and the type found, before the value can reach a tokenizer."""
-
-    def __init__(self, rec: dict[str, Any], idx: int):
-        self.rec = rec
-        ident = next((rec[k] for k in ("case_id", "known_id", "id") if rec.get(k) is not None), None)
-        self.where = f"record {idx} ({'no id' if ident is None else f'id {str(ident)!r}'})"
-
-    def fail(self, field: str, expected: str, value: Any) -> FactFormatError:
-        return FactFormatError(f"{self.where}: {field} must be {expected}, got {_found(value)}")
-
-    def text(self, value: Any, field: str) -> str:
-        """A required string."""
-        if not isinstance(value, str):
-            raise self.fail(field, "a string", value)
-        return value
-
-    def answer(self, value: Any, field: str) -> str | None:
-        """A string, CounterFact's {"str": ...} or null; stripped (targets are stored without a leading space)."""
-        if isinstance(value, dict):
-            field, value = field + ".str", value.get("str")
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.fail(field, "a string or null", value)
-        return value.strip()
-
-    def texts(self, value: Any, field: str, answers: bool = False) -> tuple[str, ...]:
-        """Null, one string, or an array of strings (of answers, with `answers`: each as `answer` reads it)."""
-        if value is None:
-            return ()
-        if isinstance(value, str):
-            return (value.strip(),) if answers else (value,)
-        if not isinstance(value, list):
-            raise self.fail(field, "a string or an array of strings", value)
-        if answers:
-            return tuple(self.answer(v, f"{field}[{i}]") or "" for i, v in enumerate(value))
-        return tuple(self.text(v, f"{field}[{i}]") for i, v in enumerate(value))
-
-    def label(self, value: Any, field: str) -> str | None:
-        """An id or relation id: a string, or a number read as text; null is absent."""
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        raise self.fail(field, "a string or an integer", value)
-
-
-def _from_known(rec: dict[str, Any], idx: int) -> Fact:
-    f = _Fields(rec, idx)
-    subject = f.text(rec["subject"], "subject")
-    prompt = f.text(rec["prompt"], "prompt") if rec.get("prompt") is not None else ""
-    if not prompt:
-        prompt = f.text(rec["template"], "template").format(subject)
-    target = f.answer(rec.get("attribute"), "attribute") or f.answer(rec.get("prediction"), "prediction")
-    return Fact(
-        prompt=prompt,
-        subject=subject,
-        target=target,
-        relation_id=f.label(rec.get("relation_id"), "relation_id"),
-        id=f.label(rec.get("known_id"), "known_id") or str(idx),
-    )
-
-
-def _from_counterfact(rec: dict[str, Any], idx: int) -> Fact:
-    f = _Fields(rec, idx)
-    rw = rec["requested_rewrite"]
-    if not isinstance(rw, dict):
-        raise f.fail("requested_rewrite", "an object", rw)
-    subject = f.text(rw["subject"], "requested_rewrite.subject")
-    template = f.text(rw["prompt"], "requested_rewrite.prompt")
-    if "{}" not in template:
-        raise FactFormatError(f"record {idx}: requested_rewrite.prompt has no '{{}}': {template!r}")
-    target_true = f.answer(rw.get("target_true"), "requested_rewrite.target_true")
-    neighbours = f.texts(rec.get("neighborhood_prompts"), "neighborhood_prompts")
-    return Fact(
-        prompt=template.format(subject),
-        subject=subject,
-        target=target_true,
-        target_new=f.answer(rw.get("target_new"), "requested_rewrite.target_new"),
-        rephrase_prompts=f.texts(rec.get("paraphrase_prompts"), "paraphrase_prompts"),
-        locality_prompts=neighbours,
-        # CounterFact's neighbourhood prompts share the edited fact's true object.
-        locality_answers=(target_true,) * len(neighbours) if target_true else (),
-        relation_id=f.label(rw.get("relation_id"), "requested_rewrite.relation_id"),
-        id=f.label(rec.get("case_id"), "case_id") or str(idx),
-    )
-
-
-def _from_easyedit(rec: dict[str, Any], idx: int) -> Fact:
-    f = _Fields(rec, idx)
-    loc_prompts: tuple[str, ...] = ()
-    loc_answers: tuple[str, ...] = ()
-    loc = rec.get("locality")
-    if isinstance(loc, dict):
-        # EasyEdit: {"neighborhood": {"prompt": [...], "ground_truth": [...]}, ...}
-        for name, part in loc.items():
-            if isinstance(part, dict):
-                loc_prompts += f.texts(part.get("prompt"), f"locality.{name}.prompt")
-                loc_answers += f.texts(part.get("ground_truth"), f"locality.{name}.ground_truth", answers=True)
-    if "locality_prompt" in rec:
-        loc_prompts += f.texts(rec["locality_prompt"], "locality_prompt")
-        loc_answers += f.texts(rec.get("locality_ground_truth"), "locality_ground_truth", answers=True)
-    # The first of these keys present names the field, as EasyEdit's datasets spell it.
-    target_key = next((k for k in ("ground_truth", "target_true", "target") if k in rec), "ground_truth")
-    rephrase_key = next((k for k in ("rephrase_prompts", "rephrase_prompt", "rephrase") if k in rec), "rephrase")
-    ident = rec.get("case_id", rec.get("id"))
-    return Fact(
-        prompt=f.text(rec["prompt"], "prompt"),
-        subject=f.text(rec["subject"], "subject"),
-        target=f.answer(rec.get(target_key), target_key),
-        target_new=f.answer(rec.get("target_new"), "target_new"),
-        rephrase_prompts=f.texts(rec.get(rephrase_key), rephrase_key),
-        locality_prompts=loc_prompts,
-        locality_answers=loc_answers,
-        relation_id=f.label(rec.get("relation_id"), "relation_id"),
-        id=f.label(ident, "case_id" if "case_id" in rec else "id") or str(idx),
-    )
-
-
-def _from_own(rec: dict[str, Any], idx: int) -> Fact:
-    # Our own form is written by to_json: plain strings and arrays, never CounterFact's {"str": ...} objects.
-    f = _Fields(rec, idx)
-    clean = dict(rec)
-    for name in ("prompt", "subject"):
-        clean[name] = f.text(rec[name], name)
-    for name in ("target", "target_new"):
-        if rec.get(name) is not None and not isinstance(rec[name], str):
-            raise f.fail(name, "a string or null", rec[name])
-    for name in ("rephrase_prompts", "locality_prompts", "locality_answers"):
-        if name in rec:
-            value = rec[name]
-            if value is not None and not isinstance(value, list):
-                raise f.fail(name, "an array of strings", value)
-            clean[name] = [f.text(v, f"{name}[{i}]") for i, v in enumerate(value or ())]
-    clean["relation_id"] = f.label(rec.get("relation_id"), "relation_id")
-    clean["id"] = f.label(rec.get("id"), "id") or ""
-    return Fact.from_json(clean)
-
-
 def fact_from_record(rec: dict[str, Any], idx: int = 0) -> Fact:
-    """Read one record in known_1000, CounterFact, EasyEdit or our own JSON form."""
-    if not isinstance(rec, dict):
-        raise FactFormatError(f"record {idx}: expected a JSON object, got {type(rec).__name__}")
-    try:
-        if "requested_rewrite" in rec:
-            return _from_counterfact(rec, idx)
-        if "known_id" in rec or ("attribute" in rec and "template" in rec):
-            return _from_known(rec, idx)
-        if "prompt" in rec and "subject" in rec:
-            # Our own keys first: EasyEdit never writes these, and its parser would drop locality_prompts.
-            if {"target", "locality_prompts", "locality_answers"} & set(rec):
-                return _from_own(rec, idx)
-            if "target_new" in rec or "ground_truth" in rec or "locality" in rec:
-                return _from_easyedit(rec, idx)
-            return _from_own(rec, idx)
-    except KeyError as exc:
-        raise FactFormatError(f"record {idx}: missing field {exc}") from None
-    raise FactFormatError(
-        f"record {idx}: not known_1000 (known_id, subject, attribute, prompt), CounterFact "
-        f"(requested_rewrite), EasyEdit (prompt, subject, target_new) or rome-locate (prompt, subject) "
-        f"format; keys were {sorted(rec)}"
-    )
+    """Read one record of any supported format (`rome_locate.fact_formats`: known_1000, CounterFact, EasyEdit's
+    shapes, KnowEdit, ZsRE, our own JSON form)."""
+    from .fact_formats import read_record
+
+    return read_record(rec, idx)
 
 
 def _records(path: Path, fh: IO[str]) -> Iterator[tuple[str, Any]]:

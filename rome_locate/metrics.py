@@ -18,7 +18,15 @@ the unedited model):
   success rates).
 - EasyEdit: `rewrite_acc`, `rephrase_acc` (teacher-forced token accuracy of
   target_new), `locality` (share of teacher-forced top-1 tokens unchanged on
-  locality prompts).
+  locality prompts), `portability` (teacher-forced token accuracy of each
+  portability probe's answer after its prompt, EasyEdit's
+  `compute_portability_quality`). Both by key, as EasyEdit groups them:
+  `locality.KEY` and `portability.KEY` are the means over that key's probes
+  (per probe the share of its answer's tokens, as EasyEdit's
+  `test_prediction_acc`), and `locality` and `portability` the mean over the
+  keys (KnowEdit's "average of all sub-scores"). A probe without an answer
+  is scored on the fact's true answer for locality, and not at all for
+  portability.
 - `neighborhood_kl`: mean KL(before || after) of the next-token distribution
   on the neighbourhood prompts.
 - `success`: 1.0 when the first token of target_new is the top-1 next token
@@ -30,6 +38,19 @@ the unedited model):
   (`evaluate.check_editable`). A fact with a target may still have
   `success_pre` 1.0 (the model was wrong already, or the two answers share a
   first token); `success_pre` says so beside `success`.
+- Generation: `gen_efficacy` (the edit prompt) and `gen_paraphrase` (the share
+  of the rephrasings) count a prompt as a success when its greedy
+  continuation says target_new (`generation_success`, `GEN_EXTRA_TOKENS`):
+  the model generates greedily, without sampling, at most
+  len(target_new's tokens after that prompt) + 2 new tokens (fewer when it
+  emits its end-of-text token), the text is decoded without special tokens,
+  both texts are normalised (runs of whitespace become one space, leading
+  and trailing whitespace is dropped, case is folded with `str.casefold`),
+  and the continuation must start with target_new, ending at a word
+  boundary when target_new ends in a letter or digit ("Paris" counts in
+  "Paris, France", not in "Parisian"). Teacher-forced figures can call an
+  edit a success that generation does not: the first token can be top-1
+  while the continuation goes elsewhere.
 
 """
 
@@ -38,12 +59,16 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .scoring import PairScore, token_accuracy, top1_agreement
+
+# New tokens a greedy continuation may use beyond target_new's own: a model that generates the target through other
+# token boundaries (" Par" "is" for " Paris") or after a space token still counts.
+GEN_EXTRA_TOKENS = 2
 
 # ROME's fluency measure: weights of the 2- and 3-gram entropies.
 NGRAM_ORDERS = (2, 3)
@@ -168,6 +193,67 @@ def cf_metrics(state: dict[str, list[dict[str, PairScore]]]) -> dict[str, float 
     return m
 
 
+def keyed_means(values: Sequence[float | None], keys: Sequence[str]) -> dict[str, float | None]:
+    """The mean of the values of each key (None left out), keys in the order they first appear."""
+    if len(values) != len(keys):
+        raise ValueError(f"keyed_means: {len(values)} values for {len(keys)} keys")
+    return {k: mean_of(v for v, kk in zip(values, keys) if kk == k) for k in dict.fromkeys(keys)}
+
+
+def by_key(name: str, values: Sequence[float | None], keys: Sequence[str]) -> dict[str, float | None]:
+    """`name.KEY`, the mean of each key's per-probe values, and `name`, the mean over the keys (None: no key)."""
+    means = keyed_means(values, keys)
+    return {name: mean_of(means.values()), **{f"{name}.{k}": v for k, v in means.items()}}
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def generation_success(continuation: str, target: str) -> bool:
+    """Whether a generated continuation says `target` (the rule in this module's docstring)."""
+    c, t = _normalised(continuation), _normalised(target)
+    if not t:
+        raise ValueError(f"generation_success: empty target {target!r}")
+    if not c.startswith(t):
+        return False
+    return len(c) == len(t) or not t[-1].isalnum() or not c[len(t)].isalnum()
+
+
+def generation_metrics(before: Mapping[str, Sequence[str]], after: Mapping[str, Sequence[str]],
+                       target_new: str) -> dict[str, float | None]:
+    """`gen_efficacy` and `gen_paraphrase` (and `_pre`) from the continuations of the "edit" and "paraphrase"
+    prompts before and after the edit."""
+    def share(texts: Sequence[str]) -> float | None:
+        return mean_of(float(generation_success(t, target_new)) for t in texts) if texts else None
+
+    return {"gen_efficacy": share(after.get("edit", ())), "gen_efficacy_pre": share(before.get("edit", ())),
+            "gen_paraphrase": share(after.get("paraphrase", ())),
+            "gen_paraphrase_pre": share(before.get("paraphrase", ()))}
+
+
+def _probe_acc(row: dict[str, PairScore]) -> float | None:
+    s = row.get("answer")
+    return None if s is None or not s.target_ids else token_accuracy([s.predicted], [s.target_ids])
+
+
+def _keyed(before: dict, after: dict, keys: Mapping[str, Sequence[str]] | None) -> dict[str, float | None]:
+    """Locality and portability by key (the module docstring)."""
+    m: dict[str, float | None] = {}
+    nb_b, nb_a = before["neighborhood"], after["neighborhood"]
+    if nb_b and "answer" in nb_b[0]:
+        shares = [top1_agreement([b["answer"].predicted], [a["answer"].predicted]) for b, a in zip(nb_b, nb_a)]
+        m.update(by_key("locality", shares, (keys or {}).get("neighborhood") or ("neighborhood",) * len(shares)))
+    else:
+        m["locality"] = None
+    port_b, port_a = before.get("portability") or [], after.get("portability") or []
+    if port_a:
+        port_keys = (keys or {}).get("portability") or ("portability",) * len(port_a)
+        m.update(by_key("portability", [_probe_acc(r) for r in port_a], port_keys))
+        m.update({k + "_pre": v for k, v in by_key("portability", [_probe_acc(r) for r in port_b], port_keys).items()})
+    return m
+
+
 def _acc(state, group: str) -> float | None:
     rows = state[group]
     if not rows:
@@ -175,9 +261,13 @@ def _acc(state, group: str) -> float | None:
     return token_accuracy([r["new"].predicted for r in rows], [r["new"].target_ids for r in rows])
 
 
-def metrics_between(before: dict, after: dict, gens_before: Sequence[str] = (),
-                    gens_after: Sequence[str] = ()) -> dict[str, float | None]:
-    """All metrics of one edit from the scores of the model before and after it."""
+def metrics_between(before: dict, after: dict, gens_before: Sequence[str] = (), gens_after: Sequence[str] = (),
+                    keys: Mapping[str, Sequence[str]] | None = None) -> dict[str, float | None]:
+    """All teacher-forced metrics of one edit from the scores of the model before and after it.
+
+    `keys` gives the key of every "neighborhood" and "portability" row (aligned with them); without it every row
+    of a group is one key.
+    """
     post, pre = cf_metrics(after), cf_metrics(before)
     m: dict[str, float | None] = dict(post)
     m.update({k + "_pre": v for k, v in pre.items()})
@@ -192,12 +282,12 @@ def metrics_between(before: dict, after: dict, gens_before: Sequence[str] = (),
     m["rewrite_acc"], m["rewrite_acc_pre"] = _acc(after, "edit"), _acc(before, "edit")
     m["rephrase_acc"], m["rephrase_acc_pre"] = _acc(after, "paraphrase"), _acc(before, "paraphrase")
     nb_b, nb_a = before["neighborhood"], after["neighborhood"]
+    m.update(_keyed(before, after, keys))
     if nb_b and "answer" in nb_b[0]:
-        m["locality"] = top1_agreement([r["answer"].predicted for r in nb_b], [r["answer"].predicted for r in nb_a])
         m["neighborhood_kl"] = kl_divergence(torch.stack([r["answer"].next_logp for r in nb_b]),
                                              torch.stack([r["answer"].next_logp for r in nb_a]))
     else:
-        m["locality"] = m["neighborhood_kl"] = None
+        m["neighborhood_kl"] = None
     m["ngram_entropy"] = mean_of(ngram_entropy(t) for t in gens_after) if gens_after else None
     m["ngram_entropy_pre"] = mean_of(ngram_entropy(t) for t in gens_before) if gens_before else None
     return m

@@ -45,7 +45,13 @@ CARD_METRICS = (
     ("rewrite score (Hase et al.)", "rewrite_score"),
     ("neighbourhood KL(before || after)", "neighborhood_kl"),
     ("success (target_new is the top-1 next token)", "success"),
+    ("generation efficacy (the greedy continuation says target_new)", "gen_efficacy"),
+    ("generation paraphrase (share of rephrasings)", "gen_paraphrase"),
+    ("EasyEdit portability (mean over keys)", "portability"),
 )
+# Per-key rows follow the card's metrics: `portability.KEY` and `locality.KEY`, labelled by their key.
+KEYED_METRICS = (("EasyEdit portability", "portability"), ("EasyEdit locality", "locality"))
+INTERVAL_HEADER = ("metric", "before", "after", "facts")
 BEFORE_AFTER = ("metric", "before", "after")
 GENERATION_HEADER = ("prompt kind", "prompt", "before", "after")
 SWEEP_HEADER = ("layer", "", "indirect effect", "efficacy", "efficacy magn.", "paraphrase", "neighbourhood",
@@ -107,6 +113,7 @@ class SummaryView:
     spearman_per_fact: Mapping[str, float | None] = field(default_factory=dict)
     traced_is_best_share: float | None = None
     sequential: SequentialView | None = None
+    intervals: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # metric -> mean, interval, n
 
     @classmethod
     def of(cls, s: "Mapping[str, Any] | SummaryView") -> "SummaryView":
@@ -126,7 +133,7 @@ class SummaryView:
             correlation_measure=s.get("correlation_measure", ""), spearman_pooled=s.get("spearman_pooled"),
             spearman_per_fact_mean=s.get("spearman_per_fact_mean"),
             spearman_per_fact=dict(s.get("spearman_per_fact") or {}),
-            traced_is_best_share=s.get("traced_is_best_share"),
+            traced_is_best_share=s.get("traced_is_best_share"), intervals=dict(s.get("intervals") or {}),
             sequential=None if not seq else SequentialView(
                 int(seq["n_edits"]), seq.get("retention"), int(seq.get("retention_of", 0)),
                 dict(seq.get("final") or {}), dict(seq.get("efficacy_after") or {}), tuple(seq.get("curve") or ())),
@@ -262,8 +269,15 @@ def layer_line(rec: EvalRecord) -> str:
     return "; ".join(parts)
 
 
+def _keyed_metrics(metrics: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(label, key) of the `portability.KEY` and `locality.KEY` metrics present, in their order."""
+    return [(f"{label} [{k.partition('.')[2]}]", k) for label, name in KEYED_METRICS for k in metrics
+            if k.startswith(name + ".") and not k.endswith("_pre")]
+
+
 def _metric_rows(rec: EvalRecord) -> list[list[str]]:
-    rows = [[label, fmt(rec.metrics.get(key + "_pre")), fmt(rec.metrics.get(key))] for label, key in CARD_METRICS
+    rows = [[label, fmt(rec.metrics.get(key + "_pre")), fmt(rec.metrics.get(key))]
+            for label, key in (*CARD_METRICS, *_keyed_metrics(rec.metrics))
             if rec.metrics.get(key) is not None or rec.metrics.get(key + "_pre") is not None]
     pre, post = (rec.editor_metrics or {}).get("pre", {}), (rec.editor_metrics or {}).get("post", {})
     return rows + [[f"{k}, as EasyEdit computes it", fmt(pre.get(k)), fmt(post.get(k))]
@@ -314,12 +328,37 @@ def _correlation_rows(s: SummaryView) -> list[list[str]]:
     return rows
 
 
+def _interval_cell(entry: Mapping[str, Any] | None) -> str:
+    if not entry:
+        return fmt(None)
+    bounds = entry.get("interval")
+    return fmt(entry.get("mean")) + ("" if not bounds else f" [{fmt(bounds[0])}, {fmt(bounds[1])}]")
+
+
+def _interval_rows(intervals: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    """One row per metric of the summary's `intervals`: before (its `_pre` twin) and after, each with its interval."""
+    rows = []
+    for key, entry in intervals.items():
+        if key.endswith("_pre"):
+            continue
+        pre = intervals.get(key + "_pre")
+        rows.append([key, _interval_cell(pre), _interval_cell(entry), str(entry.get("n", ""))])
+    return rows
+
+
 def _summary_section(s: SummaryView, pics: Pictures) -> Section:
     strategies = [[row.name, str(row.n), *(row.cell(k) for k in STRATEGY_FIELDS)] for row in s.strategies]
     parts = [Section("Mean of every metric", (Table.of(("metric", "mean"), [[k, fmt(v)] for k, v in s.means.items()]),),
-                     level=3),
-             Section("Traced vs fixed vs sweep (mean [95% bootstrap interval])",
-                     (Table.of(STRATEGY_HEADER, strategies),), level=3)]
+                     level=3)]
+    if s.intervals:
+        parts.append(Section(
+            "Generation, portability and locality by key (mean [95% interval] over the facts)",
+            (Para("gen_efficacy and gen_paraphrase: the share of prompts whose greedy continuation starts with "
+                  "target_new (Wilson interval for gen_efficacy, bootstrap for the others); portability and "
+                  "locality: EasyEdit's teacher-forced token accuracies, by key."),
+             Table.of(INTERVAL_HEADER, _interval_rows(s.intervals))), level=3))
+    parts.append(Section("Traced vs fixed vs sweep (mean [95% bootstrap interval])",
+                         (Table.of(STRATEGY_HEADER, strategies),), level=3))
     editor = sorted(set(s.editor_pre) | set(s.editor_post))
     if editor:
         rows = [[k, fmt(s.editor_pre.get(k)), fmt(s.editor_post.get(k))] for k in editor]
@@ -435,7 +474,10 @@ def edit_summary_line(summary: Mapping[str, Any], editor: str, layers: str) -> s
             + ("" if bounds is None else f" [95% interval {bounds[0]:.1%}, {bounds[1]:.1%}]")
             + "".join(f", {label} {s.post[key]:.3f}" for label, key in (
                 ("post rewrite_acc", "post_rewrite_acc"), ("rephrase_acc", "post_rephrase_acc"),
-                ("locality", "post_locality")) if s.post.get(key) is not None))
+                ("locality", "post_locality")) if s.post.get(key) is not None)
+            + "".join(f", {key} {_interval_cell(s.intervals[key])}" for key in ("gen_efficacy", "gen_paraphrase",
+                                                                                 "portability")
+                      if key in s.intervals))
     if s.editor_post:
         line += "\nEasyEdit's own metrics (post): " + ", ".join(
             f"{k} {v:.3f}" for k, v in s.editor_post.items() if v is not None)

@@ -20,7 +20,7 @@ import random
 from dataclasses import replace
 from typing import Sequence
 
-from .facts import Fact
+from .facts import Fact, neighbours
 
 N_NEIGHBOURS = 5
 
@@ -66,14 +66,13 @@ def counterfactual_requests(facts: Sequence[Fact], seed: int = 0,
             raise ValueError(f"fact {f.id!r}: no other subject of relation {_relation(f)!r} has another answer "
                              f"to use as target_new")
         same = [g for g in group if g.subject != f.subject and g.target == f.target]
-        neighbours = rng.sample(same, min(n_neighbours, len(same)))
+        nb = rng.sample(same, min(n_neighbours, len(same)))
         own = template_of(f)
         templates = sorted({template_of(g) for g in group} - {own})
         out.append(replace(
             f,
             target_new=rng.choice(answers),
             rephrase_prompts=f.rephrase_prompts or tuple(t.format(f.subject) for t in templates),
-            locality_prompts=f.locality_prompts or tuple(g.prompt for g in neighbours),
-            locality_answers=f.locality_answers or (tuple(f.target for _ in neighbours)),
+            locality=f.locality or neighbours([g.prompt for g in nb], [f.target] * len(nb)),
         ))
     return out

@@ -1,4 +1,5 @@
-"""Scoring: teacher-forced probabilities and top-1 tokens of targets after prompts, and EasyEdit's accuracies."""
+"""Scoring: teacher-forced probabilities and top-1 tokens of targets after prompts, EasyEdit's accuracies, and the
+short greedy continuations the generation-based metrics read."""
 
 from __future__ import annotations
 
@@ -82,4 +83,40 @@ def score_targets(model, tok, pairs: Sequence[tuple[str, str | None]], *, batch_
                 nll, predicted = float("nan"), (int(logp[row, n_prompt - 1].argmax()),)
             nxt = logp[row, n_prompt - 1].clone() if keep_next else None
             out.append(PairScore(nll=nll, target_ids=tuple(tgt), predicted=predicted, next_logp=nxt))
+    return out
+
+
+@torch.no_grad()
+def greedy_continuations(model, tok, prompts: Sequence[str], max_new: Sequence[int], *,
+                         batch_size: int = 32, chat_template: bool = False) -> list[str]:
+    """The greedy continuation of each prompt, at most `max_new[i]` new tokens, stopped early at the end-of-text
+    token, decoded without special tokens.
+
+    Rows are right-padded and each reads its next token at its own last position, so a prompt continues exactly
+    as it would alone (up to float rounding), whatever it is batched with.
+    """
+    if len(max_new) != len(prompts):
+        raise ValueError(f"greedy_continuations: {len(max_new)} lengths for {len(prompts)} prompts")
+    device, pad = input_device(model), pad_id(tok)
+    eos = getattr(tok, "eos_token_id", None)
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [prompt_ids(tok, p, chat_template) for p in prompts[start:start + batch_size]]
+        limits = list(max_new[start:start + batch_size])
+        new: list[list[int]] = [[] for _ in rows]
+        done = [n < 1 for n in limits]
+        while not all(done):
+            live = [i for i, d in enumerate(done) if not d]
+            seqs = [rows[i] + new[i] for i in live]
+            input_ids, mask = right_pad(seqs, pad, device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+            last = torch.tensor([len(q) - 1 for q in seqs], device=logits.device)
+            picked = logits[torch.arange(len(live), device=logits.device), last].argmax(-1).tolist()
+            for i, token in zip(live, picked):
+                if eos is not None and token == eos:
+                    done[i] = True
+                    continue
+                new[i].append(int(token))
+                done[i] = len(new[i]) >= limits[i]
+        out += [tok.decode(ids, skip_special_tokens=True) for ids in new]
     return out

@@ -91,6 +91,31 @@ def verdict(strategies: Mapping[str, Mapping[str, Any]], field: str = "score") -
     return line + "."
 
 
+# Metrics whose mean the summary gives with a 95% interval in `intervals`: the generation metrics, portability and
+# locality, with their keys (`portability.KEY`, `locality.KEY`). Per fact, gen_efficacy is 0 or 1 (one prompt):
+# its interval is Wilson's, as the success rate's; the others are shares, bootstrapped.
+INTERVAL_PREFIXES = ("gen_efficacy", "gen_paraphrase", "portability", "locality")
+WILSON_FIELDS = ("gen_efficacy", "gen_efficacy_pre")
+
+
+def _shown_with_interval(key: str) -> bool:
+    return any(key == p or key == p + "_pre" or key.startswith(p + ".") for p in INTERVAL_PREFIXES)
+
+
+def metric_intervals(records: Sequence[EvalRecord]) -> dict[str, dict[str, Any]]:
+    """`{metric: {mean, interval: [low, high], n, kind}}` of the metrics of `INTERVAL_PREFIXES` the records have,
+    over the facts that have them (kind "wilson" or "bootstrap")."""
+    keys = list(dict.fromkeys(k for r in records for k in r.metrics if _shown_with_interval(k)))
+    out = {}
+    for key in keys:
+        values = [r.metrics.get(key) for r in records]
+        iv = rate(values) if key in WILSON_FIELDS else bootstrap(values)
+        if iv.mean is not None:
+            out[key] = {"mean": iv.mean, "interval": _bounds(iv), "n": iv.n,
+                        "kind": "wilson" if key in WILSON_FIELDS else "bootstrap"}
+    return out
+
+
 def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
     """Dataset summary: mean of every metric, traced vs fixed vs sweep-best, and effect/success rank correlations."""
     keys = sorted({k for r in records for k in r.metrics})
@@ -137,6 +162,8 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
         "post_rewrite_acc": means.get("rewrite_acc"),
         "post_rephrase_acc": means.get("rephrase_acc"),
         "post_locality": means.get("locality"),
+        # Generation metrics, portability and locality by key: mean, 95% interval and facts of each.
+        "intervals": metric_intervals(records),
         "layers": sorted({r.layer for r in records}),
         "layer_sources": dict(sorted(Counter(r.layer_source for r in records).items())),
         "means": means,

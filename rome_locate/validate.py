@@ -13,9 +13,12 @@
 4. trial-edit calibration facts at every (candidate layer, grid setting) by
    successive halving (each round keeps the best third of the configurations
    and gives them three times as many facts) within `budget` trial edits;
-5. score with one objective, CounterFact's score: the harmonic mean of the
-   mean efficacy, paraphrase and neighbourhood success rates (ties go to the
-   cheaper setting: fewer gradient steps x prompts);
+5. score with one objective (`--objective`): CounterFact's score, the
+   harmonic mean of the mean efficacy, paraphrase and neighbourhood success
+   rates (the default), or the generation score, the same with generation
+   efficacy and generation paraphrase (`rome_locate.metrics`) in place of the
+   teacher-forced efficacy and paraphrase; ties go to the cheaper setting
+   (fewer gradient steps x prompts). The test figures give both objectives;
 6. calibrate the trace-margin threshold of the per-fact `traced` rule on the
    calibration facts, and measure the chosen configuration on the test facts
    only (fixed layer, traced, validated and the candidates' sweep-best), with
@@ -42,7 +45,7 @@ from .facts import Fact
 from .intervals import N_BOOTSTRAP, Interval, bootstrap
 from .metrics import harmonic_mean
 from .trace import TraceSettings
-from .validation_records import Config, Mode, Setting, TrialScores, Validation, default_grid
+from .validation_records import OBJECTIVES, Config, Mode, Setting, TrialScores, Validation, default_grid
 
 ETA = 3  # successive halving: keep 1/ETA of the configurations, give them ETA x the facts
 MIN_SPLIT = 2  # fewest facts on each side of the calibration/test split
@@ -65,7 +68,7 @@ def trial_edit(model, tok, fact: Fact, hparams, editor: Editor | None = None,
     m = evaluate_fact(model, tok, fact, hparams, generation=None, sweep=False, editor=editor,
                       chat_template=chat_template).metrics
     return TrialScores(m["efficacy_score"], m["paraphrase_score"], m["neighborhood_score"],
-                       m["efficacy_magnitude"])
+                       m["efficacy_magnitude"], m.get("gen_efficacy"), m.get("gen_paraphrase"))
 
 
 # ---- pure parts: split, shortlist, objective, schedule, intervals ---------------------------
@@ -100,11 +103,23 @@ def shortlist(mean_effects: Sequence[float], n_layers: int, width: int = 1) -> t
     return centre, [l for l in range(centre - width, centre + width + 1) if l in editable]
 
 
-def objective(scores: Sequence[TrialScores]) -> float:
-    """CounterFact's score: harmonic mean of the mean efficacy, paraphrase and neighbourhood success."""
+# The TrialScores fields each objective's harmonic mean reads.
+OBJECTIVE_FIELDS = {"counterfact": ("efficacy", "paraphrase", "neighborhood"),
+                    "generation": ("gen_efficacy", "gen_paraphrase", "neighborhood")}
 
+
+def check_objective(name: str) -> str:
+    """`name` when it is an objective of `OBJECTIVES`; otherwise a ValidationError naming the choices."""
+    if name not in OBJECTIVES:
+        raise ValidationError(f"--objective must be one of {sorted(OBJECTIVES)}, got {name!r}")
+    return name
+
+
+def objective(scores: Sequence[TrialScores], kind: str = "counterfact") -> float:
+    """The harmonic mean of the mean success rates `kind` reads: CounterFact's efficacy, paraphrase and
+    neighbourhood ("counterfact"), or generation efficacy, generation paraphrase and neighbourhood ("generation")."""
     parts = []
-    for name in ("efficacy", "paraphrase", "neighborhood"):
+    for name in OBJECTIVE_FIELDS[check_objective(kind)]:
         vals = [getattr(s, name) for s in scores if getattr(s, name) is not None]
         if vals:
             parts.append(float(np.mean(vals)))
@@ -148,13 +163,14 @@ def schedule(n_configs: int, n_facts: int, budget: int) -> list[tuple[int, int]]
     return rounds
 
 
-def score_interval(scores: Sequence[TrialScores], seed: int = 0, n: int = N_BOOTSTRAP) -> Interval:
-    """The objective over facts and its 95% bootstrap interval (facts resampled)."""
+def score_interval(scores: Sequence[TrialScores], seed: int = 0, n: int = N_BOOTSTRAP,
+                   kind: str = "counterfact") -> Interval:
+    """The objective `kind` over facts and its 95% bootstrap interval (facts resampled)."""
     if not scores:
         return Interval(None, None, None, 0)
     rng = np.random.default_rng(seed)
-    boots = [objective([scores[i] for i in rng.integers(0, len(scores), len(scores))]) for _ in range(n)]
-    return Interval(objective(scores), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)),
+    boots = [objective([scores[i] for i in rng.integers(0, len(scores), len(scores))], kind) for _ in range(n)]
+    return Interval(objective(scores, kind), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5)),
                     len(scores))
 
 
@@ -164,14 +180,14 @@ def _margin(effects: Sequence[float], candidates: Sequence[int]) -> float:
 
 
 def calibrate_threshold(effects: Sequence[Sequence[float]], results: Sequence[dict[int, TrialScores]],
-                        candidates: Sequence[int], fallback: int) -> float:
+                        candidates: Sequence[int], fallback: int, kind: str = "counterfact") -> float:
     """The margin threshold of the traced rule (`choose.LayerRule`) that maximises the objective on calibration
     facts. Ties go to the larger threshold (more facts at the validated dataset layer)."""
     options = sorted({0.0, math.inf} | {_margin(e, candidates) for e in effects})
     best, best_t = -1.0, math.inf
     for t in options:
         rule = LayerRule("traced", fallback, tuple(candidates), t, "calibration")
-        value = objective([r[rule.traced(e).layer] for e, r in zip(effects, results)])
+        value = objective([r[rule.traced(e).layer] for e, r in zip(effects, results)], kind)
         if value > best + 1e-12 or (abs(value - best) <= 1e-12 and t > best_t):
             best, best_t = value, t
     return best_t
@@ -214,7 +230,9 @@ def _mode(name: str, scores: Sequence[TrialScores], layers: Sequence[int], seed:
     for l in layers:
         counts[str(l)] = counts.get(str(l), 0) + 1
     return Mode(name, bootstrap([s.efficacy for s in scores], seed), bootstrap([s.paraphrase for s in scores], seed),
-                bootstrap([s.neighborhood for s in scores], seed), score_interval(scores, seed), counts)
+                bootstrap([s.neighborhood for s in scores], seed), score_interval(scores, seed), counts,
+                bootstrap([s.gen_efficacy for s in scores], seed), bootstrap([s.gen_paraphrase for s in scores], seed),
+                score_interval(scores, seed, kind="generation"))
 
 
 @dataclass
@@ -267,12 +285,12 @@ def _prepare(model, tok, facts: list[Fact], test_fraction: float, seed: int, fac
 
 
 def _search(trials: _Trials, configs: list[Config], calib: list[Fact], rounds: list[tuple[int, int]],
-            dataset_layer: int) -> tuple[Config, list[dict[str, Any]]]:
-    """Successive halving over the configurations; (the best, the log of every round)."""
+            dataset_layer: int, kind: str = "counterfact") -> tuple[Config, list[dict[str, Any]]]:
+    """Successive halving over the configurations by the objective `kind`; (the best, the log of every round)."""
     alive, round_log = configs, []
     for r, (k, n) in enumerate(rounds):
         alive = alive[:k]
-        values = {c: objective([trials.run(c, f) for f in calib[:n]]) for c in alive}
+        values = {c: objective([trials.run(c, f) for f in calib[:n]], kind) for c in alive}
         # Best first; ties go to the cheaper setting, then to the dataset layer.
         alive = sorted(alive, key=lambda c: (-round(values[c], 9), c.setting.cost,
                                              abs(c.layer - dataset_layer), c.layer))
@@ -282,7 +300,7 @@ def _search(trials: _Trials, configs: list[Config], calib: list[Fact], rounds: l
 
 
 def _test_modes(trials: _Trials, chosen: Config, rule: LayerRule, test: list[Fact], effects_of: dict[str, Any],
-                seed: int) -> tuple[Mode, ...]:
+                seed: int, kind: str = "counterfact") -> tuple[Mode, ...]:
     """The chosen configuration on the test facts, by every layer mode of `rule` and the candidates' oracle."""
     rows: dict[str, tuple[list[TrialScores], list[int]]] = {n: ([], []) for n in ("fixed", "traced", "validated",
                                                                                "best")}
@@ -300,7 +318,7 @@ def _test_modes(trials: _Trials, chosen: Config, rule: LayerRule, test: list[Fac
         edit_only = replace(f, rephrase_prompts=())
         pick = rule.pick({l: trials.run(Config(l, chosen.setting), edit_only) for l in rule.tries(effects)})
         add("validated", at, pick.layer)
-        add("best", at, max(rule.candidates, key=lambda l: (objective([at[l]]), at[l].efficacy_magnitude or 0.0)))
+        add("best", at, max(rule.candidates, key=lambda l: (objective([at[l]], kind), at[l].efficacy_magnitude or 0.0)))
     names = {"fixed": "fixed", "traced": "traced", "validated": "validated",
              "best": "sweep-best (candidates, oracle)"}
     return tuple(_mode(names[k], *rows[k], seed) for k in rows)
@@ -310,7 +328,8 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
                    test_fraction: float = 0.5, budget: int = 300, n_calibration: int = 40, n_test: int = 40,
                    grid: Sequence[Setting] | None = None, seed: int = 0,
                    trace_settings: TraceSettings = TraceSettings(), editor: Editor | None = None,
-                   arch: Any = None, progress: bool = True, log: Callable[[str], None] = print) -> Validation:
+                   arch: Any = None, progress: bool = True, log: Callable[[str], None] = print,
+                   objective_name: str = "counterfact") -> Validation:
     """The validated search (module docstring); `base_hparams` supplies every field the search does not set.
 
     `editor` is the pipeline's editor object (built-in ROME by default); `arch`
@@ -325,6 +344,7 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     from .models import fingerprint
 
     t0 = time.perf_counter()
+    kind = check_objective(objective_name)
     grid = list(grid or default_grid())
     arch = arch_for(model, arch)
     facts = list(facts)
@@ -347,17 +367,18 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     bar = tqdm(total=planned, desc="validate", unit="trial", disable=not progress)
     trials = _Trials(model, tok, base_hparams, editor, bar, chat)
     try:
-        chosen, round_log = _search(trials, configs, calib, rounds, dataset_layer)
+        chosen, round_log = _search(trials, configs, calib, rounds, dataset_layer, kind)
         search_trials = trials.count
         bar.total = bar.n + len(calib) * len(candidates) + len(test) * (len(candidates) + 1)
         bar.refresh()
         # Calibration of the traced rule: the chosen setting at every candidate layer.
         calib_results = [{l: trials.run(Config(l, chosen.setting), f) for l in candidates} for f in calib]
-        threshold = calibrate_threshold([r.effects for r, _ in located], calib_results, candidates, chosen.layer)
+        threshold = calibrate_threshold([r.effects for r, _ in located], calib_results, candidates, chosen.layer,
+                                        kind)
         rule = LayerRule("traced", chosen.layer, tuple(candidates), threshold, "calibration facts")
         # Test facts, never seen by any choice above.
         test_located = locate(model, tok, test, trace_settings, progress=False, arch=arch)
-        modes = _test_modes(trials, chosen, rule, test, {c.fact_id: r.effects for r, c in test_located}, seed)
+        modes = _test_modes(trials, chosen, rule, test, {c.fact_id: r.effects for r, c in test_located}, seed, kind)
     finally:
         bar.close()
     return Validation(
@@ -370,7 +391,7 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
         mom2={"mom2_adjustment": base_hparams.mom2_adjustment, "mom2_dataset": base_hparams.mom2_dataset,
               "mom2_n_samples": base_hparams.mom2_n_samples},
         calibration_ids=tuple(f.id for f in calib), test_ids=tuple(f.id for f in test),
-        trace_settings=trace_settings, model_fingerprint=fingerprint(model),
+        trace_settings=trace_settings, model_fingerprint=fingerprint(model), objective_name=kind,
     )
 
 

@@ -78,12 +78,25 @@ class Config(Record):
 
 @dataclass(frozen=True)
 class TrialScores(Record):
-    """CounterFact success rates of one trial edit (None where the fact has no such prompts)."""
+    """CounterFact success rates and the generation metrics of one trial edit (None where the fact has no such
+    prompts)."""
 
     efficacy: float | None
     paraphrase: float | None
     neighborhood: float | None
     efficacy_magnitude: float | None
+    gen_efficacy: float | None = None
+    gen_paraphrase: float | None = None
+
+
+# What the validated search optimises (`rome-locate hparams --objective`), as validation.json states it.
+OBJECTIVES = {
+    "counterfact": "CounterFact score: harmonic mean of the mean efficacy, paraphrase and neighbourhood success "
+                   "rates; ties go to the cheaper setting (gradient steps x prompts)",
+    "generation": "generation score: harmonic mean of the mean generation efficacy, generation paraphrase "
+                  "(greedy continuations that start with target_new) and neighbourhood success rates; ties go to "
+                  "the cheaper setting (gradient steps x prompts)",
+}
 
 
 def _json_threshold(threshold: float) -> float | None:
@@ -99,8 +112,12 @@ class Mode(Record):
     efficacy: Interval
     paraphrase: Interval
     neighborhood: Interval
-    score: Interval
+    score: Interval  # the counterfact objective
     layers: dict[str, int] = field(default_factory=dict)  # layer -> number of facts
+    # The generation metrics and the generation objective (None in records written before they existed).
+    gen_efficacy: Interval | None = None
+    gen_paraphrase: Interval | None = None
+    gen_score: Interval | None = None
 
 
 @dataclass(frozen=True)
@@ -134,13 +151,13 @@ class Validation(Record):
     # How the calibration and test facts were traced, and the model traced and edited (as locate records them).
     trace_settings: TraceSettings | None = None
     model_fingerprint: ModelFingerprint | None = None
+    objective_name: str = "counterfact"  # the key of OBJECTIVES the search optimised
 
     def to_json(self) -> dict[str, Any]:
         """Plain-JSON form; an infinite threshold (every fact at the chosen layer) is written as null."""
         out = super().to_json()
         out["threshold"] = _json_threshold(self.threshold)
-        out["objective"] = ("CounterFact score: harmonic mean of the mean efficacy, paraphrase and neighbourhood "
-                            "success rates; ties go to the cheaper setting (gradient steps x prompts)")
+        out["objective"] = OBJECTIVES[self.objective_name]
         return out
 
     def mode(self, name: str) -> Mode:

@@ -15,12 +15,12 @@ import pytest
 from conftest import build_tiny_model
 from rome_locate import arch as arch_mod
 from rome_locate.cli import main
-from rome_locate.facts import Fact
+from rome_locate.facts import Fact, neighbours
 
 FACTS = [
     Fact(prompt="The Space Needle is in the city of", subject="The Space Needle", target="Seattle",
          target_new="Paris", rephrase_prompts=("Dorven Kaltmoor was born in the city of",),
-         locality_prompts=("The Eiffel Tower is in",), locality_answers=("Paris",), id="needle"),
+         locality=neighbours(("The Eiffel Tower is in",), ("Paris",)), id="needle"),
     Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", target_new="piano", id="miles"),
 ]
 COMMON = ["--device", "cpu", "--quiet"]

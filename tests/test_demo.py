@@ -167,6 +167,14 @@ def test_demo_on_shipped_fact_model(tmp_path, capsys):
     assert edited["efficacy_magnitude"] == pytest.approx(rec["metrics"]["efficacy_magnitude"])
     assert (best["score"], best["efficacy_magnitude"]) >= (edited["score"], edited["efficacy_magnitude"])
     assert [g["group"] for g in rec["generations"]][:1] == ["edit"] and all(g["before"] for g in rec["generations"])
+    # Issue 20: portability (by key) and the generation metrics, in the record, the summary and the report.
+    assert {"portability", "portability.other_phrasing", "portability.hard_paraphrase", "gen_efficacy",
+            "gen_efficacy_pre", "gen_paraphrase", "gen_paraphrase_pre"} <= set(rec["metrics"])
+    assert rec["metrics"]["gen_efficacy_pre"] == 0.0  # the model says the true object before the edit
+    assert {"portability", "gen_efficacy", "gen_paraphrase"} <= set(obj["summary"]["intervals"])
+    md = paths["md"].read_text()
+    assert "| gen_efficacy |" in md and "| portability.other_phrasing |" in md
+    assert "EasyEdit portability [hard_paraphrase]" in md
     page = paths["html"].read_text()
     assert page.count("src='data:image/png;base64,") == 2  # the fact's heatmap and the sweep plot
 

@@ -16,7 +16,7 @@ from rome_locate.arch import LayerRangeError
 from rome_locate.edit import edited
 from rome_locate.outcome import EvalRecord
 from test_evaluate import ContextEditor
-from rome_locate.facts import Fact
+from rome_locate.facts import Fact, neighbours
 from rome_locate.pipeline import edit_facts
 from rome_locate.hooks import hook_count
 from rome_locate.hparams import generate_hparams
@@ -25,8 +25,8 @@ from rome_locate.trace import TraceSettings
 FACTS = [
     Fact(prompt="The Space Needle is in the city of", subject="The Space Needle", target="Seattle",
          target_new="Paris", rephrase_prompts=("Dorven Kaltmoor was born in the city of",),
-         locality_prompts=("Alma Berridge speaks the language of", "Miles Davis plays the"),
-         locality_answers=("French",), id="needle"),
+         locality=neighbours(("Alma Berridge speaks the language of", "Miles Davis plays the"), ("French",)),
+         id="needle"),
     Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", target_new="nurse", id="miles"),
 ]
 

@@ -16,7 +16,7 @@ from rome_locate.metrics import (harmonic_mean, kl_divergence, mean_margin, ngra
                                  success_rate)
 from rome_locate.outcome import EvalRecord, EvaluationError, GenerationSettings
 from rome_locate.summary import summarize
-from rome_locate.facts import Fact
+from rome_locate.facts import Fact, neighbours
 from rome_locate.scoring import score_targets, token_accuracy, top1_agreement
 
 
@@ -68,8 +68,8 @@ def noop_edit(model, tok, fact, hparams, editor="builtin"):
 
 FACT = Fact(prompt="Dorven Kaltmoor was born in the city of", subject="Dorven Kaltmoor", target="Seattle",
             target_new="Paris", rephrase_prompts=("Alma Berridge speaks the language of Dorven Kaltmoor, born in",),
-            locality_prompts=("The Eiffel Tower is in", "Miles Davis plays the"),
-            locality_answers=("Paris", "trumpet"), relation_id="P19", id="f0")
+            locality=neighbours(("The Eiffel Tower is in", "Miles Davis plays the"), ("Paris", "trumpet")),
+            relation_id="P19", id="f0")
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +223,7 @@ def failing_on(n: int):
 def test_failure_keeps_finished_records_and_weights(gpt2):
     model, tok = gpt2
     before = params_hash(model)
-    facts = [Fact(**{**FACT.to_json(), "id": f"f{i}", "rephrase_prompts": (), "locality_prompts": (),
-                     "locality_answers": ()}) for i in range(4)]
+    facts = [Fact(**{**FACT.to_json(), "id": f"f{i}", "rephrase_prompts": (), "locality": ()}) for i in range(4)]
     seen_partial: list[int] = []
     with pytest.raises(EvaluationError, match="'f2' after 2 finished") as info:
         evaluate(model, tok, facts, FakeHParams(), fixed_placements(facts, 1), editor=ContextEditor(failing_on(3)),

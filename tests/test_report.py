@@ -17,15 +17,15 @@ import rome_locate.report as report
 from conftest import build_tiny_model
 from rome_locate.choose import LayerRule, place
 from rome_locate.evaluate import evaluate
-from rome_locate.facts import Fact
+from rome_locate.facts import Fact, neighbours
 from rome_locate.outcome import EvalRecord, EvaluationError, Generation, GenerationSettings
 from rome_locate.report import edit_summary_line, load_results, run_settings, write_report, write_results_json
 from rome_locate.trace import TraceSettings, trace_fact
 
 FACT = Fact(prompt="Dorven Kaltmoor was born in the city of", subject="Dorven Kaltmoor", target="Seattle",
             target_new="Paris", rephrase_prompts=("Alma Berridge speaks the language of Dorven Kaltmoor, born in",),
-            locality_prompts=("The Eiffel Tower is in", "Miles Davis plays the"),
-            locality_answers=("Paris", "trumpet"), relation_id="P19", id="f0")
+            locality=neighbours(("The Eiffel Tower is in", "Miles Davis plays the"), ("Paris", "trumpet")),
+            relation_id="P19", id="f0")
 REASON = "largest effect among candidates [0, 1, 2] (+0.1000, margin 0.0500 >= threshold 0)"
 
 

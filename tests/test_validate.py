@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
 
 from rome_locate import fact_models as FM
+
+ROOT = Path(__file__).resolve().parent.parent
 from rome_locate.facts import Fact
 from rome_locate.choose import LayerRule
 from rome_locate.validate import (Interval, TrialScores, ValidationError, bootstrap, calibrate_threshold,
@@ -192,3 +196,58 @@ def test_hparams_never_writes_over_validation_files_it_did_not_write(tmp_path, c
         assert rc == 2 and "was not written by rome-locate" in capsys.readouterr().err
         assert foreign.read_text() == text and not out.exists()
         foreign.unlink()
+
+
+def test_generation_objective_reads_the_generation_metrics():
+    # Issue 20: the same trials, judged by generation efficacy and paraphrase in place of the teacher-forced ones.
+    s = [TrialScores(1.0, 1.0, 1.0, 0.3, gen_efficacy=0.0, gen_paraphrase=0.5),
+         TrialScores(1.0, 1.0, 0.5, 0.2, gen_efficacy=1.0, gen_paraphrase=None)]
+    assert objective(s) == pytest.approx(3 / (1 + 1 + 1 / 0.75))
+    assert objective(s, "generation") == pytest.approx(3 / (2 + 2 + 1 / 0.75))
+    with pytest.raises(ValidationError, match="--objective must be one of"):
+        objective(s, "bleu")
+
+
+def test_validation_record_written_before_the_generation_metrics_still_loads():
+    # Such a record's modes have no generation figures and it names no objective: CounterFact's was the only one.
+    from rome_locate.configure import markdown
+    from rome_locate.validation_records import Validation
+
+    new = json.loads((ROOT / "hparams" / "ROME" / "fact-gpt2.validation.json").read_text())
+    assert new["objective_name"] == "counterfact" and new["test"][0]["gen_score"]["mean"] is not None
+    old = {k: v for k, v in new.items() if k != "objective_name"}
+    old["test"] = [{k: v for k, v in m.items() if not k.startswith("gen_")} for m in new["test"]]
+    v = Validation.from_json(old)
+    assert v.objective_name == "counterfact" and v.test[0].gen_efficacy is None and v.test[0].score.mean is not None
+    # JSON's null threshold stands for infinity (every fact at the chosen layer).
+    assert "| n/a | n/a | n/a |" in markdown(dataclasses.replace(v, threshold=math.inf))
+
+
+def test_hparams_generation_objective_reports_both(tmp_path, capsys):
+    rc, out = _hparams_cli(tmp_path, FM.facts_path("gpt2"), "--limit", "60", "--budget", "3",
+                           "--calibration-facts", "3", "--test-facts", "3", "--objective", "generation")
+    assert rc == 0, capsys.readouterr().err
+    v = json.loads((tmp_path / "h.validation.json").read_text())
+    assert v["objective_name"] == "generation" and v["objective"].startswith("generation score")
+    for mode in v["test"]:
+        assert mode["score"]["mean"] is not None and mode["gen_score"]["mean"] is not None
+        assert 0 <= mode["gen_efficacy"]["mean"] <= 1 and mode["gen_efficacy"]["n"] == 3
+        assert mode["gen_paraphrase"]["n"] == mode["paraphrase"]["n"]  # the facts with rephrasings
+    md = (tmp_path / "h.validation.md").read_text()
+    assert "| gen efficacy | gen paraphrase | gen score |" in md and "Objective (generation" in md
+    assert "objective (generation)" in out.read_text()
+    # A rerun over its own files is allowed: they are recognised as rome-locate's.
+    out.unlink()
+    rc, _ = _hparams_cli(tmp_path, FM.facts_path("gpt2"), "--limit", "60", "--budget", "3",
+                         "--calibration-facts", "3", "--test-facts", "3")
+    assert rc == 0 and json.loads((tmp_path / "h.validation.json").read_text())["objective_name"] == "counterfact"
+
+
+def test_hparams_objective_is_one_of_two(capsys):
+    from rome_locate.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["hparams", "--model", "m", "--facts", "f", "-o", "o.yaml", "--objective", "bleu"])
+    assert exit_.value.code == 2
+    assert "argument --objective: invalid choice: 'bleu' (choose from 'counterfact', 'generation')" in \
+        capsys.readouterr().err

@@ -206,3 +206,19 @@ def test_world3_names_tokenize_into_four_chunks():
     tok = build_tokenizer(W.corpus_lines(third), "gpt2", W.WORLD3.relations)
     assert all(len(tok(" " + s)["input_ids"]) == 4 for s in third.subjects)
     assert all(len(tok(" " + o)["input_ids"]) == 1 for r in third.relations for o in r.objects)
+
+
+def test_easyedit_export_is_counterfact_with_portability():
+    # The demo's facts: the same cases as counterfact.json, so the CounterFact figures do not move, plus portability.
+    from rome_locate.fact_models import FAMILIES, counterfact_path, easyedit_path
+    from rome_locate.fact_models.shapes import easyedit_records
+
+    world = W.build_world(0)
+    for family in FAMILIES:
+        assert json.loads(easyedit_path(family).read_text()) == easyedit_records(world)
+    for cf, ee in zip(load_facts(counterfact_path("gpt2")), load_facts(easyedit_path("gpt2"))):
+        assert (ee.prompt, ee.subject, ee.target, ee.target_new, ee.rephrase_prompts, ee.locality, ee.id) == (
+            cf.prompt, cf.subject, cf.target, cf.target_new, cf.rephrase_prompts, cf.locality, cf.id)
+        assert ee.keys("portability") == ("other_phrasing", "hard_paraphrase")
+        assert all(p.answer == cf.target_new and cf.subject in p.prompt for p in ee.portability)
+        assert len([p for p in ee.portability if p.key == "other_phrasing"]) == 2

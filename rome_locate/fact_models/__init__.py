@@ -13,7 +13,7 @@ from pathlib import Path
 FAMILIES = ("gpt2", "llama")
 ROOT = Path(__file__).resolve().parent
 
-__all__ = ["FAMILIES", "corpus_path", "counterfact_path", "fact_model_dir", "facts_path",
+__all__ = ["FAMILIES", "corpus_path", "counterfact_path", "easyedit_path", "fact_model_dir", "facts_path",
            "load_fact_model", "world_path"]
 
 
@@ -36,6 +36,11 @@ def facts_path(family: str) -> Path:
 def counterfact_path(family: str) -> Path:
     """CounterFact-format edit cases of the world the model was trained on."""
     return fact_model_dir(family) / "counterfact.json"
+
+
+def easyedit_path(family: str) -> Path:
+    """The CounterFact cases in EasyEdit's KnowEdit shape, with portability probes (`shapes.easyedit_records`)."""
+    return fact_model_dir(family) / "easyedit.json"
 
 
 def corpus_path(family: str) -> Path:
