@@ -18,7 +18,7 @@ import torch
 from conftest import SENTENCES, build_tiny_model
 from rome_locate.arch import ARCH
 from rome_locate.cli import main
-from rome_locate.facts import Fact
+from rome_locate.facts import Fact, neighbours
 from rome_locate.prompts import model_input
 from rome_locate.tokens import continuation, find_subject_range, prompt_ids
 
@@ -28,7 +28,7 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor
 FACTS = [
     Fact(prompt=PROMPT, subject=SUBJECT, target="Seattle", target_new="Paris",
          rephrase_prompts=("Dorven Kaltmoor was born in the city of",),
-         locality_prompts=("Alma Berridge speaks the language of",), locality_answers=("French",), id="needle"),
+         locality=neighbours(("Alma Berridge speaks the language of",), ("French",)), id="needle"),
     Fact(prompt="Miles Davis plays the", subject="Miles Davis", target="trumpet", target_new="nurse", id="miles"),
 ]
 CPU = ["--device", "cpu"]
