@@ -258,3 +258,18 @@ def test_offline_hub_name_fails_at_once(tmp_path, capsys, monkeypatch, name, mes
     code, errors, _ = _run(["locate", "--model", name, "--facts", FACTS, "--device", "cpu", "--quiet"], capsys)
     assert code == 2 and len(errors) == 1 and message in errors[0] and repr(name) in errors[0], errors
     assert time.perf_counter() - start < 10
+
+
+def test_negative_max_neighborhood_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """`eval --max-neighborhood -1` used to drop the last neighbourhood prompt silently (a slice [:-1])."""
+    from rome_locate import models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --max-neighborhood was checked")
+
+    monkeypatch.setattr(models, "load_model", no_load)
+    code, errors, _ = _run(["eval", "--model", M, "--facts", str(fact_model_dir("gpt2") / "counterfact.json"),
+                            "--hparams", "hparams/ROME/fact-gpt2.yaml", "--out", str(tmp_path / "o"),
+                            "--device", "cpu", "--max-neighborhood", "-1"], capsys)
+    assert code == 2 and len(errors) == 1 and "--max-neighborhood must be >= 0 prompts, got -1" in errors[0]
+    assert not (tmp_path / "o").exists()
