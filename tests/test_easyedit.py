@@ -17,20 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SENTENCES, build_tiny_model, params_hash
+from conftest import SENTENCES, build_tiny_model, params_hash, require_easyedit
 from rome_locate.facts import Fact
 from rome_locate.hparams import generate_hparams, load_hparams, with_layer, write_hparams
 from rome_locate.stats import compute_mom2, load_mom2
 
-try:
-    from rome_locate.easyedit import import_easyedit
-
-    import_easyedit()
-except ImportError as exc:
-    if os.environ.get("CI"):
-        raise  # CI must run these tests against the snapshot
-    pytest.skip(f"EasyEdit is not importable (set EASYEDIT_PATH to a clone of zjunlp/EasyEdit): {exc}",
-                allow_module_level=True)
+require_easyedit()  # EasyEdit's snapshot; under CI=true a missing one fails instead of skipping
 
 from easyeditor.models.rome.rome_hparams import ROMEHyperParams  # noqa: E402
 

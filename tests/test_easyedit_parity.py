@@ -11,21 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
-import pytest
+from conftest import require_easyedit
 
-try:
-    from rome_locate.easyedit import import_easyedit
-
-    import_easyedit()
-except ImportError as exc:
-    if os.environ.get("CI"):
-        raise  # CI must run these tests against the snapshot
-    pytest.skip(f"EasyEdit is not importable (set EASYEDIT_PATH to a clone of zjunlp/EasyEdit): {exc}",
-                allow_module_level=True)
+require_easyedit()  # EasyEdit's snapshot; under CI=true a missing one fails instead of skipping
 
 ROOT = Path(__file__).resolve().parent.parent
 N_FACTS = 5
