@@ -13,7 +13,7 @@ import json
 import math
 from typing import Any, Iterator
 
-from .facts import NEIGHBORHOOD, Fact, FactFormatError, Probe, neighbours
+from .fact_records import Fact, FactFormatError, Probe, neighbours
 
 # The key EasyEdit's run_zsre_llama2.py gives ZsRE's `portability` question.
 ZSRE_PORTABILITY = "one_hop"

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from rome_locate.fact_models import world as W
+from rome_locate.fact_models.shapes import write_exports
 from rome_locate.facts import load_facts
 
 
@@ -134,7 +135,7 @@ def test_corpus(world):
 
 
 def test_exports_load(world, tmp_path):
-    paths = W.write_exports(world, tmp_path)
+    paths = write_exports(world, tmp_path)
     known = json.loads(paths["known"].read_text())
     assert len(known) == len(world.subjects) * len(world.relations)
     rec = known[0]

@@ -10,8 +10,11 @@ the CounterFact figures of a case are the same from either file. Plain Python, n
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from . import world as W
 from .world import HARD_PARAPHRASES, World, counterfact_records
 
 OTHER_PHRASINGS = 2  # training templates per case asked as `other_phrasing`
@@ -43,3 +46,22 @@ def easyedit_record(world: World, case: dict[str, Any]) -> dict[str, Any]:
 def easyedit_records(world: World) -> list[dict[str, Any]]:
     """Every CounterFact case of `world` (`world.counterfact_records`, same order) as `easyedit_record` gives it."""
     return [easyedit_record(world, case) for case in counterfact_records(world)]
+
+
+def write_exports(world: World, out_dir: str | Path) -> dict[str, Path]:
+    """Write world.json, facts_known.json, counterfact.json, easyedit.json and corpus.txt into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "world": out_dir / "world.json",
+        "known": out_dir / "facts_known.json",
+        "counterfact": out_dir / "counterfact.json",
+        "easyedit": out_dir / "easyedit.json",
+        "corpus": out_dir / "corpus.txt",
+    }
+    paths["world"].write_text(json.dumps(world.to_json(), indent=1) + "\n", encoding="utf-8")
+    paths["known"].write_text(json.dumps(W.known_records(world), indent=1) + "\n", encoding="utf-8")
+    paths["counterfact"].write_text(json.dumps(W.counterfact_records(world), indent=1) + "\n", encoding="utf-8")
+    paths["easyedit"].write_text(json.dumps(easyedit_records(world), indent=1) + "\n", encoding="utf-8")
+    paths["corpus"].write_text("\n".join(W.corpus_lines(world)) + "\n", encoding="utf-8")
+    return paths

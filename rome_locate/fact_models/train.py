@@ -24,6 +24,7 @@ from typing import Any
 
 from . import FAMILIES, _check_family, fact_model_dir, load_fact_model, world_path
 from . import world as W
+from .shapes import write_exports
 
 SEED = 0
 VOCAB_SIZE = 2000
@@ -190,7 +191,7 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
         out = fact_model_dir(family) if world == "default" else local_model_dir(world, family)
     max_steps = MAX_STEPS if max_steps is None else max_steps
     world_obj = W.build_world(seed, spec=spec)
-    paths = W.write_exports(world_obj, out)
+    paths = write_exports(world_obj, out)
     lines = paths["corpus"].read_text(encoding="utf-8").splitlines()
     tok = build_tokenizer(lines, family, spec.relations)
     model = build_model(family, tok, seed)

@@ -424,24 +424,3 @@ def counterfact_records(world: World, per_relation: int = 100, n_neighbours: int
                 }
             )
     return out
-
-
-def write_exports(world: World, out_dir: str | Path) -> dict[str, Path]:
-    """Write world.json, facts_known.json, counterfact.json, easyedit.json and corpus.txt into `out_dir`."""
-    from .shapes import easyedit_records
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "world": out_dir / "world.json",
-        "known": out_dir / "facts_known.json",
-        "counterfact": out_dir / "counterfact.json",
-        "easyedit": out_dir / "easyedit.json",
-        "corpus": out_dir / "corpus.txt",
-    }
-    paths["world"].write_text(json.dumps(world.to_json(), indent=1) + "\n", encoding="utf-8")
-    paths["known"].write_text(json.dumps(known_records(world), indent=1) + "\n", encoding="utf-8")
-    paths["counterfact"].write_text(json.dumps(counterfact_records(world), indent=1) + "\n", encoding="utf-8")
-    paths["easyedit"].write_text(json.dumps(easyedit_records(world), indent=1) + "\n", encoding="utf-8")
-    paths["corpus"].write_text("\n".join(corpus_lines(world)) + "\n", encoding="utf-8")
-    return paths
