@@ -104,10 +104,13 @@ def _trace(model, tok, facts: list[Fact], settings: TraceSettings | None, arch: 
                   progress=progress, out=None if out is None else out / "locate.jsonl", dataset=dataset)
 
 
-def _stats_layers(rule: LayerRule, located: Sequence[Any] | None, facts: Sequence[Fact],
-                  sweep_layers: Sequence[int]) -> set[int]:
+def _provisional(rule: LayerRule) -> LayerRule:
+    # `validated` is decided by trial edits; until then each fact stands where the traced rule puts it.
+    return replace(rule, mode="traced") if rule.mode == "validated" else rule
+
+
+def _stats_layers(rule: LayerRule, placements: Sequence[Placement], sweep_layers: Sequence[int]) -> set[int]:
     """Every layer an edit of this run may touch: what the rule can decide, the validated trials, the sweep."""
-    placements = place(facts, replace(rule, mode="traced") if rule.mode == "validated" else rule, located)
     used = {p.layer for p in placements} | set(sweep_layers)
     if rule.mode == "validated":
         used |= {l for p in placements if p.trace is not None for l in rule.tries(p.trace.effects)}
@@ -157,20 +160,20 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     sweep_layers = list(range(arch.n_layers)) if sweep is True else [int(x) for x in (sweep or ())]
     for layer in sweep_layers:
         check_layer(layer, arch.n_layers, "sweep layer")
-    if located is not None:
-        place(facts, rule if rule.mode != "validated" else replace(rule, mode="traced"), located)  # checks now
-        for fact, entry in zip(facts, located):
-            if isinstance(entry, int):
-                check_layer(entry, arch.n_layers, f"the layer given for fact {fact.id!r}:")
     out = Path(out_dir) if out_dir is not None else None
     if _needs_trace(rule, sweep_layers, located):
         located = _trace(model, tok, facts, trace_settings, arch, out, dataset, progress, chat_template)
+    # Before any edit (and, for choices the caller gave, before any tracing, since none was needed).
+    placements = place(facts, _provisional(rule), located)
+    for fact, entry in zip(facts, located or ()):
+        if isinstance(entry, int):
+            check_layer(entry, arch.n_layers, f"the layer given for fact {fact.id!r}:")
     if trace_settings is None and located and isinstance(located[0], tuple):
         trace_settings = getattr(located[0][0], "settings", None)
-    hparams = ensure_stats(model, tok, hparams, _stats_layers(rule, located, facts, sweep_layers), mom2_corpus,
+    hparams = ensure_stats(model, tok, hparams, _stats_layers(rule, placements, sweep_layers), mom2_corpus,
                            None if out is None else out / "stats", arch=arch)
-    run = _Run(model, tok, facts, hparams, rule, located, out, sweep_layers, generation, max_neighborhood,
-               sequential, progress, arch.n_layers, chat_template)
+    run = _Run(model, tok, facts, hparams, rule, located, placements, out, sweep_layers, generation,
+               max_neighborhood, sequential, progress, arch.n_layers, chat_template)
     editor_obj = make_editor(editor, model, tok, hparams, model_name=str(model_name or getattr(hparams, "model_name",
                              "model")), workdir=None if out is None else out / "easyedit", seed=seed,
                              chat_template=chat_template)
@@ -202,6 +205,7 @@ class _Run:
     hparams: Any
     rule: LayerRule
     located: Sequence[Any] | None
+    provisional: list[Placement]  # `place` under the rule (traced for `validated`, before its trial edits)
     out: Path | None
     sweep_layers: list[int]
     generation: GenerationSettings | None
@@ -214,13 +218,13 @@ class _Run:
 
     def placements(self, editor: Editor) -> list[Placement]:
         """Every fact's placement; `validated` first trial-edits its tries with the run's editor."""
-        picks = None
-        if self.rule.mode == "validated":
-            from .validate import validated_layers
+        if self.rule.mode != "validated":
+            return self.provisional
+        from .validate import validated_layers
 
-            traces = [p.trace for p in place(self.facts, replace(self.rule, mode="traced"), self.located)]
-            picks = validated_layers(self.model, self.tok, self.facts, self.hparams, traces, self.rule,
-                                     editor=editor, progress=self.progress, chat_template=self.chat_template)
+        traces = [p.trace for p in self.provisional]
+        picks = validated_layers(self.model, self.tok, self.facts, self.hparams, traces, self.rule,
+                                 editor=editor, progress=self.progress, chat_template=self.chat_template)
         return place(self.facts, self.rule, self.located, picks=picks)
 
     def execute(self, editor: Editor, settings: Callable[[], dict[str, Any]]) -> tuple[list[EvalRecord],
