@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from rome_locate.locate import locate
     from rome_locate.models import fingerprint, load_model
     from rome_locate.pipeline import run_pipeline
-    from rome_locate.report import edit_summary_line
+    from rome_locate.report import edit_summary_line, written_summary
     from rome_locate.trace import TraceSettings
 
     if editor == "easyedit":
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         hparams_path=config.get("base_hparams"), located=located, trace_settings=trace, generation=None, sweep=False, editor=editor,
         sequential=bool(config.get("sequential")), facts_path=str(config["facts"]), progress=True,
         extra_settings={"integration": {"config": str(Path(args.config).resolve()), "layers": mode}})
-    print(edit_summary_line(json.loads(paths["json"].read_text(encoding="utf-8"))["summary"], editor, mode))
+    print(edit_summary_line(written_summary(paths["json"]), editor, mode))
     print(f"wrote {paths['json']} and {paths['md']}")
     return 0
 

@@ -343,11 +343,9 @@ def _quiet(args: argparse.Namespace) -> bool:
 
 def _print_pipeline_summary(args: argparse.Namespace, records, paths) -> None:
     """The terminal lines of `edit`/`eval`, from the summary results.json holds (computed once, when written)."""
-    import json
+    from .report import edit_summary_line, print_summary, written_summary
 
-    from .report import edit_summary_line, print_summary
-
-    summary = json.loads(paths["json"].read_text(encoding="utf-8"))["summary"]
+    summary = written_summary(paths["json"])
     if args.command == "eval":
         print_summary(records, summary=summary)
         print(f"wrote {paths['html']}, {paths['md']} and {paths['json']}")

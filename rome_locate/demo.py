@@ -10,7 +10,7 @@ from .outcome import GenerationSettings
 from .facts import load_facts
 from .outdir import check_out_dir, out_lock, remove_own_trace
 from .pipeline import run_pipeline
-from .report import print_summary
+from .report import print_summary, written_summary
 from .trace import TraceSettings
 
 DEFAULT_OUT = "rome-locate-demo"
@@ -113,7 +113,7 @@ def run_demo(out_dir: str | Path = DEFAULT_OUT, family: str = "gpt2", n_facts: i
                 started=t0)
         finally:
             _print(f"      ({time.perf_counter() - t0:.1f} s so far)", quiet)
-    print_summary(records, quiet)
+    print_summary(records, quiet, summary=written_summary(paths["json"]))  # the report's, not a second bootstrap
     _print(f"[5/5] wrote {paths['html']}, {paths['md']} and {paths['json']} in {time.perf_counter() - t0:.1f} s",
            quiet)
     return paths

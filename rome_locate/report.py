@@ -425,6 +425,11 @@ def write_report(records: Sequence[EvalRecord], out_dir: str | Path, settings: M
 # ---- reading back and the terminal ------------------------------------------------
 
 
+def written_summary(path: str | Path) -> dict[str, Any]:
+    """The summary a results.json holds: what was computed once when it was written, read back, not recomputed."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))["summary"]
+
+
 def load_results(path: str | Path) -> tuple[dict[str, Any], list[EvalRecord]]:
     """Read results.json back: (settings, records)."""
     obj = json.loads(Path(path).read_text(encoding="utf-8"))
