@@ -178,7 +178,8 @@ class LayerRule(Record):
     def decide(self, effects: Sequence[float] | None) -> LayerDecision:
         """The decision of the rule's mode for one fact (`validated` needs trial edits: use `tries` and `pick`)."""
         if self.mode == "fixed":
-            return LayerDecision(self.fallback, "fixed", "the hyperparameters' layer")
+            return LayerDecision(self.fallback, "fixed", self.source if self.source.startswith(WINDOW) else
+                                 "the hyperparameters' layer")
         if self.mode == "validated":
             raise ValueError("layers='validated' is decided by trial edits: LayerRule.tries, then LayerRule.pick")
         if effects is None:
@@ -205,6 +206,8 @@ class LayerRule(Record):
     def describe(self) -> str:
         """One line for the user: mode, candidates, fallback layer, threshold and where they came from."""
         if self.mode == "fixed":
+            if self.source.startswith(WINDOW):
+                return f"every fact in {self.source}"
             return f"every fact at the hyperparameters' layer {self.fallback}"
         return (f"{self.mode}: candidates {list(self.candidates)}, fallback layer {self.fallback}, "
                 f"margin threshold {self.threshold:.4g} ({self.source})")
@@ -273,6 +276,20 @@ def layer_rule(mode: str, fallback: int, n_layers: int, hparams_path: str | Path
     why = "no validation record" if path is None else f"no {path.name}"
     return LayerRule(mode, fallback, editable_layers(n_layers), 0.0,  # type: ignore[arg-type]
                      f"{why}: the largest positive traced effect below the last layer")
+
+
+WINDOW = "the hyperparameters' window"  # a window rule's source starts so
+
+
+def window_rule(window: Sequence[int], n_layers: int, mode: str = "fixed") -> LayerRule:
+    """The rule of a window algorithm (MEMIT, AlphaEdit): every fact in the YAML's window, no per-fact choice; the
+    record keeps the window's last layer (where MEMIT's z is read). Other modes are an error naming --layers."""
+    window = [check_layer(int(l), n_layers, f"layer of the hyperparameters' window {list(window)}:") for l in window]
+    if mode != "fixed":
+        raise ValueError(f"--layers {mode} chooses ROME's one layer per fact; a MEMIT or AlphaEdit window is the "
+                         f"YAML's layers {window} (validated by `rome-locate hparams --alg MEMIT`): use --layers "
+                         f"fixed")
+    return LayerRule("fixed", window[-1], (window[-1],), 0.0, f"{WINDOW} {window}")  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from .cli_args import build_parser
 
@@ -196,18 +197,26 @@ def _hparams_job(args: argparse.Namespace):
     """The `hparams` command's flags as one HParamsJob record (configure.py does the work)."""
     from .configure import HParamsJob, hparams_device, parse_overrides
 
+    window = args.alg != "ROME"
     return HParamsJob(
         facts_file=args.facts, output=args.output, model_path=args.model, model_name=args.model_name,
         device_field=hparams_device(args.hparams_device, args.device), overrides=parse_overrides(args.set),
         set_items=tuple(args.set), layer=args.layer, validate=not args.no_validate and args.layer is None,
-        test_fraction=args.test_fraction, budget=args.budget, grid=args.grid, n_calibration=args.calibration_facts,
-        n_test=args.test_facts, stats_dir=args.stats_dir, corpus=args.corpus, self_sample=args.self_sample,
-        seed=args.seed, quiet=args.quiet, objective=args.objective)
+        test_fraction=args.test_fraction, budget=args.budget if args.budget is not None else 3000 if window else 300,
+        grid=args.grid, n_calibration=_or(args.calibration_facts, 100 if window else 40),
+        n_test=_or(args.test_facts, 100 if window else 40), stats_dir=args.stats_dir, corpus=args.corpus,
+        self_sample=args.self_sample, seed=args.seed, quiet=args.quiet, objective=args.objective, alg=args.alg,
+        trial_batch=args.trial_batch, max_batch=args.max_batch)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _cmd_hparams(args: argparse.Namespace) -> int:
     from . import distributed
-    from .configure import check_job, write_traced, write_validated
+    from .configure import check_job, write_traced
+    from .configure_window import VALIDATED_WRITERS
     from .facts import check_limit, load_facts
     from .files import output_lock
     from .locate import locate
@@ -225,7 +234,7 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
         part = distributed.part(facts, args.output + ".traces", shards_only=True)
         lm = load_model(args, arch_file)
         if job.validate:
-            write_validated(job, lm, facts, settings)
+            VALIDATED_WRITERS[job.alg](job, lm, facts, settings)
             return 0
         pairs = [] if args.layer is not None else locate(lm.model, lm.tok, part.facts, settings, out=part.out,
                                                          progress=not args.quiet, arch=lm.arch, dataset=facts)
@@ -273,17 +282,19 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _pipeline_inputs(args: argparse.Namespace, lm, corpus: str | None):
     """`edit`/`eval`: (hyperparameters, layer rule). The rule is the pipeline's (`pipeline.resolve_rule`, printed);
     where the statistics are missing and no corpus is given, self-sampled ones are used (a notice on stderr)."""
-    from .hparams import bind_model, load_hparams
+    from .algorithms import is_window, load_any_hparams
+    from .hparams import bind_model
     from .pipeline import resolve_rule
     from .stats import ensure_self_sampled
 
     # model_name becomes the real path; a model-relative stats_dir ("stats") is found next to the weights.
-    hparams = bind_model(load_hparams(args.hparams, easyedit=False), args.model)
+    hparams = bind_model(load_any_hparams(args.hparams), args.model)
     rule = resolve_rule(hparams, lm.arch.n_layers, args.layers, hparams_path=args.hparams)
     print(f"--layers {args.layers}: {rule.describe()}", file=sys.stderr)
     if corpus is None:  # a given corpus wins (the pipeline computes from it)
         every = rule.mode != "fixed" or getattr(args, "sweep", False)
-        layers = list(range(lm.arch.n_layers)) if every else [rule.fallback]
+        layers = list(range(lm.arch.n_layers)) if every else list(hparams.layers) if is_window(hparams) else \
+            [rule.fallback]
         hparams = ensure_self_sampled(lm.model, lm.tok, hparams, layers, arch=lm.arch,
                                       notice=lambda m: print(m, file=sys.stderr), chat_template=args.chat_template)
     return hparams, rule
@@ -323,7 +334,7 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
                     editor=args.editor, seed=args.seed, mom2_corpus=corpus, arch=lm.arch, facts_path=args.facts,
                     max_neighborhood=getattr(args, "max_neighborhood", None), skip_errors=args.skip_errors,
                     sequential=args.sequential, progress=not _quiet(args), dataset=facts,
-                    chat_template=args.chat_template)
+                    chat_template=args.chat_template, batch_size=args.batch_size)
             except EvaluationError as exc:
                 distributed.record_failure(exc)  # under torchrun: named in OUT.incomplete
                 print(f"rome-locate {args.command}: error: {exc}", file=sys.stderr)

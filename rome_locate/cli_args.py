@@ -120,15 +120,24 @@ def _add_edit_parsers(sub, commands: Mapping[str, Command]) -> None:
                    help="trace only: write the dataset layer with ROME's default settings (no trial edits)")
     v.add_argument("--test-fraction", type=float, default=0.5,
                    help="share of the subjects kept for the test facts (default 0.5)")
-    v.add_argument("--budget", type=int, default=300, help="most trial edits of the search (default 300)")
+    v.add_argument("--alg", default="ROME", choices=["ROME", "MEMIT", "AlphaEdit"],
+                   help="ROME (one layer, the default), or MEMIT / AlphaEdit: a window of layers and MEMIT's "
+                        "settings chosen by trial edits of batches, written as EasyEdit's MEMIT/AlphaEdit YAML")
+    v.add_argument("--budget", type=int, default=None,
+                   help="most trial edits of the search (default 300; MEMIT/AlphaEdit: facts edited, 3000)")
+    v.add_argument("--trial-batch", type=int, default=10,
+                   help="MEMIT/AlphaEdit: calibration facts written at once in the search's rounds (default 10)")
+    v.add_argument("--max-batch", type=int, default=100,
+                   help="MEMIT/AlphaEdit: facts written at once in the finals and the test (default 100)")
     v.add_argument("--objective", default="counterfact", choices=["counterfact", "generation"],
                    help="what the search optimises: CounterFact's score (teacher-forced efficacy, paraphrase and "
                         "neighbourhood success, the default) or the generation score (greedy continuations that "
                         "start with target_new in place of efficacy and paraphrase); the report shows both")
     v.add_argument("--grid", default="default", choices=["default", "paper"],
                    help="v* settings searched: 8 around ROME's paper settings, or the paper's alone")
-    v.add_argument("--calibration-facts", type=int, default=40, help="most calibration facts (default 40)")
-    v.add_argument("--test-facts", type=int, default=40, help="most test facts (default 40)")
+    v.add_argument("--calibration-facts", type=int, default=None,
+                   help="most calibration facts (default 40; MEMIT/AlphaEdit 100)")
+    v.add_argument("--test-facts", type=int, default=None, help="most test facts (default 40; MEMIT/AlphaEdit 100)")
     v.add_argument("--stats-dir", default="./data/stats", help="stats_dir field: where mom2 statistics are read "
                    "and, when missing, written (default ./data/stats, EasyEdit's)")
     src = v.add_mutually_exclusive_group()
@@ -186,6 +195,10 @@ def _add_pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-errors", action="store_true",
                    help="warn and skip a fact that cannot be an edit (no target_new, target_new equal to the "
                         "true answer, or no target and target_new already the model's answer) instead of stopping")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="edit N facts at once and measure each on the model holding its batch (mass editing: "
+                        "MEMIT/AlphaEdit write a batch in one update over the YAML's window, ROME one fact after "
+                        "another); with --sequential the batches accumulate. MEMIT/AlphaEdit default: 1")
     p.add_argument("--sequential", action="store_true",
                    help="keep every edit (each fact at its own layer) instead of restoring the weights in between; "
                         "reports retention of earlier edits, paraphrase and locality after the last edit, and "

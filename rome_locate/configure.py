@@ -39,6 +39,9 @@ class HParamsJob(Record):
     seed: int = 0
     quiet: bool = False
     objective: str = "counterfact"  # what the search optimises (validation_records.OBJECTIVES)
+    alg: str = "ROME"  # ROME (one layer), MEMIT or AlphaEdit (a window: `configure_window`)
+    trial_batch: int = 10  # MEMIT/AlphaEdit: calibration facts written at once in the search's rounds
+    max_batch: int = 100  # MEMIT/AlphaEdit: facts at once in the finals and the test
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -76,6 +79,15 @@ def check_job(job: HParamsJob, torchrun: bool = False) -> None:
     from .hparams import check_hparams_output
 
     check_hparams_output(job.output)
+    if job.alg not in ("ROME", "MEMIT", "AlphaEdit"):
+        raise ValueError(f"--alg must be ROME, MEMIT or AlphaEdit, got {job.alg!r}")
+    if job.alg != "ROME" and not job.validate:
+        raise ValueError(f"--alg {job.alg} writes a window chosen by trial edits of batches: drop "
+                         f"{'--layer' if job.layer is not None else '--no-validate'} (a hand-written window goes "
+                         f"straight into the YAML's layers)")
+    if job.alg != "ROME" and not 1 <= job.trial_batch <= job.max_batch:
+        raise ValueError(f"--trial-batch and --max-batch need 1 <= --trial-batch <= --max-batch, got "
+                         f"{job.trial_batch} and {job.max_batch}")
     if not job.validate:
         return
     from .validate import check_objective
@@ -193,6 +205,7 @@ def write_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path
 
 TARGETS = {"efficacy": 0.95, "paraphrase": 0.85, "neighborhood": 0.90}
 MD_TITLE = "# Validated ROME hyperparameters"  # validation.md's first line: how rome-locate knows its own file
+MD_TITLES = tuple(f"# Validated {alg} hyperparameters" for alg in ("ROME", "MEMIT", "AlphaEdit"))
 
 
 def _text(iv: Any) -> str:
@@ -300,7 +313,7 @@ def check_validation_outputs(yaml_path) -> None:
                                   f"writes over it: choose another -o")
     if m.exists():
         try:
-            ours = m.read_text(encoding="utf-8").startswith(MD_TITLE)
+            ours = m.read_text(encoding="utf-8").startswith(MD_TITLES)
         except UnicodeDecodeError:
             ours = False
         if not ours:

@@ -11,9 +11,10 @@ its `chat_template` (absent: False) must be the run's.
 from __future__ import annotations
 
 import tempfile
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Protocol, Sequence
 
 from torch import nn
 
@@ -29,27 +30,72 @@ class Editor(Protocol):
         """Edit `fact` at `hparams.layers[0]`, yield the editor's report (or None), restore."""
         ...
 
+    # Mass editing (`rome_locate.batches`) also needs
+    # edited_batch(model, tok, facts, hparams) -> ContextManager[Mapping | None]: every fact in one update over
+    # `hparams.layers` (MEMIT, AlphaEdit), the report per fact under "requests" where the editor has one.
 
-class BuiltinRome:
-    """rome-locate's own ROME (`rome_locate.rome`), seeded."""
+
+class BuiltinEditor:
+    """rome-locate's own editors, seeded: ROME (`rome_locate.rome`), MEMIT and AlphaEdit (`rome_locate.memit`),
+    by the hyperparameters' alg_name (`rome_locate.algorithms`)."""
 
     name = "builtin"
 
-    def __init__(self, seed: int = 0, info: dict | None = None, chat_template: bool = False):
+    def __init__(self, seed: int = 0, info: dict | None = None, chat_template: bool = False,
+                 reuse_targets: bool = False):
         self.seed = seed
         self.info = info  # filled with the optimisation's figures per layer (benchmarks read the steps)
         self.chat_template = chat_template  # prompts read as user turns of the tokenizer's chat template
+        # MEMIT's z of each fact kept across edits: only right when every edit starts from the unedited model (the
+        # window search's trials), never for sequential editing.
+        self._z_cache: "weakref.WeakKeyDictionary[nn.Module, dict]" | None = \
+            weakref.WeakKeyDictionary() if reuse_targets else None
+        # AlphaEdit's memory per model (its null space, and the keys of the edits kept): weakly keyed, so it never
+        # outlives the model or crosses to another one.
+        self._states: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
     @contextmanager
     def edited(self, model: nn.Module, tok: Any, fact: Fact, hparams: Any) -> Iterator[None]:
-        """Apply ROME, yield None, restore bit-identically (always)."""
+        """Apply the edit of one fact, yield None, restore bit-identically (always)."""
+        from .algorithms import is_window
         from .edit import edited
 
+        if is_window(hparams):
+            with self.edited_batch(model, tok, [fact], hparams):
+                yield None
+            return
         with edited(model, tok, fact, hparams, seed=self.seed, info=self.info, chat_template=self.chat_template):
             yield None
 
+    @contextmanager
+    def edited_batch(self, model: nn.Module, tok: Any, facts: Sequence[Fact], hparams: Any) -> Iterator[None]:
+        """Write every fact in one update (MEMIT, AlphaEdit; ROME: one after another), yield None, restore
+        bit-identically (always; AlphaEdit forgets the batch's keys again)."""
+        from .algorithms import algorithm
+        from .rome import restore
+
+        alg = algorithm(hparams)
+        state = None
+        if alg.state is not None:
+            state = self._states.setdefault(model, alg.state())
+        kept = None if state is None else {k: v.clone() for k, v in state.kept.items()}
+        originals = {}
+        try:
+            z_cache = None if self._z_cache is None else self._z_cache.setdefault(model, {})
+            originals = alg.apply(model, tok, facts, hparams, seed=self.seed, info=self.info,
+                                  chat_template=self.chat_template, state=state, z_cache=z_cache)
+            yield None
+        finally:
+            restore(model, originals)
+            if state is not None:
+                state.kept = kept
+
     def close(self) -> None:
         """Nothing to free."""
+
+
+# The name every entrance used before the built-in editor learnt MEMIT and AlphaEdit.
+BuiltinRome = BuiltinEditor
 
 
 class EasyEditRome:
@@ -83,7 +129,7 @@ class EasyEditRome:
 
 
 def _builtin(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int, chat_template: bool) -> Editor:
-    return BuiltinRome(seed=seed, chat_template=chat_template)
+    return BuiltinEditor(seed=seed, chat_template=chat_template)
 
 
 def _easyedit(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int,

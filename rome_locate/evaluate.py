@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -151,6 +151,34 @@ def _generation_prompts(fact: Fact, max_neighborhood: int | None) -> list[tuple[
     return out + [("neighborhood", p) for p in nb]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """One fact's scores, continuations and generations on one model state (before or after an edit)."""
+
+    state: dict[str, list[dict[str, PairScore]]]
+    continuations: dict[str, list[str]]
+    gens: list[str]
+
+
+def measure(model, tok, fact: Fact, texts: Sequence[str], generation: GenerationSettings | None,
+            chat_template: bool, edit: str | None) -> Measured:
+    """Score, continue and generate from `fact`'s prompts on the model now; non-finite outputs are an error naming
+    the fact and `edit` (None: the unedited model)."""
+    state = _state_scores(model, tok, fact, full=True, chat_template=chat_template)
+    cont = continuations(model, tok, fact, chat_template)
+    check_finite(model, fact, state, edit)
+    gens = generate(model, tok, texts, generation, chat_template) if texts else []
+    return Measured(state, cont, gens)
+
+
+def between(fact: Fact, texts: Sequence[str], before: Measured, after: Measured) -> dict[str, float | None]:
+    """The fact's metrics from its two measurements (`metrics.metrics_between` and the generation metrics)."""
+    metrics = metrics_between(before.state, after.state, [t + g for t, g in zip(texts, before.gens)],
+                              [t + g for t, g in zip(texts, after.gens)], keys=probe_keys(fact))
+    metrics.update(generation_metrics(before.continuations, after.continuations, fact.target_new))
+    return metrics
+
+
 def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | None = None,
                   sweep: bool | Sequence[int] = False, generation: GenerationSettings | None = GenerationSettings(),
                   editor: Editor | None = None, max_neighborhood: int | None = None, n_layers: int | None = None,
@@ -176,40 +204,43 @@ def evaluate_fact(model, tok, fact: Fact, hparams, *, placement: Placement | Non
 
     gen_prompts = _generation_prompts(fact, max_neighborhood) if generation is not None else []
     texts = [p for _, p in gen_prompts]
-    before = _state_scores(model, tok, fact, full=True, chat_template=chat)
-    cont_before = continuations(model, tok, fact, chat)
-    check_finite(model, fact, before, None)
-    check_changes(fact, before["edit"][0]["new"])
-    gens_before = generate(model, tok, texts, generation, chat) if texts else []
+    before = measure(model, tok, fact, texts, generation, chat, None)
+    check_changes(fact, before.state["edit"][0]["new"])
     context = editor.edited(model, tok, fact, with_layer(hparams, layer))
     with context if keep is None else nullcontext() as handle:
         if keep is not None:
             handle = keep.enter_context(context)
-        after = _state_scores(model, tok, fact, full=True, chat_template=chat)
-        cont_after = continuations(model, tok, fact, chat)
-        check_finite(model, fact, after, f"the edit at layer {layer} ({editor.name})")
-        gens_after = generate(model, tok, texts, generation, chat) if texts else []
-    metrics = metrics_between(before, after, [t + g for t, g in zip(texts, gens_before)],
-                              [t + g for t, g in zip(texts, gens_after)], keys=probe_keys(fact))
-    metrics.update(generation_metrics(cont_before, cont_after, fact.target_new))
+        after = measure(model, tok, fact, texts, generation, chat, f"the edit at layer {layer} ({editor.name})")
+    metrics = between(fact, texts, before, after)
     if sweep:
         layers = list(range(_n_layers(model, n_layers))) if sweep is True else [int(x) for x in sweep]
-        scores = _sweep(model, tok, fact, hparams, editor, layers, layer, before, after, effects, sweep_progress,
-                        chat)
+        scores = _sweep(model, tok, fact, hparams, editor, layers, layer, before.state, after.state, effects,
+                        sweep_progress, chat)
     else:
         scores = []
+    return fact_record(fact, placement, editor.name, gen_prompts, before, after, metrics, fixed=fixed,
+                       seconds=time.perf_counter() - t0, handle=handle, sweep=scores)
+
+
+def fact_record(fact: Fact, placement: Placement, editor_name: str, gen_prompts: Sequence[tuple[str, str]],
+                before: Measured, after: Measured, metrics: dict[str, float | None], *, fixed: int | None,
+                seconds: float, handle: Any = None, sweep: Sequence[LayerScore] = (),
+                layers: Sequence[int] | None = None, batch_size: int = 1) -> EvalRecord:
+    """The `EvalRecord` of one fact's edit at its placement, from its measurements."""
     traced = placement.traced
     return EvalRecord(
         fact_id=fact.id, prompt=fact.prompt, subject=fact.subject, target_true=fact.target,
-        target_new=fact.target_new, layer=int(layer), layer_source=placement.source,
-        layer_reason=placement.decision.reason, editor=editor.name,
+        target_new=fact.target_new, layer=int(placement.layer), layer_source=placement.source,
+        layer_reason=placement.decision.reason, editor=editor_name,
         generations=tuple(Generation(prompt=t, group=g, before=b, after=a)
-                          for (g, t), b, a in zip(gen_prompts, gens_before, gens_after)),
-        metrics=metrics, sweep=tuple(scores),
+                          for (g, t), b, a in zip(gen_prompts, before.gens, after.gens)),
+        metrics=metrics, sweep=tuple(sweep),
         traced_layer=None if traced is None else int(traced.layer),
         fixed_layer=fixed if placement.fallback is None else int(placement.fallback),
-        margin=None if traced is None or traced.margin is None else float(traced.margin), effects=effects,
-        seconds=time.perf_counter() - t0, editor_metrics=_editor_report(handle),
+        margin=None if traced is None or traced.margin is None else float(traced.margin),
+        effects=None if placement.trace is None else tuple(float(e) for e in placement.trace.effects),
+        seconds=seconds, editor_metrics=_editor_report(handle),
+        layers=None if layers is None else tuple(int(x) for x in layers), batch_size=batch_size,
     )
 
 

@@ -139,38 +139,68 @@ def _path(hparams_name_or_path: str | Path) -> Path:
 
 def read_config(hparams_name_or_path: str | Path, n_layers: int | None = None) -> dict[str, Any]:
     """Read and check a ROME YAML into a dict of typed values; errors name the file and the field."""
+    path, config = read_yaml(hparams_name_or_path, "ROME")
+    return check_config(config, source=str(path), n_layers=n_layers)
+
+
+def read_yaml(hparams_name_or_path: str | Path, what: str = "ROME") -> tuple[Path, dict[str, Any]]:
+    """(the path, `.yaml` appended as EasyEdit does; its mapping), unchecked; errors name the file."""
     path = _path(hparams_name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ROME hyperparameters not found: {path}")
+        raise FileNotFoundError(f"{what} hyperparameters not found: {path}")
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise HParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(config, dict):
         raise HParamsError(f"{path}: expected a mapping of hyperparameters, got {type(config).__name__}")
-    return check_config(config, source=str(path), n_layers=n_layers)
+    return path, config
 
 
 def check_config(config: dict[str, Any], source: str = "hyperparameters", n_layers: int | None = None) -> dict[str, Any]:
     """Validate and coerce a dict of ROME hyperparameters; returns a new dict."""
+    config = check_fields(config, "ROME", RomeHParams, source)
+    config = check_common(config, source, n_layers, _FLOAT_FIELDS, _INT_FIELDS)
+    ctp = config["context_template_length_params"]
+    # ROME splits each count over its 5 template prefixes (count // 5 texts each): below 5 the sampler gets none.
+    if (not isinstance(ctp, list)
+            or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                       and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+                       and p[0] >= 1 and p[1] >= _TEMPLATE_PREFIXES for p in ctp)):
+        raise HParamsError(f"{source}: context_template_length_params must be a list of [length >= 1, count >= "
+                           f"{_TEMPLATE_PREFIXES}] pairs (tokens per sampled text, texts split over ROME's "
+                           f"{_TEMPLATE_PREFIXES} template prefixes), got {ctp!r}")
+    config["context_template_length_params"] = [list(p) for p in ctp]
+    return config
+
+
+def check_fields(config: dict[str, Any], alg_name: str, cls: type, source: str) -> dict[str, Any]:
+    """A copy of `config` after checking its alg_name and that it has exactly `cls`'s fields (the optional ones
+    may be absent); an HParamsError names the file and the fields."""
     config = dict(config)
-    if config.get("alg_name") != "ROME":
-        raise HParamsError(f"{source}: alg_name must be 'ROME', got {config.get('alg_name')!r}")
-    names = {f.name for f in fields(RomeHParams)}
+    if config.get("alg_name") != alg_name:
+        raise HParamsError(f"{source}: alg_name must be {alg_name!r}, got {config.get('alg_name')!r}")
+    names = {f.name for f in fields(cls)}
     unknown = sorted(set(config) - names)
     if unknown:
-        raise HParamsError(f"{source}: unknown ROME hyperparameters {unknown}")
-    required = {f.name for f in fields(RomeHParams) if f.default is dataclasses.MISSING}
+        raise HParamsError(f"{source}: unknown {alg_name} hyperparameters {unknown}")
+    required = {f.name for f in fields(cls) if f.default is dataclasses.MISSING}
     missing = sorted(required - set(config))
     if missing:
-        raise HParamsError(f"{source}: missing ROME hyperparameters {missing}")
+        raise HParamsError(f"{source}: missing {alg_name} hyperparameters {missing}")
+    return config
+
+
+def _coerce_numbers(config: dict[str, Any], source: str, floats: Sequence[str], ints: Sequence[str]) -> None:
     # YAML 1.1 reads "5e-1" (no dot) as a string; EasyEdit converts such strings too.
-    for key in _FLOAT_FIELDS:
+    for key in floats:
+        if key not in config:
+            continue
         try:
             config[key] = float(config[key])
         except (TypeError, ValueError):
             raise HParamsError(f"{source}: {key} must be a number, got {config[key]!r}") from None
-    for key in _INT_FIELDS:
+    for key in ints:
         if key in config:
             value = config[key]
             if isinstance(value, str):
@@ -182,6 +212,13 @@ def check_config(config: dict[str, Any], source: str = "hyperparameters", n_laye
                     or not math.isfinite(value) or int(value) != value):
                 raise HParamsError(f"{source}: {key} must be an integer, got {config[key]!r}")
             config[key] = int(value)
+
+
+def check_common(config: dict[str, Any], source: str, n_layers: int | None, floats: Sequence[str],
+                 ints: Sequence[str]) -> dict[str, Any]:
+    """The checks every ROME-family YAML (ROME, MEMIT, AlphaEdit) shares: numbers, layers, the v* settings'
+    ranges, fact_token, flags, module templates, statistics; returns `config` coerced in place."""
+    _coerce_numbers(config, source, floats, ints)
     layers = config["layers"]
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
@@ -197,16 +234,6 @@ def check_config(config: dict[str, Any], source: str = "hyperparameters", n_laye
     _check_ranges(config, source, n_layers)
     if config["fact_token"] not in FACT_TOKENS:
         raise HParamsError(f"{source}: fact_token must be one of {FACT_TOKENS}, got {config['fact_token']!r}")
-    ctp = config["context_template_length_params"]
-    # ROME splits each count over its 5 template prefixes (count // 5 texts each): below 5 the sampler gets none.
-    if (not isinstance(ctp, list)
-            or not all(isinstance(p, (list, tuple)) and len(p) == 2
-                       and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
-                       and p[0] >= 1 and p[1] >= _TEMPLATE_PREFIXES for p in ctp)):
-        raise HParamsError(f"{source}: context_template_length_params must be a list of [length >= 1, count >= "
-                           f"{_TEMPLATE_PREFIXES}] pairs (tokens per sampled text, texts split over ROME's "
-                           f"{_TEMPLATE_PREFIXES} template prefixes), got {ctp!r}")
-    config["context_template_length_params"] = [list(p) for p in ctp]
     for key in ("mom2_adjustment", "model_parallel", "fp16"):
         if key in config and not isinstance(config[key], bool):
             raise HParamsError(f"{source}: {key} must be true or false, got {config[key]!r}")
@@ -243,10 +270,10 @@ def _check_ranges(config: dict[str, Any], source: str, n_layers: int | None) -> 
         raise HParamsError(f"{source}: v_loss_layer must be a layer index >= 0, got {loss_layer!r}")
 
 
-def to_dict(hparams: RomeParams) -> dict[str, Any]:
+def to_dict(hparams: RomeParams, order: Sequence[str] = FIELD_ORDER) -> dict[str, Any]:
     """EasyEdit's or our hyperparameters as a plain dict in EasyEdit's field order."""
     data = dataclasses.asdict(hparams)
-    ordered = {k: data[k] for k in FIELD_ORDER if k in data}
+    ordered = {k: data[k] for k in order if k in data}
     ordered.update({k: v for k, v in data.items() if k not in ordered})
     return ordered
 
@@ -312,11 +339,12 @@ def bind_model(hparams: RomeParams, model_path: str | Path) -> RomeParams:
     return dataclasses.replace(hparams, model_name=name, stats_dir=str(stats_dir.resolve()))
 
 
-def _yaml_text(hparams: RomeParams, header: str | None) -> str:
+def yaml_text(hparams: Any, header: str | None, order: Sequence[str] = FIELD_ORDER) -> str:
+    """The YAML of `hparams` in `order`, under `header` as comment lines."""
     lines = []
     if header:
         lines += [("# " + line).rstrip() for line in header.rstrip("\n").split("\n")]
-    body = yaml.safe_dump(to_dict(hparams), default_flow_style=None, sort_keys=False, width=1000)
+    body = yaml.safe_dump(to_dict(hparams, order), default_flow_style=None, sort_keys=False, width=1000)
     return "\n".join(lines + [body]) if lines else body
 
 
@@ -338,7 +366,7 @@ def write_hparams(hparams: RomeParams, path: str | Path, header: str | None = No
     """Write `hparams` as an EasyEdit ROME YAML with a comment header; atomic (temp file, then os.replace)."""
     path = Path(path)
     check_config(to_dict(hparams), source=f"hyperparameters for {path}")
-    text = _yaml_text(hparams, header)
+    text = yaml_text(hparams, header)
     write_text(path, text)
     return path
 

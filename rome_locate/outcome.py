@@ -100,6 +100,10 @@ class EvalRecord(Record):
     # checkpoints (1, 2, 5, 10, ... edits and the last), the means over every edit so far, measured after this one.
     final_metrics: dict[str, float | None] | None = None
     after_n_edits: dict[str, float | None] | None = None
+    # Mass editing: the window one update wrote (MEMIT, AlphaEdit; None: the one layer `layer`), and how many facts
+    # that update (or run of updates, for ROME) held.
+    layers: tuple[int, ...] | None = None
+    batch_size: int = 1
 
     @property
     def best_layer(self) -> int | None:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .arch import Arch, arch_for, check_layer
-from .choose import LayerRule, Placement, layer_rule, place
+from .algorithms import is_window
+from .batches import check_batch_size, evaluate_batches
+from .choose import LayerRule, Placement, layer_rule, place, window_rule
 from .edit import ensure_stats
 from .editors import Editor, check_editor, make_editor
 from .evaluate import already_predicted, check_editable, evaluate, evaluate_sequential
@@ -65,6 +67,8 @@ def resolve_rule(hparams: Any, n_layers: int, layers: str = "fixed", rule: Layer
     """The run's layer rule: `rule` in the mode `layers`, else the one `choose.layer_rule` builds from the
     hyperparameters' layer and the validation record beside `hparams_path`. Every layer is checked against the
     model here, before any work."""
+    if is_window(hparams):
+        return window_rule(hparams.layers, n_layers, layers if rule is None else rule.mode)
     if rule is None:
         return layer_rule(layers, fixed_layer(hparams), n_layers, hparams_path)
     for layer in (rule.fallback, *rule.candidates):
@@ -126,8 +130,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                  model_name: str | None = None, facts_path: str | None = None, max_neighborhood: int | None = None,
                  skip_errors: bool = False, sequential: bool = False, progress: bool = True,
                  extra_settings: dict[str, Any] | None = None, started: float | None = None,
-                 dataset: Sequence[Fact] | None = None,
-                 chat_template: bool = False) -> tuple[list[EvalRecord], dict[str, Path]]:
+                 dataset: Sequence[Fact] | None = None, chat_template: bool = False,
+                 batch_size: int | None = None) -> tuple[list[EvalRecord], dict[str, Path]]:
     """Edit and evaluate every fact; with `out_dir`, results.json after every fact and the report at the end.
 
     Layers: the run's `choose.LayerRule` (`resolve_rule`: `layer_rule`, or the
@@ -146,6 +150,8 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     is a torchrun rank's block, is what the noise level of the traces comes from.
     `chat_template` reads every prompt (traced, edited, scored, generated from) as a user turn of the
     tokenizer's chat template; `trace_settings`, `located` traces and an editor object must agree with it.
+    `batch_size` edits that many facts at once (`batches.evaluate_batches`; with `sequential`, the batches
+    accumulate); MEMIT and AlphaEdit hyperparameters always edit in batches (default 1), in their window.
     """
     check_editor(editor, chat_template)
     _check_prompts(chat_template, trace_settings, located)
@@ -153,6 +159,11 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
         check_report_files(out_dir)  # before any work: a report file someone else wrote is never written over
     if sequential and sweep:
         raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    if (batch_size is not None or is_window(hparams)) and sweep:
+        raise ValueError("the layer sweep edits one fact at one layer: it cannot run with --batch-size or a "
+                         "MEMIT/AlphaEdit window")
     t0 = time.perf_counter() if started is None else started
     facts, located = editable(facts, located, skip_errors=skip_errors, model=model, tok=tok)
     arch = arch_for(model, arch)
@@ -170,10 +181,12 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
             check_layer(entry, arch.n_layers, f"the layer given for fact {fact.id!r}:")
     if trace_settings is None and located and isinstance(located[0], tuple):
         trace_settings = getattr(located[0][0], "settings", None)
-    hparams = ensure_stats(model, tok, hparams, _stats_layers(rule, placements, sweep_layers), mom2_corpus,
+    stats_layers = _stats_layers(rule, placements, sweep_layers) | (set(hparams.layers) if is_window(hparams) else set())
+    hparams = ensure_stats(model, tok, hparams, stats_layers, mom2_corpus,
                            None if out is None else out / "stats", arch=arch)
     run = _Run(model, tok, facts, hparams, rule, located, placements, out, sweep_layers, generation,
-               max_neighborhood, sequential, progress, arch.n_layers, chat_template)
+               max_neighborhood, sequential, progress, arch.n_layers, chat_template,
+               batch_size if batch_size is not None or not is_window(hparams) else 1)
     editor_obj = make_editor(editor, model, tok, hparams, model_name=str(model_name or getattr(hparams, "model_name",
                              "model")), workdir=None if out is None else out / "easyedit", seed=seed,
                              chat_template=chat_template)
@@ -184,7 +197,7 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
                             trace_settings=trace_settings, seed=seed, generation=generation, layers=rule.mode,
                             sweep=bool(sweep_layers), sequential=sequential, editor=editor_obj.name,
                             facts=facts_path, wall_time_s=time.perf_counter() - t0, layer_rule=rule,
-                            chat_template=chat_template, trust_remote_code=model_id.remote_code,
+                            chat_template=chat_template, trust_remote_code=model_id.remote_code, batch_size=run.batch_size,
                             **(extra_settings or {}))
 
     try:
@@ -214,6 +227,7 @@ class _Run:
     progress: bool
     n_layers: int
     chat_template: bool = False
+    batch_size: int | None = None  # facts per update (`batches`); None: one at a time (`evaluate`)
     records: list[EvalRecord] = field(default_factory=list)
 
     def placements(self, editor: Editor) -> list[Placement]:
@@ -242,7 +256,10 @@ class _Run:
             placements = self.placements(editor)
             common = dict(generation=self.generation, editor=editor, max_neighborhood=self.max_neighborhood,
                           progress=self.progress, on_record=finished, chat_template=self.chat_template)
-            if self.sequential:
+            if self.batch_size is not None:
+                evaluate_batches(self.model, self.tok, self.facts, self.hparams, placements,
+                                 batch_size=self.batch_size, keep_edits=self.sequential, **common)
+            elif self.sequential:
                 evaluate_sequential(self.model, self.tok, self.facts, self.hparams, placements, **common)
             else:
                 evaluate(self.model, self.tok, self.facts, self.hparams, placements, n_layers=self.n_layers,

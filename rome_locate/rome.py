@@ -116,7 +116,8 @@ def context_templates(model: nn.Module, tok: Any, length_params: Sequence[Sequen
     return list(per_model[key])
 
 
-def _check_fact(fact: Fact) -> None:
+def check_fact(fact: Fact) -> None:
+    """An EditError naming the fact when it has no target_new, or its subject is not in its prompt."""
     if not fact.target_new:
         raise EditError(f"fact {fact.id!r} has no target_new to write")
     if fact.subject not in fact.prompt:
@@ -140,10 +141,15 @@ def compute_key(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, lay
 
 
 def compute_value(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, layer: int,
-                  templates: Sequence[str], chat_template: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
-    """v*: the MLP output at the subject's last token that makes the model predict target_new."""
+                  templates: Sequence[str], chat_template: bool = False,
+                  module: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """v*: the MLP output at the subject's last token that makes the model predict target_new.
+
+    `module` is the module whose output is optimised (default the layer's MLP; MEMIT's z is the block's output,
+    the residual stream). `templates[0]` must be "{}": v0 is read on the bare prompt.
+    """
     device = input_device(model)
-    mlp_name = hparams.mlp_module_tmp.format(layer)
+    mlp_name = module if module is not None else hparams.mlp_module_tmp.format(layer)
     rows, lookups, target_pos, target_ids = [], [], [], []
     for template in templates:
         prompt = template.format(fact.prompt)
@@ -249,7 +255,7 @@ def apply_rome(model: nn.Module, tok: Any, fact: Fact, hparams: RomeParams, seed
     With `chat_template` every prompt the edit reads (each context template + the fact's prompt, and the KL prompt)
     is a user turn of the tokenizer's chat template; the context templates themselves are sampled as plain text.
     """
-    _check_fact(fact)
+    check_fact(fact)
     if hparams.alg_name != "ROME":
         raise EditError(f"hyperparameters are for {hparams.alg_name!r}, not ROME")
     n_layers = count_layers(model, hparams.layer_module_tmp)
