@@ -71,8 +71,8 @@ def _batch_records(model, tok, chunk: Sequence[Fact], hparams: Any, placements: 
             handle = keep.enter_context(context)
         after = [measure(model, tok, f, [p for _, p in gp], generation, chat_template, what)
                  for f, gp in zip(chunk, prompts)]
-    # An editor may report per fact (EasyEdit's batch_edit: one metrics entry per request, under "requests").
-    per_fact = handle.get("requests") if isinstance(handle, Mapping) else None
+    # An editor may report per fact (EasyEdit's batch_edit: one metrics entry per request, under "metrics").
+    per_fact = handle.get("metrics") if isinstance(handle, Mapping) else None
     reports = list(per_fact) if isinstance(per_fact, Sequence) and len(per_fact) == len(chunk) else [handle] * len(chunk)
     seconds = (time.perf_counter() - t0) / len(chunk)
     return [fact_record(f, p, editor.name, gp, b, a, between(f, [t for _, t in gp], b, a),

@@ -35,6 +35,29 @@ def easyedit_request(fact: Fact) -> dict[str, Any]:
     return request
 
 
+def _per_request(requests: Sequence[dict[str, Any]], section: str) -> dict[str, dict[str, list[Any]]] | None:
+    """EasyEdit's `locality_inputs`/`portability_inputs`: for each key, one prompt (list) and answer a request,
+    None where a request lacks the key (EasyEdit's _prepare_requests then leaves it out of that request)."""
+    keys = list(dict.fromkeys(k for r in requests for k in (r.get(section) or {})))
+    if not keys:
+        return None
+    return {k: {field: [((r.get(section) or {}).get(k) or {}).get(field) for r in requests]
+                for field in ("prompt", "ground_truth")} for k in keys}
+
+
+def batch_edit_kwargs(requests: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The arguments of EasyEdit's BaseEditor.batch_edit that build exactly these request dicts (its
+    _prepare_requests), for the batch methods (MEMIT, AlphaEdit), which take no request dicts."""
+    kwargs: dict[str, Any] = {key: [r[field] for r in requests] for key, field in
+                              (("prompts", "prompt"), ("target_new", "target_new"), ("ground_truth", "ground_truth"),
+                               ("subject", "subject"))}
+    if any("rephrase_prompt" in r for r in requests):
+        kwargs["rephrase_prompts"] = [r.get("rephrase_prompt") for r in requests]
+    kwargs["locality_inputs"] = _per_request(requests, "locality")
+    kwargs["portability_inputs"] = _per_request(requests, "portability")
+    return kwargs
+
+
 def _flat(v: Any) -> list[float]:
     if isinstance(v, (list, tuple)):
         return [x for item in v for x in _flat(item)]

@@ -5,7 +5,9 @@ of it (a mapping, or None), and restores the weights bit-identically when the
 block ends, also on an exception. `close()` frees what the editor holds (EasyEdit's
 scratch folder). Every entrance gets its editor from `make_editor`; a test double
 is any object with `name` and `edited`. An editor reads the prompts as the run does:
-its `chat_template` (absent: False) must be the run's.
+its `chat_template` (absent: False) must be the run's. The EasyEdit editor also has
+`edited_batch(model, tok, facts, hparams)`: all facts edited together (MEMIT, AlphaEdit: one EasyEdit batch_edit),
+EasyEdit's metrics of each yielded, the weights restored bit-identically when the block ends.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Editor(Protocol):
 
     # Mass editing (`rome_locate.batches`) also needs
     # edited_batch(model, tok, facts, hparams) -> ContextManager[Mapping | None]: every fact in one update over
-    # `hparams.layers` (MEMIT, AlphaEdit), the report per fact under "requests" where the editor has one.
+    # `hparams.layers` (MEMIT, AlphaEdit), the report of each fact in the facts' order under "metrics" where the
+    # editor has one (EasyEdit's).
 
 
 class BuiltinEditor:
@@ -98,14 +101,15 @@ class BuiltinEditor:
 BuiltinRome = BuiltinEditor
 
 
-class EasyEditRome:
-    """EasyEdit's ROME through one BaseEditor over the loaded model (`rome_locate.easyedit.EasyEditSession`); its
-    logs go to `workdir`, or to a temporary folder removed by `close()`."""
+class EasyEditEditor:
+    """EasyEdit's ROME, R-ROME, MEMIT and AlphaEdit through one BaseEditor over the loaded model
+    (`rome_locate.easyedit_session.EasyEditSession`); its logs go to `workdir`, or to a temporary folder removed by
+    `close()`."""
 
     name = "easyedit"
 
     def __init__(self, model: nn.Module, tok: Any, hparams: Any, model_name: str, workdir: str | Path | None = None):
-        from .easyedit import EasyEditSession
+        from .easyedit_session import EasyEditSession
 
         self._scratch = None if workdir is not None else tempfile.TemporaryDirectory(prefix="rome-locate-easyedit-")
         folder = Path(workdir) if workdir is not None else Path(self._scratch.name)
@@ -121,11 +125,22 @@ class EasyEditRome:
         with self.session.edited(model, tok, fact, hparams) as metrics:
             yield metrics
 
+    @contextmanager
+    def edited_batch(self, model: nn.Module, tok: Any, facts: Sequence[Fact], hparams: Any) -> Iterator[Mapping]:
+        """All `facts` edited together (MEMIT, AlphaEdit: one EasyEdit batch_edit in the window; ROME, R-ROME: one
+        after another at `hparams.layers[0]`); yields {"alg_name", "layers", "metrics": EasyEdit's metrics of each
+        fact, in order}; restores every changed weight bit-identically."""
+        with self.session.edited_batch(model, tok, facts, hparams) as batch:
+            yield batch
+
     def close(self) -> None:
         """Remove the scratch folder, if there is one."""
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None
+
+
+EasyEditRome = EasyEditEditor  # its name from when it edited ROME only
 
 
 def _builtin(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int, chat_template: bool) -> Editor:
@@ -134,7 +149,7 @@ def _builtin(model, tok, hparams, *, model_name: str, workdir: Path | None, seed
 
 def _easyedit(model, tok, hparams, *, model_name: str, workdir: Path | None, seed: int,
               chat_template: bool) -> Editor:
-    return EasyEditRome(model, tok, hparams, model_name, workdir)
+    return EasyEditEditor(model, tok, hparams, model_name, workdir)
 
 
 EDITORS: dict[str, Callable[..., Editor]] = {"builtin": _builtin, "easyedit": _easyedit}
@@ -166,7 +181,7 @@ def check_easyedit() -> None:
     """A ValueError naming EASYEDIT_PATH when EasyEdit cannot be imported: said before a model is loaded."""
     import os
 
-    from .easyedit import import_easyedit
+    from .easyedit_import import import_easyedit
 
     try:
         import_easyedit()

@@ -531,17 +531,17 @@ def test_sequential_edits_twice_on_the_same_requests_retrace(tmp_path, monkeypat
     """EasyEdit: sequential_edit=True keeps each edit; every request is traced on the model as it is when it is
     edited, and a second call with the same list traces again (no layer left behind in the caller's dicts)."""
     monkeypatch.chdir(tmp_path)
-    from rome_locate import easyedit
+    from rome_locate import easyedit_editor
     from rome_locate.easyedit import BaseEditor, ROMEHyperParams as Located
 
     traced: list[str] = []
-    real = easyedit.trace_request
+    real = easyedit_editor.trace_request
 
     def spy(model, tok, request, settings):
         traced.append(params_hash(model))
         return real(model, tok, request, settings)
 
-    monkeypatch.setattr(easyedit, "trace_request", spy)
+    monkeypatch.setattr(easyedit_editor, "trace_request", spy)
     editor = BaseEditor.from_hparams(Located.from_hparams(str(_yaml_copy(tmp_path, record=False, v_num_grad_steps=5))))
     requests = _requests(2)
     asked = copy.deepcopy(requests)
