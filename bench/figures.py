@@ -307,6 +307,18 @@ def _easyedit_parity() -> str:
             f"kept one after another in gpt2-sequential); tolerance {d['tolerance']}.\n\n" + table(d["rows"]))
 
 
+@figure("mass-edit")
+def _mass_edit() -> str:
+    # bench/ is on sys.path when this script runs: the benchmark's own table formats its JSON.
+    from mass_edit import table
+
+    d = bench_results("mass_edit.py", "mass_edit")
+    walls = ", ".join(f"{r['model']} {r.get('wall_s', 0) / 60:.0f} min" for r in d["results"])
+    return (f"torch {d['results'][0].get('torch', '?')}, one thread; wall: {walls}. Efficacy, paraphrase and "
+            f"neighbourhood are CounterFact's success rates (P(new) > P(true)); `at once` edits the first 20 / 50 / "
+            f"100 test facts 1 / 10 / 100 at a time; sequential keeps 100 single-fact edits.\n\n" + table(d["results"]))
+
+
 @figure("tokenizers")
 def _tokenizers() -> str:
     import subprocess

@@ -91,5 +91,7 @@ def load_any_hparams(path: str | Path, n_layers: int | None = None) -> Any:
 
 
 def is_window(hparams: Any) -> bool:
-    """Whether these hyperparameters edit a window in one update (MEMIT, AlphaEdit) rather than one layer (ROME)."""
-    return algorithm(getattr(hparams, "alg_name", "ROME")).window
+    """Whether these hyperparameters edit a window in one update (MEMIT, AlphaEdit) rather than one layer (ROME, and
+    the one-layer algorithms only EasyEdit's editor knows, such as R-ROME)."""
+    entry = ALGORITHMS.get(getattr(hparams, "alg_name", "ROME"))
+    return bool(entry is not None and entry.window)

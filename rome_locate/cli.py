@@ -206,7 +206,7 @@ def _hparams_job(args: argparse.Namespace):
         grid=args.grid, n_calibration=_or(args.calibration_facts, 100 if window else 40),
         n_test=_or(args.test_facts, 100 if window else 40), stats_dir=args.stats_dir, corpus=args.corpus,
         self_sample=args.self_sample, seed=args.seed, quiet=args.quiet, objective=args.objective, alg=args.alg,
-        trial_batch=args.trial_batch, max_batch=args.max_batch)
+        trial_batch=args.trial_batch, max_batch=args.max_batch, max_window=args.max_window)
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -127,6 +127,8 @@ def _add_edit_parsers(sub, commands: Mapping[str, Command]) -> None:
                    help="most trial edits of the search (default 300; MEMIT/AlphaEdit: facts edited, 3000)")
     v.add_argument("--trial-batch", type=int, default=10,
                    help="MEMIT/AlphaEdit: calibration facts written at once in the search's rounds (default 10)")
+    v.add_argument("--max-window", type=int, default=5,
+                   help="MEMIT/AlphaEdit: the largest window tried, in layers (default 5, MEMIT's published size)")
     v.add_argument("--max-batch", type=int, default=100,
                    help="MEMIT/AlphaEdit: facts written at once in the finals and the test (default 100)")
     v.add_argument("--objective", default="counterfact", choices=["counterfact", "generation"],

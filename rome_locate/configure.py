@@ -42,6 +42,7 @@ class HParamsJob(Record):
     alg: str = "ROME"  # ROME (one layer), MEMIT or AlphaEdit (a window: `configure_window`)
     trial_batch: int = 10  # MEMIT/AlphaEdit: calibration facts written at once in the search's rounds
     max_batch: int = 100  # MEMIT/AlphaEdit: facts at once in the finals and the test
+    max_window: int = 5  # MEMIT/AlphaEdit: the largest window tried
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -85,6 +86,8 @@ def check_job(job: HParamsJob, torchrun: bool = False) -> None:
         raise ValueError(f"--alg {job.alg} writes a window chosen by trial edits of batches: drop "
                          f"{'--layer' if job.layer is not None else '--no-validate'} (a hand-written window goes "
                          f"straight into the YAML's layers)")
+    if job.alg != "ROME" and job.max_window < 1:
+        raise ValueError(f"--max-window must be >= 1 layer, got {job.max_window}")
     if job.alg != "ROME" and not 1 <= job.trial_batch <= job.max_batch:
         raise ValueError(f"--trial-batch and --max-batch need 1 <= --trial-batch <= --max-batch, got "
                          f"{job.trial_batch} and {job.max_batch}")

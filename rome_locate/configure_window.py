@@ -98,7 +98,7 @@ def window_markdown(v: WindowValidation) -> str:
 def _memit_base(job: HParamsJob, lm, chat_template: bool) -> Any:
     """The MEMIT/AlphaEdit hyperparameters the search starts from: the statistics ROME's search would use."""
     from .hparams import RomeHParams
-    from .memit_hparams import memit_hparams_from_arch
+    from .memit_hparams import generate_memit_hparams
 
     rome_fields = {f.name for f in dataclasses.fields(RomeHParams)}
     rome_job = dataclasses.replace(job, overrides={k: x for k, x in job.overrides.items() if k in rome_fields})
@@ -106,8 +106,8 @@ def _memit_base(job: HParamsJob, lm, chat_template: bool) -> Any:
     shared = {k: getattr(rome, k) for k in ("model_name", "stats_dir", "mom2_dataset", "mom2_n_samples",
                                              "mom2_dtype", "device")}
     extra = {k: x for k, x in job.overrides.items() if k not in shared}
-    return memit_hparams_from_arch(lm.arch, [0], shared.pop("model_name"), alg_name=job.alg,
-                                   device=shared.pop("device"), **shared, **extra)
+    return generate_memit_hparams(lm.model, lm.arch, [0], shared.pop("model_name"), alg_name=job.alg,
+                                  device=shared.pop("device"), **shared, **extra)
 
 
 def write_window_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path:
@@ -123,7 +123,8 @@ def write_window_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) 
                               test_fraction=job.test_fraction, budget=job.budget, n_calibration=job.n_calibration,
                               n_test=job.n_test, trial_batch=job.trial_batch, max_batch=job.max_batch,
                               seed=job.seed, trace_settings=settings, arch=lm.arch, progress=not job.quiet,
-                              log=lambda m: print(m, file=sys.stderr), objective_name=job.objective)
+                              log=lambda m: print(m, file=sys.stderr), objective_name=job.objective,
+                              max_window=job.max_window)
     hp = chosen_hparams(v, base, lm.arch.n_layers)
     path = write_memit_hparams(hp, job.output, header=window_header(v) + _footer(job, lm))
     j, m = validation_paths(path)

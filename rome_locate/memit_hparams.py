@@ -191,10 +191,26 @@ def memit_hparams_from_arch(arch: Arch, layers: Sequence[int], model_name: str, 
                                     n_layers=arch.n_layers))
 
 
+def head_module(model: Any, name: str) -> str:
+    """The module whose `.weight` is the LM head's weight as a named parameter. EasyEdit's MEMIT reads
+    `{lm_head_module}.weight` among `named_parameters()`, which lists a tied head's weight once, under the input
+    embedding: for a tied head (GPT-2) that embedding's name, else `name`."""
+    params = dict(model.named_parameters())
+    if f"{name}.weight" in params:
+        return name
+    weight = getattr(model.get_submodule(name), "weight", None)
+    for pname, p in params.items():
+        if p is weight and pname.endswith(".weight"):
+            return pname[: -len(".weight")]
+    return name
+
+
 def generate_memit_hparams(model: Any, arch: Arch | str | Path | dict | None, layers: Sequence[int],
                            model_name: str, alg_name: str = "MEMIT", device: int | str = "cpu",
                            **overrides: Any) -> MemitHParams:
-    """`memit_hparams_from_arch` for a loaded model (its architecture resolved here when not given resolved)."""
+    """`memit_hparams_from_arch` for a loaded model (its architecture resolved here when not given resolved), with
+    the LM head named as EasyEdit's MEMIT finds it (`head_module`)."""
     if not isinstance(arch, Arch) or not arch.n_layers:
         arch = arch_for(model, arch)
+    overrides.setdefault("lm_head_module", head_module(model, arch.lm_head_module))
     return memit_hparams_from_arch(arch, layers, model_name, alg_name=alg_name, device=device, **overrides)

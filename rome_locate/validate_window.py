@@ -141,8 +141,8 @@ def _test(trials: _BatchTrials, chosen: WindowConfig, test: list[Fact], trial_ba
           seed: int, kind: str) -> tuple[BatchFigures, ...]:
     """The chosen configuration on the test facts (all at once, and in trial batches) and EasyEdit's default."""
     at_once = test[:max_batch]
-    default = WindowConfig(easyedit_window(trials.n_layers), WindowSetting(**{
-        k: v for k, v in EASYEDIT_SETTINGS.items()}, nullspace_threshold=chosen.setting.nullspace_threshold))
+    alpha = {} if chosen.setting.nullspace_threshold is None else dict(nullspace_threshold=2e-2, L2=10.0)
+    default = WindowConfig(easyedit_window(trials.n_layers), WindowSetting(**EASYEDIT_SETTINGS, **alpha))
     rows = [("validated window", chosen, at_once, len(at_once)),
             ("validated window", chosen, test, trial_batch),
             ("EasyEdit's default window", default, at_once, len(at_once))]
