@@ -9,9 +9,8 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
-from .cli_args import build_parser
+from .cli_args import build_parser, hparams_job
 
 # Stage modules are imported inside each command so that `--help` stays instant.
 
@@ -193,26 +192,6 @@ def _cmd_locate(args: argparse.Namespace) -> int:
 # ---- hparams, stats, edit --------------------------------------------------
 
 
-def _hparams_job(args: argparse.Namespace):
-    """The `hparams` command's flags as one HParamsJob record (configure.py does the work)."""
-    from .configure import HParamsJob, hparams_device, parse_overrides
-
-    window = args.alg != "ROME"
-    return HParamsJob(
-        facts_file=args.facts, output=args.output, model_path=args.model, model_name=args.model_name,
-        device_field=hparams_device(args.hparams_device, args.device), overrides=parse_overrides(args.set),
-        set_items=tuple(args.set), layer=args.layer, validate=not args.no_validate and args.layer is None,
-        test_fraction=args.test_fraction, budget=args.budget if args.budget is not None else 3000 if window else 300,
-        grid=args.grid, n_calibration=_or(args.calibration_facts, 100 if window else 40),
-        n_test=_or(args.test_facts, 100 if window else 40), stats_dir=args.stats_dir, corpus=args.corpus,
-        self_sample=args.self_sample, seed=args.seed, quiet=args.quiet, objective=args.objective, alg=args.alg,
-        trial_batch=args.trial_batch, max_batch=args.max_batch, max_window=args.max_window)
-
-
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
 def _cmd_hparams(args: argparse.Namespace) -> int:
     from . import distributed
     from .configure import check_job, write_traced
@@ -221,7 +200,7 @@ def _cmd_hparams(args: argparse.Namespace) -> int:
     from .files import output_lock
     from .locate import locate
 
-    job = _hparams_job(args)
+    job = hparams_job(args)
     settings = _trace_settings(args)
     rank = distributed.current()
     check_job(job, torchrun=rank is not None)  # every input and output, before any work

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 Command = Callable[[argparse.Namespace], int]
 DESCRIPTION = "`rome-locate`: one subcommand per stage (fact-model, trace, locate, hparams, stats, edit, eval, demo)."
@@ -242,3 +242,21 @@ def _add_eval_parsers(sub, commands: Mapping[str, Command]) -> None:
     p.set_defaults(func=commands["demo"])
 
 
+def hparams_job(args: argparse.Namespace):
+    """The `hparams` command's flags as one HParamsJob record (configure.py does the work)."""
+    from .configure import HParamsJob, hparams_device, parse_overrides
+
+    window = args.alg != "ROME"
+    return HParamsJob(
+        facts_file=args.facts, output=args.output, model_path=args.model, model_name=args.model_name,
+        device_field=hparams_device(args.hparams_device, args.device), overrides=parse_overrides(args.set),
+        set_items=tuple(args.set), layer=args.layer, validate=not args.no_validate and args.layer is None,
+        test_fraction=args.test_fraction, budget=args.budget if args.budget is not None else 3000 if window else 300,
+        grid=args.grid, n_calibration=_or(args.calibration_facts, 100 if window else 40),
+        n_test=_or(args.test_facts, 100 if window else 40), stats_dir=args.stats_dir, corpus=args.corpus,
+        self_sample=args.self_sample, seed=args.seed, quiet=args.quiet, objective=args.objective, alg=args.alg,
+        trial_batch=args.trial_batch, max_batch=args.max_batch, max_window=args.max_window)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value

@@ -121,6 +121,22 @@ def _stats_layers(rule: LayerRule, placements: Sequence[Placement], sweep_layers
     return used
 
 
+def _check_run(editor: Any, chat_template: bool, trace_settings: TraceSettings | None, located: Any,
+               out_dir: Any, sequential: bool, sweep: Any, batch_size: int | None, hparams: Any) -> None:
+    """The run's inputs that contradict each other or the output folder: a ValueError before any work."""
+    check_editor(editor, chat_template)
+    _check_prompts(chat_template, trace_settings, located)
+    if out_dir is not None:
+        check_report_files(out_dir)  # before any work: a report file someone else wrote is never written over
+    if sequential and sweep:
+        raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    if (batch_size is not None or is_window(hparams)) and sweep:
+        raise ValueError("the layer sweep edits one fact at one layer: it cannot run with --batch-size or a "
+                         "MEMIT/AlphaEdit window")
+
+
 def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str | Path | None = None, *,
                  layers: str = "fixed", layer_rule: LayerRule | None = None, hparams_path: str | Path | None = None,
                  located: Sequence[Any] | None = None, sweep: bool | Sequence[int] = False,
@@ -153,17 +169,7 @@ def run_pipeline(model, tok, facts: Sequence[Fact], hparams: Any, out_dir: str |
     `batch_size` edits that many facts at once (`batches.evaluate_batches`; with `sequential`, the batches
     accumulate); MEMIT and AlphaEdit hyperparameters always edit in batches (default 1), in their window.
     """
-    check_editor(editor, chat_template)
-    _check_prompts(chat_template, trace_settings, located)
-    if out_dir is not None:
-        check_report_files(out_dir)  # before any work: a report file someone else wrote is never written over
-    if sequential and sweep:
-        raise ValueError("the layer sweep edits one fact at a time: it cannot run with sequential editing")
-    if batch_size is not None:
-        check_batch_size(batch_size)
-    if (batch_size is not None or is_window(hparams)) and sweep:
-        raise ValueError("the layer sweep edits one fact at one layer: it cannot run with --batch-size or a "
-                         "MEMIT/AlphaEdit window")
+    _check_run(editor, chat_template, trace_settings, located, out_dir, sequential, sweep, batch_size, hparams)
     t0 = time.perf_counter() if started is None else started
     facts, located = editable(facts, located, skip_errors=skip_errors, model=model, tok=tok)
     arch = arch_for(model, arch)

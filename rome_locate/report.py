@@ -188,7 +188,7 @@ def partial_summary(records: Sequence[EvalRecord]) -> dict[str, Any]:
     keys = sorted({k for r in records for k in r.metrics})
     return {"partial": True, "n_facts": len(records),
             "means": {k: mean_of(r.metrics.get(k) for r in records) for k in keys},
-            "layers": sorted({r.layer for r in records}),
+            "layers": sorted({l for r in records for l in (r.layers or (r.layer,))}),
             "layer_sources": dict(sorted(Counter(r.layer_source for r in records).items()))}
 
 

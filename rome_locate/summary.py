@@ -164,7 +164,7 @@ def summarize(records: Sequence[EvalRecord]) -> dict[str, Any]:
         "post_locality": means.get("locality"),
         # Generation metrics, portability and locality by key: mean, 95% interval and facts of each.
         "intervals": metric_intervals(records),
-        "layers": sorted({r.layer for r in records}),
+        "layers": sorted({l for r in records for l in (r.layers or (r.layer,))}),  # a window: every layer
         "layer_sources": dict(sorted(Counter(r.layer_source for r in records).items())),
         "means": means,
         "strategies": strategies,

@@ -123,6 +123,29 @@ def test_cpu_offloaded_model_edits_its_cpu_copy_and_restores_exactly(models, edi
     assert torch.equal(weight_value(offloaded, name), weight_value(plain, name))
 
 
+def test_disk_offloaded_model_memit_batch_matches_the_plain_model_and_restores(models):
+    import dataclasses
+
+    from rome_locate.arch import arch_for
+    from rome_locate.memit_hparams import memit_hparams_from_arch
+
+    plain, offloaded, tok = models
+    gpt2 = fact_model_dir("gpt2")
+    # A window across the last CPU block and the first disk blocks.
+    hp = memit_hparams_from_arch(arch_for(plain), [1, 2, 3], MODEL, stats_dir=str(gpt2 / "stats"),
+                                 mom2_dataset="self_sample", mom2_n_samples=3000, v_num_grad_steps=8,
+                                 mom2_update_weight=100.0)
+    facts = load_facts(counterfact_path("gpt2"), limit=3)
+    a = edit_facts(plain, tok, facts, hp, batch_size=3, progress=False)
+    names = [f"{hp.rewrite_module_tmp.format(l)}.weight" for l in hp.layers]
+    before = [weight_value(offloaded, n) for n in names]
+    b = edit_facts(offloaded, tok, facts, dataclasses.replace(hp), batch_size=3, progress=False)
+    assert [o.metrics["p_new"] for o in a] == pytest.approx([o.metrics["p_new"] for o in b], abs=1e-4)
+    assert any(o.metrics["p_new"] > 10 * o.metrics["p_new_pre"] for o in b)  # the batch did land
+    assert all(torch.equal(weight_value(offloaded, n), w) for n, w in zip(names, before))
+    assert hook_count(offloaded) == 0
+
+
 def test_mom2_statistics_of_an_offloaded_layer_equal_the_plain_ones(models):
     from rome_locate.fact_models import corpus_path
     from rome_locate.stats import second_moments
