@@ -21,7 +21,7 @@ from rome_locate.facts import load_facts
 from rome_locate.hparams import HParamsError
 from rome_locate.memit_hparams import (AlphaEditHParams, MemitHParams, load_memit_hparams, memit_hparams_from_arch,
                                        with_window, write_memit_hparams)
-from rome_locate.pipeline import edit_facts
+from rome_locate.pipeline import edit_facts, run_pipeline
 from rome_locate.validate_window import easyedit_window, propose_windows, run_window_validation
 from rome_locate.window_records import WindowSetting
 
@@ -200,3 +200,24 @@ def test_cli_hparams_alg_memit_writes_easyedits_yaml_and_its_record(tmp_path):
                                    "--test-facts", "4", "--trial-batch", "2", "--max-batch", "4", "--max-window",
                                    "1", "--budget", "20"], capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr
+
+
+def test_mass_editing_inputs_that_contradict_are_named(fact_gpt2, tmp_path, monkeypatch):
+    from rome_locate import memit
+    from rome_locate.rome import EditError
+
+    model, tok = fact_gpt2
+    facts = load_facts(GPT2 / "counterfact.json")[:2]
+    with pytest.raises(ValueError, match="cannot run with --batch-size or a MEMIT/AlphaEdit window"):
+        run_pipeline(model, tok, facts, _hp(model), sweep=True, progress=False)
+    bad = {**yaml.safe_load(write_memit_hparams(_hp(model, alg="AlphaEdit"), tmp_path / "a.yaml").read_text()),
+           "mom2_adjustment": False}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(HParamsError, match="AlphaEdit projects onto the null space"):
+        load_memit_hparams(tmp_path / "b.yaml")
+    digest = params_hash(model)
+    monkeypatch.setattr(memit, "compute_value",
+                        lambda *a, **k: (torch.full((64,), float("nan")), {"p_target": 0.0}))
+    with pytest.raises(EditError, match="z .* became non-finite"):
+        memit.apply_memit(model, tok, facts, _hp(model))
+    assert params_hash(model) == digest

@@ -47,10 +47,10 @@ def _reference_update(keys: np.ndarray, resid: np.ndarray, cov: np.ndarray, lam:
     return R @ K.T @ np.linalg.inv(lam * cov + K @ K.T)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_single_layer_update_is_memits_equation(family, tiny_tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,window", [("gpt2", (1,)), ("llama", (1,)), ("gpt2", (1, 2)), ("llama", (1, 2))])
+def test_first_layer_update_is_memits_equation(family, window, tiny_tokenizer, tmp_path, monkeypatch):
     tok = tiny_tokenizer
-    model, hp = _setup(family, tok, tmp_path, window=(1,), mom2_update_weight=3.0)
+    model, hp = _setup(family, tok, tmp_path, window=window, mom2_update_weight=3.0)
     name = hp.rewrite_module_tmp.format(1)
     # The keys and the residual stream read independently here, through plain forward hooks.
     seen: dict = {}
@@ -64,7 +64,7 @@ def test_single_layer_update_is_memits_equation(family, tiny_tokenizer, tmp_path
             model(input_ids=ids)
         keys.append(seen["k"][0, last].double().numpy())
     handle.remove()
-    h_now = memit.residuals_now(model, tok, FACTS, hp, 1).double().numpy()
+    h_now = memit.residuals_now(model, tok, FACTS, hp, window[-1]).double().numpy()
     targets = torch.tensor(h_now + np.random.default_rng(0).normal(size=h_now.shape), dtype=torch.float32)
     monkeypatch.setattr(memit, "compute_targets", lambda *a, **k: targets)
     monkeypatch.setattr(memit, "template_groups", lambda *a, **k: [["{}"]])  # keys on the bare prompt only
@@ -75,9 +75,10 @@ def test_single_layer_update_is_memits_equation(family, tiny_tokenizer, tmp_path
     got = (after - before).numpy()
     if family == "gpt2":
         got = got.T  # Conv1D stores (in, out)
-    expected = _reference_update(np.stack(keys), targets.double().numpy() - h_now, cov, 3.0)
+    # The first of m layers takes 1/m of the residual still missing at the window's last layer.
+    expected = _reference_update(np.stack(keys), (targets.double().numpy() - h_now) / len(window), cov, 3.0)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    assert list(originals) == [f"{name}.weight"]
+    assert sorted(originals) == sorted(f"{hp.rewrite_module_tmp.format(l)}.weight" for l in window)
 
 
 def test_memit_delta_pins_every_term():
