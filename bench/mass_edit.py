@@ -8,6 +8,8 @@ window search never saw). Every row goes through the pipeline (`rome_locate.pipe
 - ROME: the model's validated ROME YAML (a batch is written one fact after another, each at that layer);
 - R-ROME: that YAML as EasyEdit's R_ROMEHyperParams, through `--editor easyedit` (EasyEdit's R-ROME);
 - MEMIT: the validated MEMIT YAML (`rome-locate hparams --alg MEMIT`, `bench/memit_hparams.sh`);
+- MEMIT (EasyEdit's batch_edit): that YAML through `--editor easyedit` (one `BaseEditor.batch_edit` a batch):
+  the check that EasyEdit reproduces the built-in editor's figures;
 - MEMIT, EasyEdit's window: EasyEdit's shipped LLaMA/Qwen/Mistral window 4-8 clipped to the model, with that
   YAML's settings (`rome_locate.window_records.EASYEDIT_SETTINGS`), the same statistics;
 - AlphaEdit: the validated MEMIT window and settings, built in, EasyEdit's AlphaEdit defaults (null space below
@@ -47,7 +49,9 @@ MODELS = {
     "default-gpt2-16l": ("local_fact_models/default-gpt2-16l", "bench/results/memit/default-gpt2-16l-rome.yaml",
                          "bench/results/memit/default-gpt2-16l.yaml"),
 }
-METHODS = ("ROME", "R-ROME", "MEMIT", "MEMIT (EasyEdit window)", "AlphaEdit")
+METHODS = ("ROME", "R-ROME", "MEMIT", "MEMIT (EasyEdit's batch_edit)", "MEMIT (EasyEdit window)", "AlphaEdit")
+# EasyEdit's batch_edit of the validated YAML: the parity check of the built-in MEMIT, at once only.
+AT_ONCE_ONLY = ("MEMIT (EasyEdit's batch_edit)",)
 FACTS_FOR = {1: 20, 10: 50, 100: 100}
 
 
@@ -71,6 +75,8 @@ def _hparams(method: str, model, rome_yaml: Path, memit_yaml: Path, folder: Path
     memit = bind_model(load_memit_hparams(memit_yaml), folder)
     if method == "MEMIT":
         return memit, "builtin"
+    if method == "MEMIT (EasyEdit's batch_edit)":
+        return memit, "easyedit"
     if method == "MEMIT (EasyEdit window)":
         from rome_locate.arch import arch_for
 
@@ -130,7 +136,7 @@ def run_model(name: str, methods, at_once, sequential: int) -> dict:
         row = {"method": method, "layers": list(hp.layers), "editor": editor}
         for n in at_once:
             row[f"at_once_{n}"] = _at_once(lm.model, lm.tok, test[:FACTS_FOR.get(n, n)], hp, editor, n)
-        if sequential:
+        if sequential and method not in AT_ONCE_ONLY:
             row["sequential"] = _sequential(lm.model, lm.tok, test[:sequential], hp, editor)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         out["rows"].append(row)
