@@ -319,6 +319,13 @@ def _mass_edit() -> str:
             f"100 test facts 1 / 10 / 100 at a time; sequential keeps 100 single-fact edits.\n\n" + table(d["results"]))
 
 
+@figure("memit-limits")
+def _memit_limits() -> str:
+    from memit_limits import table
+
+    return table(bench_results("memit_limits.py", "memit_limits"))
+
+
 @figure("tokenizers")
 def _tokenizers() -> str:
     import subprocess

@@ -12,7 +12,7 @@ for fam in "$@"; do
     gpt2|llama) m=rome_locate/fact_models/$fam; o=hparams/$alg/fact-$fam.yaml;;
     *) m=local_fact_models/$fam; o=bench/results/memit/$fam$([ "$alg" = MEMIT ] || echo "-$alg" | tr A-Z a-z).yaml;;
   esac
-  budget=$([ "$alg" = ROME ] && echo 300 || echo 2000)
+  budget=${BUDGET:-$([ "$alg" = ROME ] && echo 300 || echo 2000)}
   rome-locate hparams --model $m --model-name ./$m --facts $m/counterfact.json --alg $alg -o $o \
     --stats-dir ./$m/stats --budget $budget --quiet > bench/results/memit/hparams-$fam-$alg.log 2>&1
   echo "$fam $alg exit $?" >> bench/results/memit/hparams.done
