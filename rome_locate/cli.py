@@ -7,10 +7,10 @@ import contextlib
 import dataclasses
 import signal
 import sys
-import threading
 from pathlib import Path
 
 from .cli_args import build_parser, hparams_job
+from .process import Terminated, run_rank_process, sigterm_raises, under_torchrun
 
 # Stage modules are imported inside each command so that `--help` stays instant.
 
@@ -420,7 +420,14 @@ def _for_rank(args: argparse.Namespace, rank) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `rome-locate` console script."""
+    """Entry point of the `rome-locate` console script; a torchrun rank's process ends in it
+    (`process.run_rank_process`: once its work is written, without the interpreter's teardown)."""
+    if argv is None and under_torchrun():
+        run_rank_process(lambda: _run(None))  # never returns
+    return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     from . import distributed
 
     parser = build_parser({"fact_model": _cmd_fact_model, "trace": _cmd_trace, "locate": _cmd_locate,
@@ -429,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Under torchrun: join the ranks (NCCL on cuda:LOCAL_RANK, gloo on CPU); nothing happens in one process.
-        with _sigterm_raises(), distributed.session(args.command, getattr(args, "device", None),
-                                                    argv=sys.argv[1:] if argv is None else argv) as rank:
+        with sigterm_raises(), distributed.session(args.command, getattr(args, "device", None),
+                                                   argv=sys.argv[1:] if argv is None else argv) as rank:
             if rank is not None:
                 _for_rank(args, rank)
             return int(args.func(args) or 0)
@@ -442,31 +449,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rome-locate {args.command}: error: {exc}: the locks are removed and what finished is kept; "
               f"run the same command again to resume", file=sys.stderr)
         return 128 + signal.SIGTERM
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a plain kill, Slurm, torchrun stopping the other ranks), raised in the main thread.
-
-    A KeyboardInterrupt, so that it takes Ctrl-C's way out: every `finally` and
-    context manager runs (locks removed, the report and OUT.incomplete written).
-    """
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated("stopped by SIGTERM")
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """SIGTERM raises Terminated while the block runs (in the main thread only: Python delivers signals there)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

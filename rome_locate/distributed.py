@@ -196,6 +196,7 @@ def session(command: str, device: str | None = None, argv: Sequence[str] = ()) -
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    _import_group_holders()
     if rank.backend == "nccl":
         torch.cuda.set_device(rank.local_rank)
     dist.init_process_group(rank.backend, rank=rank.rank, world_size=rank.world, timeout=timeout)
@@ -205,7 +206,7 @@ def session(command: str, device: str | None = None, argv: Sequence[str] = ()) -
         yield rank
     except BaseException as exc:
         _JOB.error = _JOB.error or f"{type(exc).__name__}: {exc}"
-        _JOB.interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (cli.Terminated)
+        _JOB.interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C, or SIGTERM (process.Terminated)
         raise
     finally:
         try:
@@ -213,6 +214,20 @@ def session(command: str, device: str | None = None, argv: Sequence[str] = ()) -
         finally:
             _JOB = None
             dist.destroy_process_group()
+
+
+def _import_group_holders() -> None:
+    """Import, before any process group exists, the torch modules that would otherwise keep one alive."""
+    # torch.distributed.nn's collectives take `group=group.WORLD` as a default argument, evaluated at import:
+    # imported while a group is up (transformers' from_pretrained imports it), they hold that group past
+    # destroy_process_group, and its gloo worker threads with it. One of them could still be freeing the last
+    # gather's tensors when the interpreter finalised: taking the GIL then ends the thread (pthread_exit) through
+    # C++ frames, which is std::terminate ("terminate called without an active exception", SIGABRT; issue 21
+    # defect 9, seen in a core dump). Imported first, they hold None and destroy_process_group joins the threads.
+    try:
+        import torch.distributed.nn  # noqa: F401
+    except ImportError:  # a torch built without it: nothing to hold the group either
+        pass
 
 
 def _leave(rank: Rank) -> None:

@@ -74,6 +74,21 @@ def _same_records(a: str, b: str) -> None:
         check(json.loads(x), json.loads(y), f"line {n + 1}")
 
 
+def _gloo_threads() -> int | None:
+    """Threads of gloo process groups alive in this process (None where /proc does not list them)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks):
+        return None
+    names = []
+    for tid in os.listdir(tasks):
+        try:
+            with open(os.path.join(tasks, tid, "comm")) as fh:
+                names.append(fh.read().strip())
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return sum(n.startswith(("gloo", "pt_gloo")) for n in names)
+
+
 def _rank_main(rank: int, world: int, jobs: list, results_dir: str) -> None:
     """One torchrun-like rank: torchrun's environment variables, then the CLI once per job.
 
@@ -90,7 +105,8 @@ def _rank_main(rank: int, world: int, jobs: list, results_dir: str) -> None:
         for name, (module, attr, fn) in real.items():
             setattr(module, attr, _fail if (fail_rank == rank and what == name) else fn)
         code = cli.main(argv)
-        results.append({"code": code, "files": {str(w): _read(str(w)) for w in watch} if rank == 0 else {}})
+        results.append({"code": code, "files": {str(w): _read(str(w)) for w in watch} if rank == 0 else {},
+                        "gloo_threads": _gloo_threads()})
     for module, attr, fn in real.values():
         setattr(module, attr, fn)
     with open(os.path.join(results_dir, f"rank{rank}.json"), "w") as fh:
@@ -174,6 +190,14 @@ def test_two_gloo_ranks_write_what_one_process_writes(runs):
     assert not distributed.incomplete_marker(two / "edit").exists()
     # A rerun of a finished edit reads the shards back without loading the model (which would fail here).
     assert [j["code"] for j in jobs["edit again"]] == [0, 0]
+
+
+def test_no_process_group_outlives_its_command(runs):
+    # Issue 21 defect 9: a group left alive after destroy_process_group (transformers' from_pretrained imports
+    # torch.distributed.nn, whose defaults hold the group it finds) kept its gloo threads running into the
+    # interpreter's exit, which then aborted now and again (`terminate called without an active exception`).
+    counts = [j["gloo_threads"] for jobs in runs["jobs"].values() for j in jobs]
+    assert counts == [0] * len(counts) or set(counts) == {None}, counts
 
 
 def test_a_failed_rank_marks_the_merge_incomplete_and_a_rerun_completes_it(runs):

@@ -151,3 +151,57 @@ def test_every_command_loads_a_model_next_to_a_torchvision_that_cannot_load(tmp_
     assert run.returncode == 0, run.stderr
     assert "treated as absent" in run.stderr
     assert len(out.read_text().splitlines()) == 1
+
+
+def test_deeper_models_train_into_their_own_folder():
+    # 8 layers is the shipped shape and keeps today's paths; another depth adds `-<N>l` (git-ignored folder).
+    from pathlib import Path
+
+    assert FT.N_LAYERS == 8
+    assert FT.model_dir("gpt2") == FM.fact_model_dir("gpt2")
+    assert FT.local_model_dir("world3", "gpt2") == Path("local_fact_models/world3-gpt2")
+    assert FT.model_dir("gpt2", "world3", 8) == Path("local_fact_models/world3-gpt2")
+    assert FT.model_dir("gpt2", n_layers=16) == Path("local_fact_models/default-gpt2-16l")
+    assert FT.local_model_dir("world3", "gpt2", 16) == Path("local_fact_models/world3-gpt2-16l")
+    assert FT.model_dir("llama", "default", 4) == Path("local_fact_models/default-llama-4l")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="number of layers"):
+            FT.local_model_dir("default", "gpt2", bad)
+
+
+@pytest.mark.parametrize("family", FM.FAMILIES)
+def test_build_model_takes_the_depth(family):
+    # No training: the config of a freshly built model, on the shipped tokenizer.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FM.fact_model_dir(family))
+    deep, shipped = FT.build_model(family, tok, n_layers=16), FT.build_model(family, tok)
+    assert deep.config.num_hidden_layers == 16 and shipped.config.num_hidden_layers == FT.N_LAYERS
+    assert deep.config.hidden_size == shipped.config.hidden_size == FT.D_MODEL
+    assert sum(p.numel() for p in deep.parameters()) > sum(p.numel() for p in shipped.parameters())
+
+
+def test_layers_option_reaches_train_and_accuracy(monkeypatch):
+    from pathlib import Path
+
+    import rome_locate.models as models
+
+    seen = {}
+    monkeypatch.setattr(FT, "train", lambda family, **kw: seen.update(train=(family, kw)))
+    assert FT.main(["train", "gpt2", "--layers", "16"]) == 0
+    assert seen["train"] == ("gpt2", {"max_steps": None, "out_dir": None, "world": "default", "n_layers": 16})
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(path, **kw):
+        seen["load"] = Path(path)
+        raise Loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    with pytest.raises(Loaded):
+        FT.main(["accuracy", "gpt2", "--layers", "16", "--world", "world3"])
+    assert seen["load"] == Path("local_fact_models/world3-gpt2-16l")
+    with pytest.raises(Loaded):
+        FT.main(["accuracy", "gpt2"])
+    assert seen["load"] == FM.fact_model_dir("gpt2")

@@ -10,6 +10,11 @@ A model of another world (`world.WORLDS`; not shipped, trained into a git-ignore
 
     python -m rome_locate.fact_models.train train gpt2 --world world3      # -> local_fact_models/world3-gpt2
 
+and a deeper model of either world (`--layers N`; 8 is the shipped shape, the same git-ignored folder):
+
+    python -m rome_locate.fact_models.train train gpt2 --layers 16         # -> local_fact_models/default-gpt2-16l
+    python -m rome_locate.fact_models.train accuracy gpt2 --layers 16
+
 Everything (world, tokenizer, weights) is built locally and deterministically
 from the seed; nothing is downloaded.
 """
@@ -22,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import FAMILIES, _check_family, fact_model_dir, load_fact_model, world_path
+from . import FAMILIES, _check_family, fact_model_dir, world_path
 from . import world as W
 from .shapes import write_exports
 
@@ -32,7 +37,7 @@ VOCAB_SIZE = 2000
 # lines = 192), so no merge crosses a name-chunk boundary, and below any chunk's (>= 576).
 MIN_PAIR_FREQ = 300
 
-# Model shape, shared by both families.
+# Model shape, shared by both families. N_LAYERS is the shipped depth (`--layers` trains others).
 N_LAYERS = 8
 D_MODEL = 64
 N_HEADS = 4
@@ -113,18 +118,19 @@ def build_tokenizer(lines: list[str], family: str, relations: tuple[W.Relation, 
 # --- model --------------------------------------------------------------------
 
 
-def build_model(family: str, tok, seed: int = SEED):
-    """A freshly initialised model of `family` sized for `tok`."""
+def build_model(family: str, tok, seed: int = SEED, n_layers: int = N_LAYERS):
+    """A freshly initialised model of `family` with `n_layers` blocks, sized for `tok`."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+    n_layers = check_layers(n_layers)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if _check_family(family) == "gpt2":
         cfg = GPT2Config(
             vocab_size=len(tok),
             n_positions=N_POSITIONS,
             n_embd=D_MODEL,
-            n_layer=N_LAYERS,
+            n_layer=n_layers,
             n_head=N_HEADS,
             n_inner=D_MLP,
             resid_pdrop=0.0,
@@ -137,7 +143,7 @@ def build_model(family: str, tok, seed: int = SEED):
             vocab_size=len(tok),
             hidden_size=D_MODEL,
             intermediate_size=D_MLP_LLAMA,
-            num_hidden_layers=N_LAYERS,
+            num_hidden_layers=n_layers,
             num_attention_heads=N_HEADS,
             num_key_value_heads=N_HEADS,
             max_position_embeddings=N_POSITIONS,
@@ -166,17 +172,33 @@ def _encode_corpus(world: W.World, tok, family: str):
     return seqs, obj_pos
 
 
-def local_model_dir(world: str, family: str) -> Path:
-    """Where a model of a world other than the shipped one is trained by default (git-ignored)."""
-    return Path("local_fact_models") / f"{world}-{_check_family(family)}"
+def check_layers(n_layers: int) -> int:
+    """`n_layers` as an int >= 1, else a ValueError."""
+    if isinstance(n_layers, bool) or int(n_layers) != n_layers or n_layers < 1:
+        raise ValueError(f"the number of layers must be an integer >= 1, got {n_layers!r}")
+    return int(n_layers)
+
+
+def local_model_dir(world: str, family: str, n_layers: int = N_LAYERS) -> Path:
+    """Where a model other than a shipped one is trained by default (git-ignored): `WORLD-FAMILY`, and a depth
+    other than the shipped one adds `-<N>l` (`default-gpt2-16l`, `world3-gpt2-16l`)."""
+    depth = "" if check_layers(n_layers) == N_LAYERS else f"-{n_layers}l"
+    return Path("local_fact_models") / f"{world}-{_check_family(family)}{depth}"
+
+
+def model_dir(family: str, world: str = "default", n_layers: int = N_LAYERS) -> Path:
+    """The shipped directory for the default world at the shipped depth, else `local_model_dir`."""
+    if world == "default" and check_layers(n_layers) == N_LAYERS:
+        return fact_model_dir(family)
+    return local_model_dir(world, family, n_layers)
 
 
 def train(family: str, max_steps: int | None = None, out_dir: str | Path | None = None, log_every: int = 200,
-          world: str = "default") -> dict[str, Any]:
-    """Build the world, tokenizer and model of `family`, train, and save everything into the shipped dir.
+          world: str = "default", n_layers: int = N_LAYERS) -> dict[str, Any]:
+    """Build the world, tokenizer and model of `family`, train, and save everything into its dir (`model_dir`).
 
-    `world` names a `world.WORLDS` specification; any but `default` trains into
-    `local_model_dir` unless `out_dir` is given (its seed seeds the model as well).
+    `world` names a `world.WORLDS` specification (its seed seeds the model as well) and `n_layers` the depth;
+    anything but the default world at the shipped depth trains into `local_model_dir` unless `out_dir` is given.
     """
     import torch
 
@@ -185,16 +207,13 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
     torch.set_num_threads(N_THREADS)
     torch.manual_seed(seed)
     family = _check_family(family)
-    if out_dir is not None:
-        out = Path(out_dir)
-    else:
-        out = fact_model_dir(family) if world == "default" else local_model_dir(world, family)
+    out = Path(out_dir) if out_dir is not None else model_dir(family, world, n_layers)
     max_steps = MAX_STEPS if max_steps is None else max_steps
     world_obj = W.build_world(seed, spec=spec)
     paths = write_exports(world_obj, out)
     lines = paths["corpus"].read_text(encoding="utf-8").splitlines()
     tok = build_tokenizer(lines, family, spec.relations)
-    model = build_model(family, tok, seed)
+    model = build_model(family, tok, seed, n_layers)
     seqs, obj_pos = _encode_corpus(world_obj, tok, family)
     n = len(seqs)
     max_len = max(len(s) for s in seqs)
@@ -266,7 +285,8 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     acc = accuracy(model, tok, family, hard=True, world=world_obj)
-    stats = {"family": family, "world": world, "steps": step, "train_seconds": round(train_s, 1), "checks": history, **acc}
+    stats = {"family": family, "world": world, "n_layers": n_layers, "steps": step,
+             "train_seconds": round(train_s, 1), "checks": history, **acc}
     print(json.dumps(stats), flush=True)
     return stats
 
@@ -274,8 +294,9 @@ def train(family: str, max_steps: int | None = None, out_dir: str | Path | None 
 # --- loading and evaluation ---------------------------------------------------
 
 
-def _load_world(family: str) -> W.World:
-    p = world_path(family)
+def _load_world(family: str, directory: str | Path | None = None) -> W.World:
+    """The world a model was trained on: world.json in `directory` (default: the shipped dir of `family`)."""
+    p = world_path(family) if directory is None else Path(directory) / "world.json"
     if p.is_file():
         saved = json.loads(p.read_text(encoding="utf-8"))
         return W.build_world(saved["seed"], spec=W.world_spec(saved.get("spec", "default")))
@@ -340,17 +361,27 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("family", choices=FAMILIES)
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--out", default=None, help="write here instead of the shipped directory")
-    t.add_argument("--world", default="default", choices=sorted(W.WORLDS),
-                   help="world specification; any but default trains into local_fact_models/WORLD-FAMILY")
-    a = sub.add_parser("accuracy", help="print top-1 accuracy of the shipped model")
+    a = sub.add_parser("accuracy", help="print top-1 accuracy of the shipped model (or of --world/--layers')")
     a.add_argument("family", choices=FAMILIES)
     a.add_argument("--every", type=int, default=1)
+    a.add_argument("--model", default=None, help="the model folder (default: where train writes it)")
+    for p in (t, a):
+        p.add_argument("--world", default="default", choices=sorted(W.WORLDS),
+                       help="world specification; any but default is in local_fact_models/WORLD-FAMILY")
+        p.add_argument("--layers", type=int, default=N_LAYERS,
+                       help=f"transformer blocks (default {N_LAYERS}, the shipped shape; another depth is in "
+                            f"local_fact_models/WORLD-FAMILY-<N>l)")
     args = ap.parse_args(argv)
     if args.cmd == "train":
-        train(args.family, max_steps=args.max_steps, out_dir=args.out, world=args.world)
-    else:
-        model, tok = load_fact_model(args.family)
-        print(json.dumps(accuracy(model, tok, args.family, every=args.every, hard=True)))
+        train(args.family, max_steps=args.max_steps, out_dir=args.out, world=args.world, n_layers=args.layers)
+        return 0
+    from ..models import load_model
+
+    # The shipped dir or a local one: both load as load_fact_model loads the shipped one (offline, float32).
+    directory = Path(args.model) if args.model else model_dir(args.family, args.world, args.layers)
+    model, tok = load_model(directory, device="cpu", dtype="float32")
+    world = _load_world(args.family, directory)
+    print(json.dumps(accuracy(model, tok, args.family, every=args.every, hard=True, world=world)))
     return 0
 
 
