@@ -14,6 +14,6 @@ for fam in "$@"; do
   esac
   budget=${BUDGET:-$([ "$alg" = ROME ] && echo 300 || echo 2000)}
   rome-locate hparams --model $m --model-name ./$m --facts $m/counterfact.json --alg $alg -o $o \
-    --stats-dir ./$m/stats --budget $budget --quiet > bench/results/memit/hparams-$fam-$alg.log 2>&1
+    --stats-dir ./$m/stats --budget $budget ${EXTRA:-} --quiet > bench/results/memit/hparams-$fam-$alg.log 2>&1
   echo "$fam $alg exit $?" >> bench/results/memit/hparams.done
 done
