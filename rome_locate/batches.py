@@ -12,7 +12,7 @@ restored bit-identically when the run ends, also on a failure.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -53,20 +53,27 @@ def edited_batch(model, tok, facts: Sequence[Fact], hparams: Any, placements: Se
 
 def _batch_records(model, tok, chunk: Sequence[Fact], hparams: Any, placements: Sequence[Placement], editor: Editor,
                    generation: GenerationSettings | None, max_neighborhood: int | None, chat_template: bool,
-                   keep: ExitStack | None) -> list[EvalRecord]:
-    """Measure the chunk, write it, measure it again; the records in the chunk's order."""
+                   keep: ExitStack | None, before_cache: dict | None = None) -> list[EvalRecord]:
+    """Measure the chunk, write it, measure it again; the records in the chunk's order. `before_cache` keeps each
+    fact's unedited measurement across calls (only for edits that all start from the same unedited model)."""
     t0 = time.perf_counter()
     prompts = [_generation_prompts(f, max_neighborhood) if generation is not None else [] for f in chunk]
     before: list[Measured] = []
     for fact, gp in zip(chunk, prompts):
+        key = (fact, tuple(gp))
+        if before_cache is not None and key in before_cache:
+            before.append(before_cache[key])
+            continue
         check_editable(fact)
         before.append(measure(model, tok, fact, [p for _, p in gp], generation, chat_template, None))
         check_changes(fact, before[-1].state["edit"][0]["new"])
+        if before_cache is not None:
+            before_cache[key] = before[-1]
     window = list(hparams.layers) if is_window(hparams) else None
     what = f"the batch edit of {len(chunk)} facts at layers {window} ({editor.name})" if window else \
         f"the batch edit of {len(chunk)} facts ({editor.name})"
     context = edited_batch(model, tok, chunk, hparams, placements, editor)
-    with (context if keep is None else ExitStack()) as handle:
+    with context if keep is None else nullcontext() as handle:
         if keep is not None:
             handle = keep.enter_context(context)
         after = [measure(model, tok, f, [p for _, p in gp], generation, chat_template, what)
@@ -132,12 +139,12 @@ def evaluate_batches(model, tok, facts: Sequence[Fact], hparams: Any, placements
 
 
 def measure_batch(model, tok, facts: Sequence[Fact], hparams: Any, editor: Editor,
-                  chat_template: bool = False) -> list[EvalRecord]:
+                  chat_template: bool = False, before_cache: dict | None = None) -> list[EvalRecord]:
     """Write `facts` at once in the hyperparameters' window, measure each (no generations), restore: the trial edit
-    of the window search, the pipeline's own batch step."""
+    of the window search, the pipeline's own batch step (`before_cache`: see `_batch_records`)."""
     from .choose import WINDOW, LayerDecision
 
     last = int(hparams.layers[-1])
     placement = Placement(LayerDecision(last, "fixed", f"{WINDOW} {list(hparams.layers)}"), fallback=last)
     return _batch_records(model, tok, list(facts), hparams, [placement] * len(facts), editor, None, None,
-                          chat_template, None)
+                          chat_template, None, before_cache)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .configure import HParamsJob, _footer, _validation_base, validation_paths
+from .configure import HParamsJob, _footer, _validation_base, validation_paths, write_validated
 from .validation_records import OBJECTIVES
 from .window_records import BatchFigures, WindowValidation
 
@@ -139,11 +139,5 @@ def write_window_validated(job: HParamsJob, lm, facts: Sequence[Any], settings) 
 
 
 
-def _write_rome(job: HParamsJob, lm, facts: Sequence[Any], settings) -> Path:
-    from .configure import write_validated
-
-    return write_validated(job, lm, facts, settings)
-
-
 # `hparams` with validation: the algorithm's name maps to the writer of its YAML and validation files.
-VALIDATED_WRITERS = {"ROME": _write_rome, "MEMIT": write_window_validated, "AlphaEdit": write_window_validated}
+VALIDATED_WRITERS = {"ROME": write_validated, "MEMIT": write_window_validated, "AlphaEdit": write_window_validated}

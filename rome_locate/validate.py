@@ -284,6 +284,22 @@ def _prepare(model, tok, facts: list[Fact], test_fraction: float, seed: int, fac
     return known, calib, test, built
 
 
+def prepare_traced(model, tok, facts: list[Fact], test_fraction: float, seed: int, facts_file: str,
+                   n_calibration: int, n_test: int, log: Callable[[str], None], trace_settings: TraceSettings,
+                   arch: Any, progress: bool) -> tuple[list[Fact], list[Fact], list[Fact], bool, list, Any]:
+    """(known, calibration, test, requests built, the calibration facts' locate pairs, their dataset layer choice):
+    `_prepare`, then the calibration facts traced. Both searches (ROME's layer, MEMIT's window) start here."""
+    from .choose import choose_dataset_layer
+    from .locate import locate
+
+    known, calib, test, built = _prepare(model, tok, facts, test_fraction, seed, facts_file, n_calibration, n_test,
+                                         log, trace_settings.chat_template)
+    located = locate(model, tok, calib, trace_settings, progress=progress, arch=arch)
+    if not located:
+        raise ValidationError("no calibration fact could be traced")
+    return known, calib, test, built, located, choose_dataset_layer([r for r, _ in located])
+
+
 def _search(trials: _Trials, configs: list[Config], calib: list[Fact], rounds: list[tuple[int, int]],
             dataset_layer: int, kind: str = "counterfact") -> tuple[Config, list[dict[str, Any]]]:
     """Successive halving over the configurations by the objective `kind`; (the best, the log of every round)."""
@@ -339,7 +355,6 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
     from tqdm.auto import tqdm
 
     from .arch import arch_for
-    from .choose import choose_dataset_layer
     from .locate import locate
     from .models import fingerprint
 
@@ -353,12 +368,9 @@ def run_validation(model, tok, facts: Sequence[Fact], base_hparams, *, facts_fil
         from .editors import check_editor
 
         check_editor(editor, chat)
-    known, calib, test, built = _prepare(model, tok, facts, test_fraction, seed, facts_file, n_calibration, n_test,
-                                         log, chat)
-    located = locate(model, tok, calib, trace_settings, progress=progress, arch=arch)
-    if not located:
-        raise ValidationError("no calibration fact could be traced")
-    d = choose_dataset_layer([r for r, _ in located])
+    known, calib, test, built, located, d = prepare_traced(model, tok, facts, test_fraction, seed, facts_file,
+                                                           n_calibration, n_test, log, trace_settings, arch,
+                                                           progress)
     dataset_layer, candidates = shortlist(d.mean_effects, arch.n_layers)
     log(f"traced: dataset layer {dataset_layer}; candidates {candidates}")
     configs = [Config(l, s) for l in candidates for s in grid]

@@ -37,7 +37,7 @@ from .facts import Fact
 from .intervals import bootstrap
 from .memit_hparams import with_window
 from .trace import TraceSettings
-from .validate import ETA, ValidationError, _prepare, check_objective, objective, schedule, score_interval
+from .validate import ETA, ValidationError, check_objective, objective, prepare_traced, schedule, score_interval
 from .validation_records import TrialScores
 from .window_records import (EASYEDIT_SETTINGS, EASYEDIT_WINDOW, BatchFigures, WindowConfig, WindowSetting,
                              WindowValidation, default_window_grid)
@@ -85,6 +85,7 @@ class _BatchTrials:
     chat_template: bool = False
     editor: BuiltinEditor = field(default_factory=lambda: BuiltinEditor(reuse_targets=True))
     cache: dict = field(default_factory=dict)
+    before: dict = field(default_factory=dict)  # each fact measured once on the unedited model, for every trial
     count: int = 0
 
     def hparams(self, window: Sequence[int], overrides: dict[str, Any]) -> Any:
@@ -95,7 +96,7 @@ class _BatchTrials:
         if key not in self.cache:
             hp = self.hparams(config.window, config.setting.overrides())
             self.cache[key] = _scores(measure_batch(self.model, self.tok, facts, hp, self.editor,
-                                                    self.chat_template))
+                                                    self.chat_template, self.before))
             self.count += len(facts)
             self.bar.update(len(facts))
         return self.cache[key]
@@ -165,8 +166,6 @@ def run_window_validation(model, tok, facts: Sequence[Fact], base_hparams, *, fa
     from tqdm.auto import tqdm
 
     from .arch import arch_for
-    from .choose import choose_dataset_layer
-    from .locate import locate
     from .models import fingerprint
 
     t0 = time.perf_counter()
@@ -177,12 +176,8 @@ def run_window_validation(model, tok, facts: Sequence[Fact], base_hparams, *, fa
     arch = arch_for(model, arch)
     chat = trace_settings.chat_template
     facts = list(facts)
-    known, calib, test, built = _prepare(model, tok, facts, test_fraction, seed, facts_file, n_calibration, n_test,
-                                         log, chat)
-    located = locate(model, tok, calib, trace_settings, progress=progress, arch=arch)
-    if not located:
-        raise ValidationError("no calibration fact could be traced")
-    d = choose_dataset_layer([r for r, _ in located])
+    known, calib, test, built, _, d = prepare_traced(model, tok, facts, test_fraction, seed, facts_file,
+                                                     n_calibration, n_test, log, trace_settings, arch, progress)
     dataset_layer, windows = propose_windows(d.mean_effects, arch.n_layers, max_window)
     log(f"traced: dataset layer {dataset_layer}; {len(windows)} windows of 1 to {max_window} layers around it")
     configs = [WindowConfig(w, s) for w in windows for s in grid]
