@@ -307,16 +307,26 @@ def _easyedit_parity() -> str:
             f"kept one after another in gpt2-sequential); tolerance {d['tolerance']}.\n\n" + table(d["rows"]))
 
 
-@figure("mass-edit")
-def _mass_edit() -> str:
+def _mass_edit_block(name: str, *args: str, what: str) -> str:
     # bench/ is on sys.path when this script runs: the benchmark's own table formats its JSON.
     from mass_edit import table
 
-    d = bench_results("mass_edit.py", "mass_edit")
+    d = bench_results("mass_edit.py", name, *args)
     walls = ", ".join(f"{r['model']} {r.get('wall_s', 0) / 60:.0f} min" for r in d["results"])
-    return (f"torch {d['results'][0].get('torch', '?')}, one thread; wall: {walls}. Efficacy, paraphrase and "
-            f"neighbourhood are CounterFact's success rates (P(new) > P(true)); `at once` edits the first 20 / 50 / "
-            f"100 test facts 1 / 10 / 100 at a time; sequential keeps 100 single-fact edits.\n\n" + table(d["results"]))
+    return f"torch {d['results'][0].get('torch', '?')}, one thread; wall: {walls}{what}\n\n" + table(d["results"])
+
+
+@figure("mass-edit")
+def _mass_edit() -> str:
+    return _mass_edit_block("mass_edit", what=". Efficacy, paraphrase and neighbourhood are CounterFact's success "
+                            "rates (P(new) > P(true)); `at once` edits the first 20 / 50 / 100 test facts 1 / 10 / 100 "
+                            "at a time; sequential keeps 100 single-fact edits.")
+
+
+@figure("alphaedit-mass-edit")
+def _alphaedit_mass_edit() -> str:
+    return _mass_edit_block("mass_edit_alphaedit", "--models", "gpt2", "--methods", "AlphaEdit (validated)",
+                            "AlphaEdit (validated, EasyEdit's batch_edit)", what="; the columns as in the table above.")
 
 
 @figure("memit-limits")
@@ -326,13 +336,30 @@ def _memit_limits() -> str:
     return table(bench_results("memit_limits.py", "memit_limits"))
 
 
-@figure("memit-hparams")
-def _memit_hparams() -> str:
-    """The validation records `bench/memit_hparams.sh MEMIT MODEL` wrote (rerun that to recompute them)."""
-    import json
+@figure("template-seeds")
+def _template_seeds() -> str:
+    from memit_limits import table
 
-    paths = sorted((ROOT / "hparams" / "MEMIT").glob("*.validation.json")) + \
-        sorted((RESULTS / "memit").glob("*.validation.json"))
+    args = ("--model", "gpt2", "--sizes", "100", "--seeds", "0", "1", "2")
+    return "\n".join(table(bench_results("memit_limits.py", name, *extra, *args)) for name, extra in (
+        ("memit_limits_seeds", ()), ("memit_limits_seeds_alphaedit", ("--alg", "AlphaEdit"))))
+
+
+@figure("memit-frontier")
+def _memit_frontier() -> str:
+    from memit_frontier import table
+
+    d = bench_results("memit_frontier.py", "memit_frontier")
+    walls = ", ".join(f"{r['model']} {r['wall_s'] / 60:.0f} min" for r in d["results"])
+    return (f"torch {d['results'][0]['torch']}, one thread; wall: {walls}. Every window of 1, 2, 3 and 5 layers "
+            f"(never the last) x λ, the validated YAML's other settings, the first test facts of its record written "
+            f"at once; scored on those test facts (an upper bound on any choice, not a choice); 95% bootstrap "
+            f"intervals.\n\n" + table(d["results"]))
+
+
+def _window_records(paths: list[Path]) -> str:
+    """The test figures of window-search validation records, one row per batch figure."""
+    import json
 
     def t(iv):
         return "–" if iv["mean"] is None else f"{iv['mean']:.2f} [{iv['low']:.2f}, {iv['high']:.2f}]"
@@ -346,12 +373,30 @@ def _memit_hparams() -> str:
             what = f"{f['name']} {f['window']}"
             if f["name"].startswith("validated"):
                 s = v["chosen"]["setting"]
-                what += f" (λ {s['mom2_update_weight']:g}, lr {s['v_lr']:g}, steps {s['v_num_grad_steps']})"
+                what += (f" (λ {s['mom2_update_weight']:g}" if s.get("nullspace_threshold") is None else
+                         f" (null space < {s['nullspace_threshold']:g}, L2 {s['L2']:g}") + \
+                    f", lr {s['v_lr']:g}, steps {s['v_num_grad_steps']})"
             lines.append(f"| {Path(v['model']).name} ({n_layers}) | {what} | {f['batch_size']} | {t(f['efficacy'])} | "
                          f"{t(f['paraphrase'])} | {t(f['neighborhood'])} | {t(f['objective'])} | "
                          f"{v['trials']} facts edited, {v['seconds'] / 60:.0f} min |")
     return ("Test facts of each record (100, subjects the search never saw); 95% bootstrap intervals; EasyEdit's "
             "default: window 4-8 clipped to the model with its shipped LLaMA MEMIT settings.\n\n" + "\n".join(lines) + "\n")
+
+
+@figure("memit-hparams")
+def _memit_hparams() -> str:
+    """The validation records `bench/memit_hparams.sh MEMIT MODEL` wrote (rerun that to recompute them)."""
+    # bench/results/memit/ holds MODEL.yaml (MEMIT) beside MODEL-alphaedit.yaml and MODEL-rome.yaml.
+    others = ("-alphaedit.validation.json", "-rome.validation.json")
+    return _window_records(sorted((ROOT / "hparams" / "MEMIT").glob("*.validation.json")) + sorted(
+        p for p in (RESULTS / "memit").glob("*.validation.json") if not p.name.endswith(others)))
+
+
+@figure("alphaedit-hparams")
+def _alphaedit_hparams() -> str:
+    """The validation records `bench/memit_hparams.sh AlphaEdit MODEL` wrote (rerun that to recompute them)."""
+    return _window_records(sorted((ROOT / "hparams" / "AlphaEdit").glob("*.validation.json")) +
+                           sorted((RESULTS / "memit").glob("*-alphaedit.validation.json")))
 
 
 @figure("tokenizers")

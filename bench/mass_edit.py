@@ -13,7 +13,9 @@ window search never saw). Every row goes through the pipeline (`rome_locate.pipe
 - MEMIT, EasyEdit's window: EasyEdit's shipped LLaMA/Qwen/Mistral window 4-8 clipped to the model, with that
   YAML's settings (`rome_locate.window_records.EASYEDIT_SETTINGS`), the same statistics;
 - AlphaEdit: the validated MEMIT window and settings, built in, EasyEdit's AlphaEdit defaults (null space below
-  2e-2, L2 10).
+  2e-2, L2 10);
+- AlphaEdit (validated): the model's validated AlphaEdit YAML (`rome-locate hparams --alg AlphaEdit`), built in;
+- AlphaEdit (validated, EasyEdit's batch_edit): that YAML through `--editor easyedit`, at once only.
 
 Scenarios: `at-once N` edits the first `--facts-for N` test facts N at a time (each batch restored before the
 next); `sequential` keeps 100 edits of one fact each and reports efficacy after 1, 10 and 100 edits (means over
@@ -49,9 +51,17 @@ MODELS = {
     "default-gpt2-16l": ("local_fact_models/default-gpt2-16l", "bench/results/memit/default-gpt2-16l-rome.yaml",
                          "bench/results/memit/default-gpt2-16l.yaml"),
 }
-METHODS = ("ROME", "R-ROME", "MEMIT", "MEMIT (EasyEdit's batch_edit)", "MEMIT (EasyEdit window)", "AlphaEdit")
-# EasyEdit's batch_edit of the validated YAML: the parity check of the built-in MEMIT, at once only.
-AT_ONCE_ONLY = ("MEMIT (EasyEdit's batch_edit)",)
+METHODS = ("ROME", "R-ROME", "MEMIT", "MEMIT (EasyEdit's batch_edit)", "MEMIT (EasyEdit window)", "AlphaEdit",
+           "AlphaEdit (validated)", "AlphaEdit (validated, EasyEdit's batch_edit)")
+# EasyEdit's batch_edit of a validated YAML: the parity check of the built-in editor, at once only.
+AT_ONCE_ONLY = ("MEMIT (EasyEdit's batch_edit)", "AlphaEdit (validated, EasyEdit's batch_edit)")
+
+
+def _alphaedit_yaml(memit_yaml: Path) -> Path:
+    """The validated AlphaEdit YAML beside a validated MEMIT one (`bench/memit_hparams.sh AlphaEdit MODEL`)."""
+    if memit_yaml.parent.name == "MEMIT":
+        return memit_yaml.parent.parent / "AlphaEdit" / memit_yaml.name
+    return memit_yaml.with_name(memit_yaml.stem + "-alphaedit.yaml")
 FACTS_FOR = {1: 20, 10: 50, 100: 100}
 
 
@@ -72,6 +82,9 @@ def _hparams(method: str, model, rome_yaml: Path, memit_yaml: Path, folder: Path
 
         rome = bind_model(load_hparams(rome_yaml, easyedit=False), folder)
         return R_ROMEHyperParams(**{**dataclasses.asdict(rome), "alg_name": "R-ROME"}), "easyedit"
+    if method.startswith("AlphaEdit (validated"):
+        return bind_model(load_memit_hparams(_alphaedit_yaml(memit_yaml)), folder), \
+            "easyedit" if "batch_edit" in method else "builtin"
     memit = bind_model(load_memit_hparams(memit_yaml), folder)
     if method == "MEMIT":
         return memit, "builtin"

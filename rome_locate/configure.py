@@ -216,12 +216,21 @@ def _text(iv: Any) -> str:
     return "n/a" if iv is None else iv.text()
 
 
+def target_state(figures: Any, targets: dict[str, float]) -> str:
+    """"meets the targets", or "MISSES" and each mean below its target (with a third decimal where two would
+    print the mean equal to the target it misses)."""
+    misses = []
+    for k, t in targets.items():
+        mean = getattr(figures, k).mean
+        if mean is not None and mean < t:
+            misses.append(f"{k} {mean:.{2 if round(mean, 2) < t else 3}f} < {t:.2f}")
+    return "meets the targets" if not misses else "MISSES " + ", ".join(misses)
+
+
 def verdict(v: Validation) -> str:
     """One line: the chosen configuration and whether its test figures reach the targets."""
     m = v.mode("fixed")
-    misses = [f"{k} {getattr(m, k).mean:.2f} < {t:.2f}" for k, t in TARGETS.items()
-              if getattr(m, k).mean is not None and getattr(m, k).mean < t]
-    state = "meets the targets" if not misses else "MISSES " + ", ".join(misses)
+    state = target_state(m, TARGETS)
     return (f"layer {v.chosen.layer} ({v.chosen.setting.label()}): on {v.n_test} test facts "
             f"efficacy {m.efficacy.text()}, paraphrase {m.paraphrase.text()}, neighbourhood {m.neighborhood.text()}"
             f" - {state} (efficacy >= {TARGETS['efficacy']}, paraphrase >= {TARGETS['paraphrase']}, "

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .configure import HParamsJob, _footer, _validation_base, validation_paths, write_validated
+from .configure import HParamsJob, _footer, _validation_base, target_state, validation_paths, write_validated
 from .validation_records import OBJECTIVES
 from .window_records import BatchFigures, WindowValidation
 
@@ -28,9 +28,7 @@ def _at_once(v: WindowValidation) -> BatchFigures:
 def window_verdict(v: WindowValidation) -> str:
     """One line: the chosen window and settings, their test figures at once, and the comparison with EasyEdit's."""
     m = _at_once(v)
-    misses = [f"{k} {getattr(m, k).mean:.2f} < {t:.2f}" for k, t in WINDOW_TARGETS.items()
-              if getattr(m, k).mean is not None and getattr(m, k).mean < t]
-    state = "meets the targets" if not misses else "MISSES " + ", ".join(misses)
+    state = target_state(m, WINDOW_TARGETS)
     default = next((f for f in v.test if f.name.startswith("EasyEdit")), None)
     versus = ""
     if default is not None:

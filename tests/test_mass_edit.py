@@ -221,3 +221,28 @@ def test_mass_editing_inputs_that_contradict_are_named(fact_gpt2, tmp_path, monk
     with pytest.raises(EditError, match="z .* became non-finite"):
         memit.apply_memit(model, tok, facts, _hp(model))
     assert params_hash(model) == digest
+
+
+@pytest.mark.parametrize("path", [p for alg in ("MEMIT", "AlphaEdit") for p in sorted(
+    (GPT2.parent.parent.parent / "hparams" / alg).glob("fact-*.yaml"))], ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_window_yamls_load_in_easyedit_and_match_their_records(path):
+    """Each shipped MEMIT/AlphaEdit YAML is EasyEdit's class, holds its record's chosen window and settings, and was
+    measured on facts the search never saw."""
+    from conftest import require_easyedit
+
+    require_easyedit()
+    from rome_locate.easyedit import import_easyedit
+
+    import_easyedit()
+    from easyeditor.models.alphaedit.AlphaEdit_hparams import AlphaEditHyperParams
+    from easyeditor.models.memit.memit_hparams import MEMITHyperParams
+
+    loaded = {"MEMIT": MEMITHyperParams, "AlphaEdit": AlphaEditHyperParams}[path.parent.name].from_hparams(str(path))
+    record = json.loads(path.with_suffix(".validation.json").read_text())
+    assert loaded.alg_name == record["alg_name"] == path.parent.name
+    assert loaded.layers == record["chosen"]["window"]
+    for key, value in record["chosen"]["setting"].items():
+        if value is not None:
+            assert getattr(loaded, key) == value, key
+    assert not set(record["test_ids"]) & set(record["calibration_ids"])
+    assert load_memit_hparams(path, n_layers=8).layers == loaded.layers

@@ -251,3 +251,17 @@ def test_hparams_objective_is_one_of_two(capsys):
     assert exit_.value.code == 2
     assert "argument --objective: invalid choice: 'bleu' (choose from 'counterfact', 'generation')" in \
         capsys.readouterr().err
+
+
+def test_a_miss_never_reads_as_equal_to_its_target():
+    """0.848 against 0.85 prints a third decimal; a clear miss and a hit keep two."""
+    from types import SimpleNamespace
+
+    from rome_locate.configure import target_state
+
+    iv = lambda mean: SimpleNamespace(mean=mean)  # noqa: E731
+    figures = SimpleNamespace(efficacy=iv(0.5), paraphrase=iv(0.85), neighborhood=iv(0.848))
+    assert target_state(figures, {"efficacy": 0.9, "paraphrase": 0.8, "neighborhood": 0.85}) == \
+        "MISSES efficacy 0.50 < 0.90, neighborhood 0.848 < 0.85"
+    assert target_state(figures, {"paraphrase": 0.8}) == "meets the targets"
+    assert target_state(SimpleNamespace(efficacy=iv(None)), {"efficacy": 0.9}) == "meets the targets"
