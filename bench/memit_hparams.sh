@@ -12,7 +12,9 @@ for fam in "$@"; do
     gpt2|llama) m=rome_locate/fact_models/$fam; o=hparams/$alg/fact-$fam.yaml;;
     *) m=local_fact_models/$fam; o=bench/results/memit/$fam$([ "$alg" = MEMIT ] || echo "-$alg" | tr A-Z a-z).yaml;;
   esac
-  budget=${BUDGET:-$([ "$alg" = ROME ] && echo 300 || echo 2000)}
+  # AlphaEdit's grid (12 settings x up to 12 windows) needs 3000 for one batch of 10 per configuration.
+  case $alg in ROME) b=300;; AlphaEdit) b=3000;; *) b=2000;; esac
+  budget=${BUDGET:-$b}
   rome-locate hparams --model $m --model-name ./$m --facts $m/counterfact.json --alg $alg -o $o \
     --stats-dir ./$m/stats --budget $budget ${EXTRA:-} --quiet > bench/results/memit/hparams-$fam-$alg.log 2>&1
   echo "$fam $alg exit $?" >> bench/results/memit/hparams.done
