@@ -70,10 +70,10 @@ def bound_yaml(src: Path, model_dir: Path, dst: Path, **fields) -> Path:
     return path
 
 
-def record_requests(yaml: Path, facts_file: Path, n: int) -> list[dict]:
-    """EasyEdit requests of the first `n` test facts of the YAML's validation record, in the record's order."""
+def record_test_facts(yaml: Path, facts_file: Path, n: int | None = None) -> list:
+    """The first `n` (default all) test facts of the YAML's validation record, in the record's order: subjects its
+    search never saw. Every benchmark that measures a validated YAML edits these."""
     from rome_locate.choose import validation_record_path
-    from rome_locate.easyedit import easyedit_request
     from rome_locate.facts import load_facts
 
     record = validation_record_path(yaml)
@@ -84,7 +84,14 @@ def record_requests(yaml: Path, facts_file: Path, n: int) -> list[dict]:
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise ValueError(f"{facts_file}: test ids {missing[:5]} of {record} are not in the facts file")
-    return [easyedit_request(by_id[i]) for i in ids]
+    return [by_id[i] for i in ids]
+
+
+def record_requests(yaml: Path, facts_file: Path, n: int) -> list[dict]:
+    """EasyEdit requests of the first `n` test facts of the YAML's validation record, in the record's order."""
+    from rome_locate.easyedit import easyedit_request
+
+    return [easyedit_request(f) for f in record_test_facts(yaml, facts_file, n)]
 
 
 def plain_easyedit(yaml: Path, model_dir: Path):

@@ -373,9 +373,9 @@ def _window_records(paths: list[Path]) -> str:
             what = f"{f['name']} {f['window']}"
             if f["name"].startswith("validated"):
                 s = v["chosen"]["setting"]
-                what += (f" (λ {s['mom2_update_weight']:g}" if s.get("nullspace_threshold") is None else
-                         f" (null space < {s['nullspace_threshold']:g}, L2 {s['L2']:g}") + \
-                    f", lr {s['v_lr']:g}, steps {s['v_num_grad_steps']})"
+                how = f"λ {s['mom2_update_weight']:g}" if s.get("nullspace_threshold") is None else \
+                    f"null space < {s['nullspace_threshold']:g}, L2 {s['L2']:g}"
+                what += f" ({how}, lr {s['v_lr']:g}, steps {s['v_num_grad_steps']})"
             lines.append(f"| {Path(v['model']).name} ({n_layers}) | {what} | {f['batch_size']} | {t(f['efficacy'])} | "
                          f"{t(f['paraphrase'])} | {t(f['neighborhood'])} | {t(f['objective'])} | "
                          f"{v['trials']} facts edited, {v['seconds'] / 60:.0f} min |")

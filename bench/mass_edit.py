@@ -55,6 +55,7 @@ METHODS = ("ROME", "R-ROME", "MEMIT", "MEMIT (EasyEdit's batch_edit)", "MEMIT (E
            "AlphaEdit (validated)", "AlphaEdit (validated, EasyEdit's batch_edit)")
 # EasyEdit's batch_edit of a validated YAML: the parity check of the built-in editor, at once only.
 AT_ONCE_ONLY = ("MEMIT (EasyEdit's batch_edit)", "AlphaEdit (validated, EasyEdit's batch_edit)")
+FACTS_FOR = {1: 20, 10: 50, 100: 100}
 
 
 def _alphaedit_yaml(memit_yaml: Path) -> Path:
@@ -62,7 +63,6 @@ def _alphaedit_yaml(memit_yaml: Path) -> Path:
     if memit_yaml.parent.name == "MEMIT":
         return memit_yaml.parent.parent / "AlphaEdit" / memit_yaml.name
     return memit_yaml.with_name(memit_yaml.stem + "-alphaedit.yaml")
-FACTS_FOR = {1: 20, 10: 50, 100: 100}
 
 
 def _hparams(method: str, model, rome_yaml: Path, memit_yaml: Path, folder: Path):
@@ -134,13 +134,12 @@ def run_model(name: str, methods, at_once, sequential: int) -> dict:
     """Every method and scenario on one model."""
     import torch
 
-    from rome_locate.facts import load_facts
+    # bench/ is on sys.path when this script runs: the test facts as every benchmark of a validated YAML reads them.
+    from easyedit_parity import record_test_facts
     from rome_locate.models import load
 
     folder, rome_yaml, memit_yaml = (ROOT / p for p in MODELS[name])
-    record = json.loads(Path(str(memit_yaml.with_suffix("")) + ".validation.json").read_text())
-    by_id = {f.id: f for f in load_facts(folder / "counterfact.json")}
-    test = [by_id[i] for i in record["test_ids"]]
+    test = record_test_facts(memit_yaml, folder / "counterfact.json")
     lm = load(str(folder))
     out = {"model": name, "n_layers": lm.arch.n_layers, "test_facts": len(test), "memit_window": None, "rows": []}
     for method in methods:

@@ -34,17 +34,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# bench/ is on sys.path when this script runs: the fact models and their validated YAMLs are mass_edit's.
+from mass_edit import MODELS  # noqa: E402
 OUT = ROOT / "bench" / "results" / "memit_frontier.json"
 # The figure the issue asks for: 100 test facts at once.
 TARGETS = {"efficacy": 0.90, "paraphrase": 0.80, "neighborhood": 0.85}
 METRICS = (("efficacy", "efficacy_score"), ("paraphrase", "paraphrase_score"), ("neighborhood", "neighborhood_score"))
-
-
-def _model(name: str) -> tuple[Path, Path]:
-    """(model folder, validated MEMIT YAML) of a shipped fact model or a folder of local_fact_models/."""
-    if name in ("gpt2", "llama"):
-        return ROOT / "rome_locate" / "fact_models" / name, ROOT / "hparams" / "MEMIT" / f"fact-{name}.yaml"
-    return ROOT / "local_fact_models" / name, ROOT / "bench" / "results" / "memit" / f"{name}.yaml"
 
 
 def windows(n_layers: int, sizes: list[int]) -> list[tuple[int, ...]]:
@@ -73,20 +68,19 @@ def measure(name: str, at_once: int, lambdas: list[float], sizes: list[int]) -> 
     """Every (window, λ) point of one model, and its key space."""
     import torch
 
+    # bench/ is on sys.path when this script runs: the test facts as every benchmark of a validated YAML reads them.
+    from easyedit_parity import record_test_facts
     from rome_locate.arch import count_layers
     from rome_locate.batches import measure_batch
     from rome_locate.editors import BuiltinEditor
-    from rome_locate.facts import load_facts
     from rome_locate.hparams import bind_model
     from rome_locate.intervals import bootstrap
     from rome_locate.memit_hparams import load_memit_hparams, with_window
     from rome_locate.models import load
 
     torch.set_num_threads(1)
-    folder, yaml_path = _model(name)
-    record = json.loads(yaml_path.with_suffix(".validation.json").read_text())
-    by_id = {f.id: f for f in load_facts(folder / "counterfact.json")}
-    facts = [by_id[i] for i in record["test_ids"]][:at_once]
+    folder, _, yaml_path = (ROOT / p for p in MODELS[name])
+    facts = record_test_facts(yaml_path, folder / "counterfact.json", at_once)
     lm = load(str(folder))
     base = bind_model(load_memit_hparams(yaml_path), folder)
     n_layers = count_layers(lm.model, base.layer_module_tmp)
@@ -115,7 +109,9 @@ def frontier(points: list[dict]) -> dict[str, dict | None]:
     def best(rows, key):
         return max(rows, key=key, default=None)
 
-    hmean = lambda p: 3 / sum(1 / max(m(p, k), 1e-9) for k in TARGETS)  # noqa: E731
+    def hmean(p):
+        return 3 / sum(1 / max(m(p, k), 1e-9) for k in TARGETS)
+
     return {
         "best efficacy with neighbourhood >= 0.85": best(
             [p for p in points if m(p, "neighborhood") >= TARGETS["neighborhood"]], lambda p: m(p, "efficacy")),
@@ -150,7 +146,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     """Run, print the table, merge the models into the JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=["gpt2", "llama"])
+    p.add_argument("--models", nargs="*", default=["gpt2", "llama"], choices=list(MODELS))
     p.add_argument("--at-once", type=int, default=100)
     p.add_argument("--lambdas", nargs="*", type=float, default=[1.0, 10.0, 100.0, 1000.0, 15000.0])
     p.add_argument("--sizes", nargs="*", type=int, default=[1, 2, 3, 5])

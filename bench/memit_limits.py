@@ -38,8 +38,9 @@ def measure(model_name: str, sizes: list[int], seeds: list[int] = (0,), alg: str
     """Efficacy, paraphrase, neighbourhood (95% intervals) per template choice and batch size."""
     import torch
 
+    # bench/ is on sys.path when this script runs: the test facts as every benchmark of a validated YAML reads them.
+    from easyedit_parity import record_test_facts
     from rome_locate import memit
-    from rome_locate.facts import load_facts
     from rome_locate.hparams import bind_model
     from rome_locate.intervals import bootstrap
     from rome_locate.memit_hparams import load_memit_hparams
@@ -49,9 +50,7 @@ def measure(model_name: str, sizes: list[int], seeds: list[int] = (0,), alg: str
     torch.set_num_threads(1)
     folder = ROOT / "rome_locate" / "fact_models" / model_name
     yaml_path = ROOT / "hparams" / alg / f"fact-{model_name}.yaml"
-    record = json.loads(yaml_path.with_suffix(".validation.json").read_text())
-    by_id = {f.id: f for f in load_facts(folder / "counterfact.json")}
-    test = [by_id[i] for i in record["test_ids"]]
+    test = record_test_facts(yaml_path, folder / "counterfact.json")
     lm = load(str(folder))
     hp = bind_model(load_memit_hparams(yaml_path), folder)
     real = memit.template_groups
