@@ -40,6 +40,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rome_locate.files import write_json  # noqa: E402
 OUT = ROOT / "bench" / "results" / "mass_edit.json"
 
 # model -> (folder, validated ROME YAML, validated MEMIT YAML)
@@ -198,9 +199,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         results[name] = run_model(name, args.methods, args.at_once, args.sequential)
         results[name]["wall_s"] = round(time.perf_counter() - t0, 1)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"results": [results[m] for m in MODELS if m in results], "threads": 1},
-                                  indent=1))
+        write_json(out, {"results": [results[m] for m in MODELS if m in results], "threads": 1}, indent=1)
     print(table([results[m] for m in MODELS if m in results]))
     return 0
 

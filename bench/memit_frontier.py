@@ -34,6 +34,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rome_locate.files import write_json  # noqa: E402
 # bench/ is on sys.path when this script runs: the fact models and their validated YAMLs are mass_edit's.
 from mass_edit import MODELS  # noqa: E402
 OUT = ROOT / "bench" / "results" / "memit_frontier.json"
@@ -156,10 +157,7 @@ def main(argv=None) -> int:
     new = [measure(m, args.at_once, args.lambdas, args.sizes) for m in args.models]
     keep = [r for r in old if (r["model"], r["at_once"]) not in {(n["model"], n["at_once"]) for n in new}]
     results = keep + new
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"results": results}, indent=1))
-    tmp.replace(args.out)
+    write_json(args.out, {"results": results}, indent=1)
     print(table(results))
     return 0
 

@@ -32,6 +32,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rome_locate.files import write_json  # noqa: E402
 
 
 def measure(model_name: str, sizes: list[int], seeds: list[int] = (0,), alg: str = "MEMIT") -> dict:
@@ -85,8 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memit_limits.json")
     args = p.parse_args(argv)
     d = measure(args.model, args.sizes, args.seeds, args.alg)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(d, indent=1))
+    write_json(args.out, d, indent=1)
     print(table(d))
     return 0
 
